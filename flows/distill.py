@@ -1,0 +1,60 @@
+"""The `distill` flow: validate data -> SFT warmup -> N OPD rounds -> evaluate + gates -> register.
+
+Only wiring lives here; every stage is a task in `tasks/` over the core in `opd/`.
+"""
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.runtime import flow_run
+
+from opd import pipeline as P
+from opd.config import load_config
+from tasks import stages as T
+from tasks.policy import configured
+
+
+def default_run_key(name: str) -> str:
+    rid = flow_run.get_id() or "local"
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{str(rid)[:8]}"
+
+
+@flow(name="distill", log_prints=True)
+def distill(config_path: str, overrides: list[str] | None = None, run_key: str | None = None) -> dict:
+    """Same run_key = resume: completed stages and rounds are reused, never redone."""
+    cfg = load_config(config_path, overrides or [])
+    run_key = run_key or default_run_key(cfg.name)
+    rdir = str(P.run_dir(cfg, run_key))
+    log = get_run_logger()
+    log.info(f"run {run_key}: {cfg.opd.rounds} OPD rounds, run dir {rdir}")
+    t = {name: configured(getattr(T, name), cfg) for name in
+         ("prepare_data", "validate_dataset", "bootstrap_teacher", "sft_warmup", "opd_round", "evaluate", "register")}
+
+    data = t["prepare_data"](cfg, rdir)
+    t["validate_dataset"](cfg, data)
+    teacher = t["bootstrap_teacher"](cfg, data)
+    sft = t["sft_warmup"](cfg, data, teacher, rdir)
+    student, rounds = sft, []
+    try:
+        for k in range(1, cfg.opd.rounds + 1):
+            r = t["opd_round"](cfg, k, data, teacher, student, rdir)
+            rounds.append(r)
+            student = r.student
+    finally:
+        P.close_samplers()
+    create_table_artifact(key="opd-rounds", table=[{k: (round(v, 4) if isinstance(v, float) else v)
+                                                     for k, v in r.metrics.items()} for r in rounds],
+                          description="Per-round OPD metrics")
+    results = t["evaluate"](cfg, data, teacher, sft, student)
+    gate = T.gates(cfg, results)
+    costs = [teacher.cost, sft.cost] + [r.cost for r in rounds]
+    lineage = {
+        "run_key": run_key, "flow_run_id": str(flow_run.get_id()), "config": cfg.model_dump(mode="json"),
+        "dataset_fingerprint": data.fingerprint, "teacher": teacher.path, "teacher_params": teacher.params,
+        "student_params": student.params, "metrics": results, "gates": gate, "rounds": [r.metrics for r in rounds],
+        "cost": costs,
+    }
+    reg = t["register"](cfg, student, rdir, lineage)
+    return {"run_key": run_key, "results": results, "registry": reg, "rounds": [r.metrics for r in rounds]}

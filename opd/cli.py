@@ -1,0 +1,152 @@
+"""`opd` command line: run the distill flow, manage the local stack, browse the registry."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+stack_app = typer.Typer(no_args_is_help=True, help="Local Prefect server + SeaweedFS S3 (loopback only).")
+registry_app = typer.Typer(no_args_is_help=True, help="Browse the S3 model registry.")
+app.add_typer(stack_app, name="stack")
+app.add_typer(registry_app, name="registry")
+# Wide when piped (logs, CI): a narrow default would truncate model names and URIs.
+console = Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def _load(config: Path, overrides: list[str]):
+    from opd.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides)
+    except ConfigError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2)
+
+
+def _stack_settings(cfg=None, home: str | None = None):
+    from opd.stack import StackSettings
+
+    if cfg is None:
+        return StackSettings(home=Path(home or os.environ.get("OPD_HOME", ".opd")))
+    return StackSettings(home=Path(cfg.home), host=cfg.stack.host, prefect_port=cfg.stack.prefect_port,
+                         s3_port=cfg.stack.s3_port)
+
+
+def _point_at_stack(cfg) -> None:
+    """Clients talk to the local stack unless the environment already names a server."""
+    from opd.stack import stack_env
+
+    for k, v in stack_env(_stack_settings(cfg)).items():
+        os.environ.setdefault(k, v)
+
+
+@app.command()
+def run(config: Path, set_: list[str] = typer.Option([], "--set", help="override, e.g. --set opd.rounds=3"),
+        run_key: Optional[str] = typer.Option(None, help="reuse a run key to resume a crashed run")):
+    """Run the distill flow on CONFIG against the Prefect server in PREFECT_API_URL (default: local stack)."""
+    cfg = _load(config, set_)
+    _point_at_stack(cfg)
+    import urllib.request
+
+    api = os.environ["PREFECT_API_URL"]
+    try:
+        urllib.request.urlopen(api.rstrip("/") + "/health", timeout=5)
+    except OSError:
+        console.print(f"[red]no Prefect server at {api}: run `opd stack up` (or set PREFECT_API_URL)[/red]")
+        raise typer.Exit(2)
+    from flows.distill import distill
+
+    ui = os.environ.get("PREFECT_UI_URL", api.removesuffix("/api"))
+    console.print(f"Prefect UI: {ui}/runs  (the flow run's link is printed when it starts)")
+    state = distill(str(config), list(set_), run_key, return_state=True)
+    fr_id = state.state_details.flow_run_id
+    console.print(f"\nFlow run: {ui}/runs/flow-run/{fr_id}  state: [bold]{state.name}[/bold]")
+    if not state.is_completed():
+        console.print(f"[red]{state.message}[/red]")
+        raise typer.Exit(1)
+    out = state.result()
+    table = Table(title="Held-out evaluation")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    table.add_column("mean reverse KL / token", justify="right")
+    labels = {"teacher": "teacher", "sft_student": "student after SFT", "opd_student": "student after OPD"}
+    for k, v in out["results"].items():
+        table.add_row(labels.get(k, k), f"{v['accuracy']:.3f}", f"{v['reverse_kl']:.4f}")
+    console.print(table)
+    reg = out["registry"]
+    console.print(f"Registered: {reg['uri']}  ({reg['model']}:{reg['version']})")
+
+
+@stack_app.command("up")
+def stack_up(home: Optional[str] = None):
+    from opd import stack
+
+    s = _stack_settings(home=home)
+    info = stack.up(s)
+    for name, v in info.items():
+        console.print(f"{name}: {v}")
+    console.print(f"Prefect UI: {s.prefect_ui_url}")
+
+
+@stack_app.command("down")
+def stack_down(home: Optional[str] = None):
+    from opd import stack
+
+    stopped = stack.down(_stack_settings(home=home))
+    console.print(f"stopped: {', '.join(stopped) or 'nothing (no service started by `opd stack up`)'}")
+
+
+@stack_app.command("status")
+def stack_status(home: Optional[str] = None):
+    from opd import stack
+
+    st = stack.status(_stack_settings(home=home))
+    for name, v in st.items():
+        console.print(f"{name}: {v}")
+    if not all(v.get("healthy") for v in st.values()):
+        raise typer.Exit(1)
+
+
+@registry_app.command("ls")
+def registry_ls(model: Optional[str] = typer.Argument(None), config: Path = typer.Option(Path("configs/demo.yaml")),
+                bucket: Optional[str] = None, prefix: Optional[str] = None):
+    """List models, or the published versions of MODEL."""
+    from opd.registry.client import RegistryError, make_client
+    from opd.registry.store import list_models, list_versions, read_manifest
+
+    cfg = _load(config, [])
+    _point_at_stack(cfg)
+    bucket, prefix = bucket or cfg.registry.bucket, prefix or cfg.registry.prefix
+    s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
+    try:
+        models = [model] if model else list_models(s3, bucket, prefix)
+        table = Table(title=f"s3://{bucket}/{prefix}")
+        for c in ("model", "version", "created_at", "accuracy", "reverse_kl", "files"):
+            table.add_column(c)
+        for m in models:
+            for v in list_versions(s3, bucket, prefix, m):
+                man = read_manifest(s3, bucket, prefix, m, v)
+                res = (man.get("metrics") or {}).get("opd_student", {})
+                table.add_row(m, str(v), man.get("created_at", "")[:19], f"{res.get('accuracy', float('nan')):.3f}",
+                              f"{res.get('reverse_kl', float('nan')):.4f}", str(len(man["files"])))
+    except RegistryError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1)
+    except Exception as e:  # botocore errors: one line, no traceback, no secrets
+        console.print(f"[red]registry error: {type(e).__name__}: {e}[/red]")
+        raise typer.Exit(1)
+    console.print(table)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":
+    main()

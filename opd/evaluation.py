@@ -1,0 +1,45 @@
+"""Held-out accuracy with the task's verifier, and mean per-token reverse KL to the teacher."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opd.data.task import is_correct
+from opd.generation import generate
+from opd.scoring import score_completions
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    reverse_kl: float  # mean over tokens of log q_student - log p_teacher, on the student's samples
+    n: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"accuracy": self.accuracy, "reverse_kl": self.reverse_kl, "n": self.n}
+
+
+def accuracy(model, tokenizer, prompts: list[str], answers: list[str], max_tokens: int) -> float:
+    """Greedy decoding: the deterministic answer a user would get."""
+    ids = [tokenizer(p).input_ids for p in prompts]
+    comps = generate(model, ids, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens, temperature=0.0)
+    texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
+    return sum(is_correct(t, a) for t, a in zip(texts, answers)) / max(1, len(answers))
+
+
+def reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int, seed: int,
+               micro_batch: int = 64) -> float:
+    """Monte-Carlo reverse KL on the student's own samples (temperature 1), per token."""
+    ids = [tokenizer(p).input_ids for p in prompts]
+    comps = generate(student, ids, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens, temperature=1.0,
+                     seed=seed)
+    q = score_completions(student, ids, comps, tokenizer.pad_token_id, micro_batch)
+    p = score_completions(teacher, ids, comps, tokenizer.pad_token_id, micro_batch,
+                          device=next(teacher.parameters()).device)
+    diffs = [a - b for qs, ps in zip(q, p) for a, b in zip(qs, ps)]
+    return sum(diffs) / max(1, len(diffs))
+
+
+def evaluate(student, teacher, tokenizer, prompts, answers, max_tokens, seed) -> EvalResult:
+    acc = accuracy(student, tokenizer, prompts, answers, max_tokens)
+    kl = 0.0 if student is teacher else reverse_kl(student, teacher, tokenizer, prompts, max_tokens, seed)
+    return EvalResult(acc, kl, len(prompts))

@@ -1,0 +1,380 @@
+"""The distillation stages as plain functions over a RunConfig and paths.
+
+`tasks/` wraps each in a Prefect task; nothing here knows about Prefect. Every stage takes
+and returns small, picklable values (paths, metrics), never models or tensors, and writes its
+outputs to a temp dir renamed into place, so a retried stage never sees half a checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from opd.config import RunConfig
+from opd.data import dataset as ds
+from opd.data.validate import ValidationReport, validate
+from opd.evaluation import EvalResult, accuracy, evaluate
+from opd.generation import generate
+from opd.ledger import PhaseCost
+from opd.models import (build_char_tokenizer, build_llama, load_model, load_tokenizer, num_params, pick_device,
+                        save_model, set_threads)
+from opd.sampling import Sampler, make_sampler
+from opd.scoring import score_completions
+from opd.training import make_optimizer, opd_update, sft_train
+
+DONE = "done.json"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    path: str
+    params: int
+    metrics: dict = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round: int
+    student: ModelRef
+    metrics: dict
+    cost: dict
+
+
+def run_dir(cfg: RunConfig, run_key: str) -> Path:
+    return Path(cfg.home) / "runs" / run_key
+
+
+def _publish_dir(tmp: Path, final: Path, meta: dict) -> None:
+    """Write DONE last and rename into place: a directory with DONE is complete."""
+    (tmp / DONE).write_text(json.dumps(meta, indent=2, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def _fresh(path: Path) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _done(path: Path) -> dict | None:
+    f = path / DONE
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def tokenizer_for(cfg: RunConfig):
+    if cfg.teacher.path:
+        return load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code)
+    return build_char_tokenizer()
+
+
+def _encode_prompts(tok, prompts: list[str]) -> list[list[int]]:
+    return [tok(p).input_ids for p in prompts]
+
+
+def _max_tokens(cfg: RunConfig) -> int:
+    return cfg.opd.max_tokens
+
+
+# ---------------------------------------------------------------- data
+
+def prepare_data(cfg: RunConfig, out: Path, s3=None) -> ds.DataRef:
+    if cfg.data.source == "synthetic":
+        d = ds.synthetic(cfg.data, cfg.seed)
+    else:
+        d = ds.from_jsonl(cfg.data, cfg.seed, s3)
+    return ds.save(d, out)
+
+
+def validate_data(cfg: RunConfig, data: ds.DataRef) -> ValidationReport:
+    d = data.load()
+    return validate(d["train"].to_pandas(), d["eval"].to_pandas(), tokenizer_for(cfg),
+                    cfg.data.min_prompt_tokens, cfg.data.max_prompt_tokens)
+
+
+# ---------------------------------------------------------------- teacher
+
+def teacher_cache_key(cfg: RunConfig) -> str:
+    spec = {"bootstrap": cfg.teacher.bootstrap.model_dump(mode="json"), "task": cfg.data.synthetic.model_dump(),
+            "seed": cfg.seed, "max_tokens": cfg.opd.max_tokens, "v": 1}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def bootstrap_teacher(cfg: RunConfig, data: ds.DataRef, log=print) -> ModelRef:
+    """Train the demo teacher on ground truth until it clears min_accuracy; cached by config hash."""
+    if cfg.teacher.path:
+        return ModelRef(cfg.teacher.path, num_params(load_model(cfg.teacher.path)))
+    boot = cfg.teacher.bootstrap
+    final = Path(cfg.home) / "cache" / "teachers" / teacher_cache_key(cfg)
+    if (meta := _done(final)) is not None:
+        log(f"teacher cached at {final} (accuracy {meta['accuracy']:.3f})")
+        return ModelRef(str(final), meta["params"], {"accuracy": meta["accuracy"]}, meta.get("cost", {}))
+    if "completion" not in data.load()["train"].column_names:
+        raise ValueError("teacher.bootstrap needs the synthetic task (ground-truth completions); "
+                         "for your own data set teacher.path")
+    set_threads()
+    t0 = time.time()
+    device = pick_device(cfg.device)
+    tok = build_char_tokenizer()
+    d = data.load()
+    pairs = [(tok(p).input_ids, tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id])
+             for p, c in zip(d["train"]["prompt"], d["train"]["completion"])]
+    model = build_llama(boot.model, tok, max_positions=cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
+                        seed=cfg.seed).to(device)
+    ev = d["eval"]
+    cost = PhaseCost("teacher_bootstrap")
+    opt, step, acc = None, 0, 0.0
+    while step < boot.max_steps:
+        chunk = min(boot.eval_every, boot.max_steps - step)
+        opt = sft_train(model, pairs, boot.train, tok.pad_token_id, cfg.seed, steps=chunk, start_step=step,
+                        optimizer=opt)
+        step += chunk
+        acc = accuracy(model, tok, ev["prompt"], ev["answer"], cfg.opd.max_tokens)
+        log(f"teacher step {step}: held-out accuracy {acc:.3f}")
+        if acc >= boot.min_accuracy:
+            break
+    avg_len = sum(len(p) + len(c) for p, c in pairs) / len(pairs)
+    cost.train(num_params(model), int(step * boot.train.batch_size * avg_len))
+    cost.wall_s = time.time() - t0
+    if acc < boot.min_accuracy:
+        raise RuntimeError(f"teacher reached only {acc:.3f} < teacher.bootstrap.min_accuracy={boot.min_accuracy} "
+                           f"after {step} steps: raise teacher.bootstrap.max_steps or the model size")
+    tmp = _fresh(final)
+    save_model(model, tok, tmp)
+    _publish_dir(tmp, final, {"accuracy": acc, "steps": step, "params": num_params(model), "cost": cost.as_dict()})
+    return ModelRef(str(final), num_params(model), {"accuracy": acc}, cost.as_dict())
+
+
+def check_vocab(teacher_tok, student_tok) -> None:
+    """OPD grades the student's tokens with the teacher: the two must share one vocabulary."""
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        a, b = teacher_tok.get_vocab(), student_tok.get_vocab()
+        diff = sorted(set(a.items()) ^ set(b.items()))[:5]
+        raise ValueError(f"teacher and student tokenizers differ (e.g. {diff}); OPD needs one shared vocabulary: "
+                         "pick a student from the teacher's family or retokenize")
+
+
+# ---------------------------------------------------------------- SFT warmup
+
+def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, log=print) -> ModelRef:
+    """Off-policy distillation: the teacher writes completions, the student imitates them."""
+    if (meta := _done(out)) is not None:
+        return ModelRef(str(out), meta["params"], meta["metrics"], meta["cost"])
+    set_threads()
+    t0 = time.time()
+    device = pick_device(cfg.device)
+    tok = load_tokenizer(teacher.path)
+    teacher_model = load_model(teacher.path, device)
+    d = data.load()
+    rng = random.Random(cfg.seed)
+    idx = rng.sample(range(len(d["train"])), min(cfg.sft.num_prompts, len(d["train"])))
+    prompts = _encode_prompts(tok, [d["train"][i]["prompt"] for i in idx])
+    comps = generate(teacher_model, prompts, tok.eos_token_id, tok.pad_token_id, cfg.opd.max_tokens,
+                     temperature=cfg.sft.teacher_temperature, seed=cfg.seed)
+    cost = PhaseCost("sft")
+    cost.teacher(num_params(teacher_model), sum(len(p) + len(c) for p, c in zip(prompts, comps)))
+    if cfg.student.path:
+        student = load_model(cfg.student.path, device)
+        check_vocab(tok, load_tokenizer(cfg.student.path))
+    else:
+        student = build_llama(cfg.student.model, tok, cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
+                              seed=cfg.seed + 1).to(device)
+    losses = []
+    opt = sft_train(student, list(zip(prompts, comps)), cfg.sft.train, tok.pad_token_id, cfg.seed,
+                    on_step=lambda s, l: losses.append(l))
+    avg_len = sum(len(p) + len(c) for p, c in zip(prompts, comps)) / len(prompts)
+    cost.train(num_params(student), int(cfg.sft.train.steps * cfg.sft.train.batch_size * avg_len))
+    ev = d["eval"]
+    n = min(cfg.opd.eval_slice, len(ev))
+    acc = accuracy(student, tok, ev["prompt"][:n], ev["answer"][:n], cfg.opd.max_tokens) if "answer" in ev.column_names else None
+    cost.wall_s = time.time() - t0
+    metrics = {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "eval_slice_accuracy": acc}
+    log(f"SFT warmup: loss {metrics['final_loss']:.4f}, eval-slice accuracy {acc}")
+    tmp = _fresh(out)
+    save_model(student, tok, tmp)
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    _publish_dir(tmp, out, {"params": num_params(student), "metrics": metrics, "cost": cost.as_dict()})
+    return ModelRef(str(out), num_params(student), metrics, cost.as_dict())
+
+
+# ---------------------------------------------------------------- OPD rounds
+
+_SAMPLERS: dict[str, Sampler] = {}
+
+
+def get_sampler(cfg: RunConfig, key: str, model_dir: str, eos_id: int) -> Sampler:
+    """One engine per run, kept alive across rounds; new weights are synced, not reloaded."""
+    s = _SAMPLERS.get(key)
+    if s is None:
+        s = make_sampler(cfg.opd.sampler, model_dir, eos_id, seed=cfg.seed,
+                         max_model_len=cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
+                         weight_sync=cfg.opd.weight_sync, device=cfg.device)
+        s.current = model_dir
+        _SAMPLERS[key] = s
+    elif s.current != model_dir:
+        s.update_weights(model_dir)
+        s.current = model_dir
+    return s
+
+
+def close_samplers() -> None:
+    while _SAMPLERS:
+        _SAMPLERS.popitem()[1].close()
+
+
+def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, student: ModelRef, out: Path,
+              sampler_key: str, log=print) -> RoundResult:
+    """Sample from the student, grade every token with the teacher, take policy-gradient steps."""
+    if (meta := _done(out)) is not None:  # a retried task never re-applies a completed round
+        return RoundResult(k, ModelRef(str(out), meta["params"]), meta["metrics"], meta["cost"])
+    set_threads()
+    device = pick_device(cfg.device)
+    o = cfg.opd
+    tok = load_tokenizer(teacher.path)
+    d = data.load()
+    rng = random.Random(cfg.seed * 1000 + k)
+    idx = rng.sample(range(len(d["train"])), min(o.prompts_per_round, len(d["train"])))
+    prompts = _encode_prompts(tok, [d["train"][i]["prompt"] for i in idx])
+    cost = PhaseCost(f"opd_round_{k}")
+    timings = {}
+
+    t = time.time()
+    sampler = get_sampler(cfg, sampler_key, student.path, tok.eos_token_id)
+    rollouts = sampler.sample(prompts, n=o.samples_per_prompt, max_tokens=o.max_tokens, temperature=o.temperature,
+                              top_p=o.top_p, seed=cfg.seed * 1000 + k)
+    timings["sample_s"] = time.time() - t
+    n_sampled = sum(len(r.completion_ids) for r in rollouts)
+    cost.sample(student.params, n_sampled)
+
+    t = time.time()
+    teacher_model = load_model(teacher.path, device)
+    teacher_lp = score_completions(teacher_model, [r.prompt_ids for r in rollouts],
+                                   [r.completion_ids for r in rollouts], tok.pad_token_id, o.micro_batch, device)
+    timings["score_s"] = time.time() - t
+    n_scored = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+    cost.teacher(teacher.params, n_scored)
+
+    t = time.time()
+    model = load_model(student.path, device)
+    opt = make_optimizer(model, o.lr)
+    opt_state = Path(student.path) / "optimizer.pt"
+    if opt_state.is_file():
+        opt.load_state_dict(torch.load(opt_state, map_location=device))
+    for g in opt.param_groups:
+        g["lr"] = o.lr
+    order = list(range(len(rollouts)))
+    random.Random(cfg.seed + k).shuffle(order)
+    step_metrics = []
+    per = max(1, len(order) // o.updates_per_round)
+    for u in range(o.updates_per_round):
+        part = order[u * per : (u + 1) * per] if u < o.updates_per_round - 1 else order[u * per :]
+        if not part:
+            continue
+        step_metrics.append(opd_update(model, opt, [rollouts[i] for i in part], [teacher_lp[i] for i in part],
+                                       tok.pad_token_id, o.micro_batch, o.kl_coef, o.clip_ratio,
+                                       o.advantage_baseline))
+    timings["update_s"] = time.time() - t
+    cost.train(student.params, n_scored)
+
+    ev = d["eval"]
+    n = min(o.eval_slice, len(ev))
+    acc = accuracy(model, tok, ev["prompt"][:n], ev["answer"][:n], o.max_tokens) if "answer" in ev.column_names else None
+    first = step_metrics[0]
+    metrics = {
+        "round": k,
+        "reverse_kl": first["reverse_kl"],  # on fresh on-policy samples, before this round's update
+        "loss": sum(m["loss"] for m in step_metrics) / len(step_metrics),
+        "ratio_max": max(m["ratio_max"] for m in step_metrics),
+        "sampler_trainer_absdiff_max": first["sampler_trainer_absdiff_max"],
+        "grad_norm": first["grad_norm"],
+        "mean_completion_tokens": n_sampled / len(rollouts),
+        "eos_fraction": sum(r.finished for r in rollouts) / len(rollouts),
+        "eval_slice_accuracy": acc,
+        "sample_tokens_per_s": n_sampled / max(timings["sample_s"], 1e-9),
+        "score_tokens_per_s": n_scored / max(timings["score_s"], 1e-9),
+        "update_tokens_per_s": n_scored / max(timings["update_s"], 1e-9),
+        **timings,
+    }
+    cost.wall_s = sum(timings.values())
+    log(f"round {k}: reverse KL {metrics['reverse_kl']:.4f}, eval-slice accuracy {acc}, "
+        f"sample {timings['sample_s']:.1f}s score {timings['score_s']:.1f}s update {timings['update_s']:.1f}s")
+    tmp = _fresh(out)
+    save_model(model, tok, tmp)
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    _publish_dir(tmp, out, {"params": student.params, "metrics": metrics, "cost": cost.as_dict()})
+    return RoundResult(k, ModelRef(str(out), student.params), metrics, cost.as_dict())
+
+
+# ---------------------------------------------------------------- evaluation + gates
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    checks: list[dict]
+
+    def message(self) -> str:
+        return "\n".join(f"- {'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}" for c in self.checks)
+
+
+def evaluate_all(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, sft: ModelRef, final: ModelRef
+                 ) -> dict[str, dict]:
+    set_threads()
+    device = pick_device(cfg.device)
+    tok = load_tokenizer(teacher.path)
+    ev = data.load()["eval"]
+    n = min(cfg.eval.max_examples, len(ev))
+    prompts, answers = ev["prompt"][:n], ev["answer"][:n]
+    t_model = load_model(teacher.path, device)
+    out = {"teacher": evaluate(t_model, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed).as_dict()}
+    for name, ref in (("sft_student", sft), ("opd_student", final)):
+        m = load_model(ref.path, device)
+        out[name] = evaluate(m, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed).as_dict()
+    return out
+
+
+def check_gates(cfg: RunConfig, results: dict[str, dict]) -> GateResult:
+    g, s, o = cfg.eval.gates, results["sft_student"], results["opd_student"]
+    checks = [{"name": "min_accuracy", "passed": o["accuracy"] >= g.min_accuracy,
+               "detail": f"OPD student accuracy {o['accuracy']:.3f} (need >= {g.min_accuracy})"}]
+    if g.max_reverse_kl is not None:
+        checks.append({"name": "max_reverse_kl", "passed": o["reverse_kl"] <= g.max_reverse_kl,
+                       "detail": f"OPD student reverse KL {o['reverse_kl']:.4f} (need <= {g.max_reverse_kl})"})
+    if g.opd_must_beat_sft_kl:
+        checks.append({"name": "opd_beats_sft_kl", "passed": o["reverse_kl"] < s["reverse_kl"],
+                       "detail": f"reverse KL OPD {o['reverse_kl']:.4f} vs SFT {s['reverse_kl']:.4f}"})
+    return GateResult(all(c["passed"] for c in checks), checks)
+
+
+# ---------------------------------------------------------------- registry
+
+PUBLISHED_FILES_EXCLUDE = ("optimizer.pt", DONE)
+
+
+def register(cfg: RunConfig, final: ModelRef, rdir: Path, lineage: dict) -> dict:
+    """Publish the final student once per run (a retry after success returns the same version)."""
+    from opd.registry.client import make_client
+    from opd.registry.store import publish
+
+    marker = rdir / "registered.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    src = Path(final.path)
+    staged = _fresh(rdir / "publish")
+    for f in src.iterdir():
+        if f.is_file() and f.name not in PUBLISHED_FILES_EXCLUDE:
+            shutil.copy2(f, staged / f.name)
+    s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
+    pub = publish(s3, cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, staged, lineage)
+    out = {"model": pub.model, "version": pub.version, "uri": pub.uri}
+    marker.write_text(json.dumps(out))
+    return out

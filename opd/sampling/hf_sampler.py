@@ -1,0 +1,32 @@
+"""transformers `generate` sampler behind the Sampler interface, for models vLLM cannot load."""
+from __future__ import annotations
+
+import torch
+
+from opd.generation import generate
+from opd.models import load_model, pick_device
+from opd.sampling.base import Rollout
+from opd.scoring import score_completions
+
+
+class HFSampler:
+    def __init__(self, model_dir: str, eos_id: int, device: str | None = None):
+        self.device = pick_device(device or "auto")
+        self.model = load_model(model_dir, self.device)
+        self.eos_id = eos_id
+        self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else eos_id
+
+    def sample(self, prompts, n, max_tokens, temperature=1.0, top_p=1.0, seed=None) -> list[Rollout]:
+        comps = generate(self.model, prompts, self.eos_id, self.pad_id, max_tokens, temperature, top_p, n, seed=seed)
+        expanded = [p for p in prompts for _ in range(n)]
+        # logprobs of the untempered distribution, as vLLM reports them
+        lps = score_completions(self.model, expanded, comps, self.pad_id, device=self.device)
+        return [Rollout(i // n, list(p), c, lp, bool(c) and c[-1] == self.eos_id)
+                for i, (p, c, lp) in enumerate(zip(expanded, comps, lps))]
+
+    def update_weights(self, model_dir: str) -> None:
+        self.model = load_model(model_dir, self.device)
+
+    def close(self) -> None:
+        self.model = None
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None

