@@ -116,13 +116,14 @@ class SFTConfig(_Strict):
 
 class OPDConfig(_Strict):
     rounds: int = Field(ge=1)
-    prompts_per_round: int = Field(ge=1)
+    steps_per_round: int = Field(1, ge=1)  # on-policy steps: sample, grade, update, sync
+    prompts_per_step: int = Field(ge=1)
     samples_per_prompt: int = Field(4, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(ge=1)
     lr: float = Field(gt=0)
-    updates_per_round: int = Field(1, ge=1)
+    warmup_steps: int = Field(20, ge=0)
     micro_batch: int = Field(64, ge=1)
     clip_ratio: float | None = Field(None, gt=0)
     kl_coef: float = Field(1.0, gt=0)
@@ -151,6 +152,7 @@ class GateConfig(_Strict):
 
 class EvalConfig(_Strict):
     max_examples: int = Field(256, ge=1)
+    kl_samples_per_prompt: int = Field(4, ge=1)
     gates: GateConfig = GateConfig()
 
 

@@ -27,11 +27,16 @@ def accuracy(model, tokenizer, prompts: list[str], answers: list[str], max_token
 
 
 def reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int, seed: int,
-               micro_batch: int = 64) -> float:
-    """Monte-Carlo reverse KL on the student's own samples (temperature 1), per token."""
-    ids = [tokenizer(p).input_ids for p in prompts]
-    comps = generate(student, ids, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens, temperature=1.0,
-                     seed=seed)
+               micro_batch: int = 64, samples_per_prompt: int = 4) -> float:
+    """Monte-Carlo reverse KL on the student's own samples (temperature 1), per token.
+
+    Several samples per prompt: the per-token values are heavy-tailed (one wrong digit the
+    teacher is sure about costs ~10 nats), so one sample per prompt is too noisy to gate on.
+    """
+    prompt_ids = [tokenizer(p).input_ids for p in prompts]
+    comps = generate(student, prompt_ids, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens,
+                     temperature=1.0, n=samples_per_prompt, seed=seed)
+    ids = [p for p in prompt_ids for _ in range(samples_per_prompt)]
     q = score_completions(student, ids, comps, tokenizer.pad_token_id, micro_batch)
     p = score_completions(teacher, ids, comps, tokenizer.pad_token_id, micro_batch,
                           device=next(teacher.parameters()).device)
@@ -39,7 +44,8 @@ def reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int,
     return sum(diffs) / max(1, len(diffs))
 
 
-def evaluate(student, teacher, tokenizer, prompts, answers, max_tokens, seed) -> EvalResult:
+def evaluate(student, teacher, tokenizer, prompts, answers, max_tokens, seed, kl_samples: int = 4) -> EvalResult:
     acc = accuracy(student, tokenizer, prompts, answers, max_tokens)
-    kl = 0.0 if student is teacher else reverse_kl(student, teacher, tokenizer, prompts, max_tokens, seed)
+    kl = 0.0 if student is teacher else reverse_kl(student, teacher, tokenizer, prompts, max_tokens, seed,
+                                                   samples_per_prompt=kl_samples)
     return EvalResult(acc, kl, len(prompts))

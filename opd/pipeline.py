@@ -216,13 +216,13 @@ def get_sampler(cfg: RunConfig, key: str, model_dir: str, eos_id: int) -> Sample
     """One engine per run, kept alive across rounds; new weights are synced, not reloaded."""
     s = _SAMPLERS.get(key)
     if s is None:
-        s = make_sampler(cfg.opd.sampler, model_dir, eos_id, seed=cfg.seed,
+        s = make_sampler(cfg.opd.sampler, model_dir.split("#", 1)[0], eos_id, seed=cfg.seed,
                          max_model_len=cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
                          weight_sync=cfg.opd.weight_sync, device=cfg.device)
         s.current = model_dir
         _SAMPLERS[key] = s
     elif s.current != model_dir:
-        s.update_weights(model_dir)
+        s.update_weights(model_dir.split("#", 1)[0])  # '#n' marks new weights in a reused directory
         s.current = model_dir
     return s
 
@@ -234,71 +234,77 @@ def close_samplers() -> None:
 
 def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, student: ModelRef, out: Path,
               sampler_key: str, log=print) -> RoundResult:
-    """Sample from the student, grade every token with the teacher, take policy-gradient steps."""
+    """`steps_per_round` on-policy steps (sample -> teacher grades every token -> one update),
+    the sampler synced to the trainer's weights before each; one checkpoint at the end."""
     if (meta := _done(out)) is not None:  # a retried task never re-applies a completed round
         return RoundResult(k, ModelRef(str(out), meta["params"]), meta["metrics"], meta["cost"])
     set_threads()
     device = pick_device(cfg.device)
     o = cfg.opd
     tok = load_tokenizer(teacher.path)
-    d = data.load()
-    rng = random.Random(cfg.seed * 1000 + k)
-    idx = rng.sample(range(len(d["train"])), min(o.prompts_per_round, len(d["train"])))
-    prompts = _encode_prompts(tok, [d["train"][i]["prompt"] for i in idx])
-    cost = PhaseCost(f"opd_round_{k}")
-    timings = {}
-
-    t = time.time()
-    sampler = get_sampler(cfg, sampler_key, student.path, tok.eos_token_id)
-    rollouts = sampler.sample(prompts, n=o.samples_per_prompt, max_tokens=o.max_tokens, temperature=o.temperature,
-                              top_p=o.top_p, seed=cfg.seed * 1000 + k)
-    timings["sample_s"] = time.time() - t
-    n_sampled = sum(len(r.completion_ids) for r in rollouts)
-    cost.sample(student.params, n_sampled)
-
-    t = time.time()
+    train_prompts = data.load()["train"]["prompt"]
     teacher_model = load_model(teacher.path, device)
-    teacher_lp = score_completions(teacher_model, [r.prompt_ids for r in rollouts],
-                                   [r.completion_ids for r in rollouts], tok.pad_token_id, o.micro_batch, device)
-    timings["score_s"] = time.time() - t
-    n_scored = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
-    cost.teacher(teacher.params, n_scored)
-
-    t = time.time()
     model = load_model(student.path, device)
     opt = make_optimizer(model, o.lr)
     opt_state = Path(student.path) / "optimizer.pt"
-    if opt_state.is_file():
+    # Round 1 starts Adam afresh: SFT's second moments are tuned to small, converged gradients,
+    # and dividing the noisier policy-gradient by them makes the first OPD steps far too large.
+    if k > 1 and opt_state.is_file():
         opt.load_state_dict(torch.load(opt_state, map_location=device))
-    for g in opt.param_groups:
-        g["lr"] = o.lr
-    order = list(range(len(rollouts)))
-    random.Random(cfg.seed + k).shuffle(order)
-    step_metrics = []
-    per = max(1, len(order) // o.updates_per_round)
-    for u in range(o.updates_per_round):
-        part = order[u * per : (u + 1) * per] if u < o.updates_per_round - 1 else order[u * per :]
-        if not part:
-            continue
-        step_metrics.append(opd_update(model, opt, [rollouts[i] for i in part], [teacher_lp[i] for i in part],
-                                       tok.pad_token_id, o.micro_batch, o.kl_coef, o.clip_ratio,
-                                       o.advantage_baseline))
-    timings["update_s"] = time.time() - t
+    sync_dir = out.with_name(out.name + ".sync")
+    cost = PhaseCost(f"opd_round_{k}")
+    timings = {"sample_s": 0.0, "score_s": 0.0, "update_s": 0.0, "sync_s": 0.0}
+    steps, n_sampled, n_scored, n_rollouts, n_finished = [], 0, 0, 0, 0
+    for step in range(o.steps_per_round):
+        t = time.time()
+        if step == 0:
+            sampler = get_sampler(cfg, sampler_key, student.path, tok.eos_token_id)
+        else:  # the trainer moved: hand the sampler the new weights (in place, no restart)
+            save_model(model, tok, sync_dir)
+            sampler = get_sampler(cfg, sampler_key, str(sync_dir) + f"#{step}", tok.eos_token_id)
+        timings["sync_s"] += time.time() - t
+
+        t = time.time()
+        rng = random.Random((cfg.seed * 1000 + k) * 1000 + step)
+        idx = rng.sample(range(len(train_prompts)), min(o.prompts_per_step, len(train_prompts)))
+        rollouts = sampler.sample(_encode_prompts(tok, [train_prompts[i] for i in idx]), n=o.samples_per_prompt,
+                                  max_tokens=o.max_tokens, temperature=o.temperature, top_p=o.top_p,
+                                  seed=rng.randrange(2**31))
+        timings["sample_s"] += time.time() - t
+
+        t = time.time()
+        teacher_lp = score_completions(teacher_model, [r.prompt_ids for r in rollouts],
+                                       [r.completion_ids for r in rollouts], tok.pad_token_id, o.micro_batch, device)
+        timings["score_s"] += time.time() - t
+
+        t = time.time()
+        global_step = (k - 1) * o.steps_per_round + step
+        for g in opt.param_groups:  # linear warmup: Adam's first steps are sign-like, so keep them small
+            g["lr"] = o.lr * min(1.0, (global_step + 1) / max(1, o.warmup_steps))
+        steps.append(opd_update(model, opt, rollouts, teacher_lp, tok.pad_token_id, o.micro_batch, o.kl_coef,
+                                o.clip_ratio, o.advantage_baseline))
+        timings["update_s"] += time.time() - t
+        tokens = sum(len(r.completion_ids) for r in rollouts)
+        seq_tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+        n_sampled, n_scored = n_sampled + tokens, n_scored + seq_tokens
+        n_rollouts, n_finished = n_rollouts + len(rollouts), n_finished + sum(r.finished for r in rollouts)
+    cost.sample(student.params, n_sampled)
+    cost.teacher(teacher.params, n_scored)
     cost.train(student.params, n_scored)
 
-    ev = d["eval"]
+    ev = data.load()["eval"]
     n = min(o.eval_slice, len(ev))
     acc = accuracy(model, tok, ev["prompt"][:n], ev["answer"][:n], o.max_tokens) if "answer" in ev.column_names else None
-    first = step_metrics[0]
+    mean = lambda key: sum(m[key] for m in steps) / len(steps)  # noqa: E731
     metrics = {
         "round": k,
-        "reverse_kl": first["reverse_kl"],  # on fresh on-policy samples, before this round's update
-        "loss": sum(m["loss"] for m in step_metrics) / len(step_metrics),
-        "ratio_max": max(m["ratio_max"] for m in step_metrics),
-        "sampler_trainer_absdiff_max": first["sampler_trainer_absdiff_max"],
-        "grad_norm": first["grad_norm"],
-        "mean_completion_tokens": n_sampled / len(rollouts),
-        "eos_fraction": sum(r.finished for r in rollouts) / len(rollouts),
+        "reverse_kl": mean("reverse_kl"),  # on-policy samples, measured before each step's update
+        "loss": mean("loss"),
+        "ratio_max": max(m["ratio_max"] for m in steps),
+        "sampler_trainer_absdiff_max": max(m["sampler_trainer_absdiff_max"] for m in steps),
+        "grad_norm": mean("grad_norm"),
+        "mean_completion_tokens": n_sampled / n_rollouts,
+        "eos_fraction": n_finished / n_rollouts,
         "eval_slice_accuracy": acc,
         "sample_tokens_per_s": n_sampled / max(timings["sample_s"], 1e-9),
         "score_tokens_per_s": n_scored / max(timings["score_s"], 1e-9),
@@ -307,11 +313,13 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
     }
     cost.wall_s = sum(timings.values())
     log(f"round {k}: reverse KL {metrics['reverse_kl']:.4f}, eval-slice accuracy {acc}, "
-        f"sample {timings['sample_s']:.1f}s score {timings['score_s']:.1f}s update {timings['update_s']:.1f}s")
+        f"sample {timings['sample_s']:.1f}s score {timings['score_s']:.1f}s update {timings['update_s']:.1f}s "
+        f"sync {timings['sync_s']:.1f}s")
     tmp = _fresh(out)
     save_model(model, tok, tmp)
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
     _publish_dir(tmp, out, {"params": student.params, "metrics": metrics, "cost": cost.as_dict()})
+    shutil.rmtree(sync_dir, ignore_errors=True)
     return RoundResult(k, ModelRef(str(out), student.params), metrics, cost.as_dict())
 
 
@@ -338,7 +346,8 @@ def evaluate_all(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, sft: Model
     out = {"teacher": evaluate(t_model, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed).as_dict()}
     for name, ref in (("sft_student", sft), ("opd_student", final)):
         m = load_model(ref.path, device)
-        out[name] = evaluate(m, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed).as_dict()
+        out[name] = evaluate(m, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed,
+                             cfg.eval.kl_samples_per_prompt).as_dict()
     return out
 
 
