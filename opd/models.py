@@ -14,6 +14,10 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
 from opd.config import ModelSpec
 from opd.data.task import ALPHABET
 
+from transformers.utils import logging as _hf_logging
+
+_hf_logging.disable_progress_bar()  # per-load progress bars drown the flow's logs
+
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 

@@ -45,7 +45,7 @@ def sft_train(model, pairs: list[tuple[list[int], list[int]]], spec: TrainSpec, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if on_step:
-            on_step(step, float(loss))
+            on_step(step, float(loss.detach()))
     return opt
 
 

@@ -12,6 +12,9 @@ import os
 
 from opd.sampling.base import Rollout
 
+# vLLM logs every weight reload at INFO; a run with hundreds of syncs would drown in them.
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
 
 class VLLMSampler:
     def __init__(self, model_dir: str, eos_id: int, max_model_len: int = 256, seed: int = 0,
