@@ -12,9 +12,7 @@ from rich.table import Table
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="Local Prefect server + SeaweedFS S3 (loopback only).")
-registry_app = typer.Typer(no_args_is_help=True, help="Browse the S3 model registry.")
 app.add_typer(stack_app, name="stack")
-app.add_typer(registry_app, name="registry")
 # Wide when piped (logs, CI): a narrow default would truncate model names and URIs.
 console = Console() if sys.stdout.isatty() else Console(width=200)
 
@@ -113,35 +111,9 @@ def stack_status(home: Optional[str] = None):
         raise typer.Exit(1)
 
 
-@registry_app.command("ls")
-def registry_ls(model: Optional[str] = typer.Argument(None), config: Path = typer.Option(Path("configs/demo.yaml")),
-                bucket: Optional[str] = None, prefix: Optional[str] = None):
-    """List models, or the published versions of MODEL."""
-    from opd.registry.client import RegistryError, make_client
-    from opd.registry.store import list_models, list_versions, read_manifest
+from opd.cli_registry import registry_app  # noqa: E402  (it imports helpers above)
 
-    cfg = _load(config, [])
-    _point_at_stack(cfg)
-    bucket, prefix = bucket or cfg.registry.bucket, prefix or cfg.registry.prefix
-    s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
-    try:
-        models = [model] if model else list_models(s3, bucket, prefix)
-        table = Table(title=f"s3://{bucket}/{prefix}")
-        for c in ("model", "version", "created_at", "accuracy", "reverse_kl", "files"):
-            table.add_column(c)
-        for m in models:
-            for v in list_versions(s3, bucket, prefix, m):
-                man = read_manifest(s3, bucket, prefix, m, v)
-                res = (man.get("metrics") or {}).get("opd_student", {})
-                table.add_row(m, str(v), man.get("created_at", "")[:19], f"{res.get('accuracy', float('nan')):.3f}",
-                              f"{res.get('reverse_kl', float('nan')):.4f}", str(len(man["files"])))
-    except RegistryError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(1)
-    except Exception as e:  # botocore errors: one line, no traceback, no secrets
-        console.print(f"[red]registry error: {type(e).__name__}: {e}[/red]")
-        raise typer.Exit(1)
-    console.print(table)
+app.add_typer(registry_app, name="registry")
 
 
 def main() -> None:  # pragma: no cover
