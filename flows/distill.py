@@ -30,10 +30,10 @@ def distill(config_path: str, overrides: list[str] | None = None, run_key: str |
     log = get_run_logger()
     log.info(f"run {run_key}: {cfg.opd.rounds} OPD rounds, run dir {rdir}")
     t = {name: configured(getattr(T, name), cfg) for name in
-         ("prepare_data", "validate_dataset", "bootstrap_teacher", "sft_warmup", "opd_round", "evaluate", "register")}
+         ("preflight", "prepare_data", "validate_dataset", "bootstrap_teacher", "sft_warmup", "opd_round", "evaluate", "register")}
 
-    data = t["prepare_data"](cfg, rdir)
-    t["validate_dataset"](cfg, data)
+    t["preflight"](cfg)
+    data = t["validate_dataset"](cfg, t["prepare_data"](cfg, rdir))
     teacher = t["bootstrap_teacher"](cfg, data)
     sft = t["sft_warmup"](cfg, data, teacher, rdir)
     student, rounds = sft, []

@@ -128,6 +128,12 @@ class OPDConfig(_Strict):
     clip_ratio: float | None = Field(None, gt=0)
     kl_coef: float = Field(1.0, gt=0)
     advantage_baseline: Literal["none", "mean"] = "none"
+    # "reverse_kl_is": sampled-token policy gradient (needs only the teacher's sampled-token logprobs);
+    # the others are distribution-level losses computed from teacher and student logits (opd.losses).
+    loss: Literal["reverse_kl_is", "reverse_kl_full", "reverse_kl_topk", "gkd_jsd"] = "reverse_kl_is"
+    topk: int = Field(20, ge=1)  # support size for reverse_kl_topk
+    gkd_beta: float = Field(0.5, ge=0, le=1)  # gkd_jsd: 0 = forward KL, 1 = reverse KL (TRL convention)
+    forward_kl_coef: float = Field(0.0, ge=0)  # + coef * KL(teacher || student) for the logit losses
     eval_slice: int = Field(64, ge=1)
     sampler: Literal["vllm", "hf"] = "vllm"
     weight_sync: Literal["inplace", "restart"] = "inplace"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import time
@@ -88,18 +89,33 @@ def _max_tokens(cfg: RunConfig) -> int:
 
 # ---------------------------------------------------------------- data
 
+UNVALIDATED = ".unvalidated"
+
+
 def prepare_data(cfg: RunConfig, out: Path, s3=None) -> ds.DataRef:
+    """Build the splits into `<out>.unvalidated`; only `validate_data` promotes them to `out`."""
     if cfg.data.source == "synthetic":
         d = ds.synthetic(cfg.data, cfg.seed)
     else:
         d = ds.from_jsonl(cfg.data, cfg.seed, s3)
-    return ds.save(d, out)
+    return ds.save(d, out.with_name(out.name + UNVALIDATED))
 
 
-def validate_data(cfg: RunConfig, data: ds.DataRef) -> ValidationReport:
+def validate_data(cfg: RunConfig, data: ds.DataRef) -> tuple[ValidationReport, ds.DataRef | None]:
+    """GX checks; valid data moves into place, invalid data is deleted (a refused run leaves nothing)."""
     d = data.load()
-    return validate(d["train"].to_pandas(), d["eval"].to_pandas(), tokenizer_for(cfg),
-                    cfg.data.min_prompt_tokens, cfg.data.max_prompt_tokens)
+    report = validate(d["train"].to_pandas(), d["eval"].to_pandas(), tokenizer_for(cfg),
+                      cfg.data.min_prompt_tokens, cfg.data.max_prompt_tokens)
+    src = Path(data.dir)
+    if not report.success:
+        shutil.rmtree(src, ignore_errors=True)
+        return report, None
+    final = src.with_name(src.name.removesuffix(UNVALIDATED)) if src.name.endswith(UNVALIDATED) else src
+    if final != src:
+        if final.exists():
+            shutil.rmtree(final)
+        src.rename(final)
+    return report, ds.DataRef(str(final), data.fingerprint, data.n_train, data.n_eval)
 
 
 # ---------------------------------------------------------------- teacher
@@ -110,10 +126,22 @@ def teacher_cache_key(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def local_model_dir(cfg: RunConfig, path: str) -> str:
+    """A local directory for a model given as a path or s3:// URI (fetched once into the cache)."""
+    if not path.startswith("s3://"):
+        return path
+    from opd.registry.client import make_client
+    from opd.storage import fetch_dir
+
+    s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
+    return str(fetch_dir(path, Path(cfg.home) / "cache" / "models", s3))
+
+
 def bootstrap_teacher(cfg: RunConfig, data: ds.DataRef, log=print) -> ModelRef:
     """Train the demo teacher on ground truth until it clears min_accuracy; cached by config hash."""
     if cfg.teacher.path:
-        return ModelRef(cfg.teacher.path, num_params(load_model(cfg.teacher.path)))
+        path = local_model_dir(cfg, cfg.teacher.path)
+        return ModelRef(path, num_params(load_model(path, trust_remote_code=cfg.teacher.trust_remote_code)))
     boot = cfg.teacher.bootstrap
     final = Path(cfg.home) / "cache" / "teachers" / teacher_cache_key(cfg)
     if (meta := _done(final)) is not None:
@@ -184,8 +212,9 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
     cost = PhaseCost("sft")
     cost.teacher(num_params(teacher_model), sum(len(p) + len(c) for p, c in zip(prompts, comps)))
     if cfg.student.path:
-        student = load_model(cfg.student.path, device)
-        check_vocab(tok, load_tokenizer(cfg.student.path))
+        student_dir = local_model_dir(cfg, cfg.student.path)
+        check_vocab(tok, load_tokenizer(student_dir))
+        student = load_model(student_dir, device)
     else:
         student = build_llama(cfg.student.model, tok, cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
                               seed=cfg.seed + 1).to(device)
@@ -273,8 +302,9 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
         timings["sample_s"] += time.time() - t
 
         t = time.time()
-        teacher_lp = score_completions(teacher_model, [r.prompt_ids for r in rollouts],
-                                       [r.completion_ids for r in rollouts], tok.pad_token_id, o.micro_batch, device)
+        teacher_lp = (score_completions(teacher_model, [r.prompt_ids for r in rollouts],
+                                        [r.completion_ids for r in rollouts], tok.pad_token_id, o.micro_batch, device)
+                      if o.loss == "reverse_kl_is" else None)  # logit losses run the teacher inside the update
         timings["score_s"] += time.time() - t
 
         t = time.time()
@@ -282,7 +312,8 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
         for g in opt.param_groups:  # linear warmup: Adam's first steps are sign-like, so keep them small
             g["lr"] = o.lr * min(1.0, (global_step + 1) / max(1, o.warmup_steps))
         steps.append(opd_update(model, opt, rollouts, teacher_lp, tok.pad_token_id, o.micro_batch, o.kl_coef,
-                                o.clip_ratio, o.advantage_baseline))
+                                o.clip_ratio, o.advantage_baseline, loss=o.loss, teacher_model=teacher_model,
+                                topk=o.topk, gkd_beta=o.gkd_beta, forward_kl_coef=o.forward_kl_coef))
         timings["update_s"] += time.time() - t
         tokens = sum(len(r.completion_ids) for r in rollouts)
         seq_tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
@@ -303,6 +334,7 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
         "ratio_max": max(m["ratio_max"] for m in steps),
         "sampler_trainer_absdiff_max": max(m["sampler_trainer_absdiff_max"] for m in steps),
         "grad_norm": mean("grad_norm"),
+        "student_entropy": mean("student_entropy"),
         "mean_completion_tokens": n_sampled / n_rollouts,
         "eos_fraction": n_finished / n_rollouts,
         "eval_slice_accuracy": acc,
@@ -318,7 +350,11 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
     tmp = _fresh(out)
     save_model(model, tok, tmp)
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    _publish_dir(tmp, out, {"params": student.params, "metrics": metrics, "cost": cost.as_dict()})
+    # Weights, optimizer state and metrics are the whole round state: prompt choice and sampling
+    # seeds derive from (seed, round, step), so a resumed run replays the next round exactly.
+    _publish_dir(tmp, out, {"params": student.params, "metrics": metrics, "cost": cost.as_dict(),
+                            "completed_at": time.time(), "pid": os.getpid(),
+                            "rng": {"seed": cfg.seed, "scheme": "(seed*1000+round)*1000+step"}})
     shutil.rmtree(sync_dir, ignore_errors=True)
     return RoundResult(k, ModelRef(str(out), student.params), metrics, cost.as_dict())
 

@@ -9,7 +9,8 @@ import torch
 
 from opd.batching import pack, scatter_completion
 from opd.config import TrainSpec
-from opd.losses import reverse_kl_is, sft_cross_entropy
+from opd.losses import (entropy_from_logits, gkd_jsd, logsumexp_fp32, masked_mean, reverse_kl_full, reverse_kl_is,
+                        reverse_kl_topk, sft_cross_entropy, token_logprobs_from_logits)
 from opd.sampling.base import Rollout
 from opd.scoring import token_logprobs
 
@@ -49,10 +50,28 @@ def sft_train(model, pairs: list[tuple[list[int], list[int]]], spec: TrainSpec, 
     return opt
 
 
-def opd_update(model, optimizer, rollouts: list[Rollout], teacher_logprobs: list[list[float]], pad_id: int,
+LOGIT_LOSSES = ("reverse_kl_full", "reverse_kl_topk", "gkd_jsd")
+
+
+def opd_update(model, optimizer, rollouts: list[Rollout], teacher_logprobs: list[list[float]] | None, pad_id: int,
                micro_batch: int, kl_coef: float = 1.0, clip_ratio: float | None = None,
-               baseline: str = "none") -> dict[str, float]:
-    """One optimizer step over all rollouts (gradient accumulated over micro-batches)."""
+               baseline: str = "none", *, loss: str = "reverse_kl_is", teacher_model=None, topk: int = 20,
+               gkd_beta: float = 0.5, forward_kl_coef: float = 0.0) -> dict[str, float]:
+    """One optimizer step over all rollouts (gradient accumulated over micro-batches).
+
+    ``loss="reverse_kl_is"`` (default) uses ``teacher_logprobs`` (the teacher's logprob of each
+    sampled token); ``kl_coef``, ``clip_ratio`` and ``baseline`` apply only to it. The logit losses
+    (``reverse_kl_full``, ``reverse_kl_topk``, ``gkd_jsd``) run ``teacher_model`` (no grad) on the
+    same packed micro-batch and ignore ``teacher_logprobs`` (may be None); their ``reverse_kl``
+    metric is the exact mean reverse KL and the ratios compare the trainer's logprobs with the
+    sampler's. Every loss reports ``student_entropy`` (mean over completion tokens).
+    """
+    if loss != "reverse_kl_is" and loss not in LOGIT_LOSSES:
+        raise ValueError(f"loss={loss!r}: choose 'reverse_kl_is' or one of {LOGIT_LOSSES}")
+    if loss in LOGIT_LOSSES and teacher_model is None:
+        raise ValueError(f"loss={loss!r} needs teacher_model (its logits on the same batch)")
+    if loss == "reverse_kl_is" and teacher_logprobs is None:
+        raise ValueError("loss='reverse_kl_is' needs teacher_logprobs")
     device = next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -62,11 +81,20 @@ def opd_update(model, optimizer, rollouts: list[Rollout], teacher_logprobs: list
         chunk = rollouts[s : s + micro_batch]
         b = pack([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], pad_id).to(device)
         logp_sampler = scatter_completion([r.sampler_logprobs for r in chunk], b)
-        logp_teacher = scatter_completion(teacher_logprobs[s : s + micro_batch], b)
-        logp_new = token_logprobs(model, b)
-        loss, m = reverse_kl_is(logp_new, logp_sampler, logp_teacher, b.loss_mask, kl_coef, clip_ratio, baseline)
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+        logp_new = token_logprobs_from_logits(logits, b.input_ids[:, 1:])  # == token_logprobs(model, b)
+        if loss == "reverse_kl_is":
+            logp_teacher = scatter_completion(teacher_logprobs[s : s + micro_batch], b)
+            loss_t, m = reverse_kl_is(logp_new, logp_sampler, logp_teacher, b.loss_mask, kl_coef, clip_ratio,
+                                      baseline)
+        else:
+            loss_t, m = _logit_loss(loss, logits, logp_new, logp_sampler, b, teacher_model, topk, gkd_beta,
+                                    forward_kl_coef)
+        with torch.no_grad():
+            m["student_entropy"] = float(entropy_from_logits(logits.detach(), b.loss_mask))
+        del logits  # the graph keeps what backward needs
         weight = float(b.loss_mask.sum()) / max(1, total_tokens)  # token-weighted mean over the batch
-        (loss * weight).backward()
+        (loss_t * weight).backward()
         for k, v in m.items():
             if k.endswith("_max"):
                 agg[k] = max(agg.get(k, v), v)
@@ -75,3 +103,42 @@ def opd_update(model, optimizer, rollouts: list[Rollout], teacher_logprobs: list
     agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
     optimizer.step()
     return agg
+
+
+def _logit_loss(loss: str, logits, logp_new, logp_sampler, b, teacher_model, topk: int, gkd_beta: float,
+                forward_kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """A distribution-level loss on one micro-batch, with the same metric keys as ``reverse_kl_is``."""
+    mask = b.loss_mask
+    was_training = teacher_model.training
+    teacher_model.eval()
+    with torch.no_grad():
+        t_logits = teacher_model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+    teacher_model.train(was_training)
+    extra: dict[str, float] = {}
+    if loss == "reverse_kl_full":
+        loss_t = reverse_kl_full(logits, t_logits, mask, forward_kl_coef)
+    elif loss == "gkd_jsd":
+        loss_t = gkd_jsd(logits, t_logits, mask, gkd_beta, forward_kl_coef=forward_kl_coef)
+    else:
+        with torch.no_grad():  # only the k columns and the teacher's normaliser leave this block
+            k = min(topk, t_logits.shape[-1])
+            top_vals, top_ids = t_logits.topk(k, dim=-1)
+            top_lp = top_vals.float() - logsumexp_fp32(t_logits).unsqueeze(-1)
+        loss_t = reverse_kl_topk(logits, top_ids, top_lp, mask, k, forward_kl_coef)
+        with torch.no_grad():  # mass the student keeps on the teacher's top-k (verl PR #5041's collapse signal)
+            z = logits.detach().gather(-1, top_ids).float()
+            mass = torch.logsumexp(z, dim=-1) - logsumexp_fp32(logits.detach())
+            extra["student_topk_mass"] = float(masked_mean(mass.exp(), mask))
+    with torch.no_grad():
+        m = mask.bool()
+        ratio = torch.exp(logp_new.detach() - logp_sampler)
+        metrics = {
+            "loss": float(loss_t),
+            "reverse_kl": float(loss_t) if loss == "reverse_kl_full" and not forward_kl_coef
+            else float(reverse_kl_full(logits.detach(), t_logits, mask)),
+            "ratio_mean": float(ratio[m].mean()) if m.any() else 1.0,
+            "ratio_max": float(ratio[m].max()) if m.any() else 1.0,
+            "sampler_trainer_absdiff_max": float((logp_new.detach() - logp_sampler)[m].abs().max()) if m.any() else 0.0,
+            **extra,
+        }
+    return loss_t, metrics

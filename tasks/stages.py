@@ -21,6 +21,15 @@ def _log():
     return get_run_logger().info
 
 
+@task(name="preflight", cache_policy=NO_CACHE)
+def preflight(cfg: RunConfig) -> None:
+    from opd import preflight as pf
+    from opd.registry.client import make_client
+
+    pf.run(cfg, make_client(cfg.registry.endpoint_url, cfg.registry.region))
+    _log()("preflight: model paths, data sources and the registry are reachable")
+
+
 @task(name="prepare_data", cache_policy=NO_CACHE)
 def prepare_data(cfg: RunConfig, run_dir: str) -> DataRef:
     from opd.registry.client import make_client
@@ -32,8 +41,8 @@ def prepare_data(cfg: RunConfig, run_dir: str) -> DataRef:
 
 
 @task(name="validate_dataset", cache_policy=NO_CACHE)
-def validate_dataset(cfg: RunConfig, data: DataRef) -> dict:
-    report = P.validate_data(cfg, data)
+def validate_dataset(cfg: RunConfig, data: DataRef) -> DataRef:
+    report, valid = P.validate_data(cfg, data)
     rows = "\n".join(f"| {r['expectation']} | {r['column']} | {'pass' if r['success'] else 'FAIL'} | "
                      f"{r['unexpected_count'] or 0} |" for r in report.raw["results"])
     create_markdown_artifact(
@@ -44,7 +53,7 @@ def validate_dataset(cfg: RunConfig, data: DataRef) -> dict:
     if not report.success:
         raise DataValidationFailed(report.message())
     _log()(report.message())
-    return report.raw
+    return valid
 
 
 @task(name="bootstrap_teacher", cache_policy=NO_CACHE)

@@ -13,16 +13,34 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_PREFECT_PORT = 4250
-TEST_S3_PORT = 8350
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_block(start: int, width: int, step: int = 20) -> int:
+    """First base port with `width` free ports after it: two test sessions never collide."""
+    for base in range(start, start + 100 * step, step):
+        if all(_free(base + i) for i in range(width)):
+            return base
+    raise RuntimeError(f"no free block of {width} ports from {start}")
 
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
     from opd import stack as st
 
-    settings = st.StackSettings(home=tmp_path_factory.mktemp("stack-home"), prefect_port=TEST_PREFECT_PORT,
-                                s3_port=TEST_S3_PORT)
+    # SeaweedFS takes s3_port and the 9 ports after it
+    settings = st.StackSettings(home=tmp_path_factory.mktemp("stack-home"), prefect_port=_free_block(14250, 1),
+                                s3_port=_free_block(18350, 10))
     st.up(settings, timeout=180)
     yield settings
     st.down(settings)
@@ -40,3 +58,15 @@ def s3(stack_env):
     from opd.registry.client import make_client
 
     return make_client(stack_env["OPD_S3_ENDPOINT"])
+
+
+@pytest.fixture(scope="session")
+def opd_home(tmp_path_factory) -> Path:
+    """One OPD home for the flow tests, so the CI teacher is bootstrapped once per session."""
+    return tmp_path_factory.mktemp("opd-home")
+
+
+def opd_bin() -> str:
+    import sys
+
+    return str(Path(sys.executable).with_name("opd"))

@@ -1,4 +1,9 @@
-"""The whole distill flow on configs/ci.yaml against a real Prefect server and real SeaweedFS."""
+"""The whole distill flow on configs/ci.yaml against a real Prefect server and real SeaweedFS.
+
+It also runs with canary AWS credentials and then greps everything the run left (Prefect logs,
+artifacts, the server's database, client-side results, the run directory, every registry
+object) for them: zero hits.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,37 +11,41 @@ import json
 import os
 import re
 import subprocess
-import sys
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, opd_bin
 
 pytestmark = pytest.mark.e2e
 
 
-def _opd_bin() -> str:
-    return str(Path(sys.executable).with_name("opd"))
+def _post(url: str, body: dict) -> list:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        return json.load(r)
 
 
-def test_distill_flow_end_to_end(stack_env, s3, tmp_path):
+def test_distill_flow_end_to_end(stack, stack_env, s3, opd_home, tmp_path):
     bucket = f"opd-e2e-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, **stack_env}
-    proc = subprocess.run([_opd_bin(), "run", "configs/ci.yaml", "--set", f"home={tmp_path}",
+    canary = f"opd-canary-{uuid.uuid4().hex}"
+    env = {**os.environ, **stack_env, "AWS_ACCESS_KEY_ID": "opd-canary-key", "AWS_SECRET_ACCESS_KEY": canary,
+           "PREFECT_HOME": str(tmp_path / "prefect-client")}
+    proc = subprocess.run([opd_bin(), "run", "configs/ci.yaml", "--set", f"home={opd_home}",
                            "--set", f"registry.bucket={bucket}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
+    api = stack_env["PREFECT_API_URL"]
 
     # 1. the flow run is Completed in the real Prefect server
     fr_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", proc.stdout).group(1)
-    with urllib.request.urlopen(f"{stack_env['PREFECT_API_URL']}/flow_runs/{fr_id}") as r:
+    with urllib.request.urlopen(f"{api}/flow_runs/{fr_id}") as r:
         flow_run = json.load(r)
     assert flow_run["state"]["type"] == "COMPLETED"
-    assert flow_run["name"] and flow_run["flow_id"]
+    assert "student after OPD" in proc.stdout and f"s3://{bucket}/models/addition-student-ci/versions/1/" in proc.stdout
 
     # 2. one version registered; its manifest records the evaluation
     prefix = "models/addition-student-ci/versions/"
@@ -52,12 +61,25 @@ def test_distill_flow_end_to_end(stack_env, s3, tmp_path):
     # 3. every file of the version is in S3 with the manifest's sha256 and size
     names = {f["path"] for f in man["files"]}
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= names
+    assert "optimizer.pt" not in names
     for f in man["files"]:
         body = s3.get_object(Bucket=bucket, Key=f"{prefix}1/{f['path']}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == f["sha256"] and len(body) == f["size"], f["path"]
-    assert "optimizer.pt" not in names
 
     # 4. the CLI lists it
-    ls = subprocess.run([_opd_bin(), "registry", "ls", "--config", "configs/ci.yaml", "--bucket", bucket],
+    ls = subprocess.run([opd_bin(), "registry", "ls", "--config", "configs/ci.yaml", "--bucket", bucket],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert ls.returncode == 0 and "addition-student-ci" in ls.stdout, ls.stdout + ls.stderr
+
+    # 5. the canary secret reached nothing the run left behind
+    logs = _post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [fr_id]}}, "limit": 200})
+    assert len(logs) > 10  # the search is real: the run did log
+    artifacts = _post(f"{api}/artifacts/filter", {"flow_runs": {"id": {"any_": [fr_id]}}, "limit": 200})
+    assert {a["key"] for a in artifacts} >= {"dataset-validation", "evaluation", "gates", "opd-rounds"}
+    blobs = [json.dumps(logs).encode(), json.dumps(artifacts).encode(), proc.stdout.encode(), proc.stderr.encode()]
+    for root in (opd_home, tmp_path / "prefect-client", Path(stack.home)):
+        blobs += [p.read_bytes() for p in Path(root).rglob("*") if p.is_file() and p.stat().st_size < 50_000_000]
+    for o in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+        blobs.append(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read())
+    hits = sum(canary.encode() in b for b in blobs)
+    assert hits == 0, f"canary secret found in {hits} place(s)"

@@ -1,0 +1,40 @@
+"""Model directories that live on S3: fetched once into the run's cache, then loaded like local ones."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from opd.errors import PermanentError
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key.rstrip("/")
+
+
+def s3_keys(s3, uri: str) -> list[str]:
+    bucket, prefix = split_s3(uri)
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        keys.extend(o["Key"] for o in page.get("Contents", []))
+    return keys
+
+
+def fetch_dir(uri: str, cache_root: Path, s3) -> Path:
+    """Download every object under an s3:// prefix (once; a completed fetch is reused)."""
+    dest = Path(cache_root) / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (dest / ".fetched").is_file():
+        return dest
+    keys = s3_keys(s3, uri)
+    if not keys:
+        raise PermanentError(f"{uri}: no objects under this prefix; check the model path")
+    bucket, prefix = split_s3(uri)
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for k in keys:
+        target = tmp / k[len(prefix) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, k, str(target))
+    (tmp / ".fetched").write_text(uri)
+    tmp.rename(dest)
+    return dest

@@ -1,0 +1,47 @@
+"""kill -9 during round 2, rerun with the same run key: rounds 1..N each done once, one version."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from conftest import REPO, opd_bin
+
+pytestmark = pytest.mark.e2e
+
+
+def test_kill9_in_round_2_then_resume(stack_env, s3, opd_home, tmp_path):
+    bucket = f"opd-resume-{uuid.uuid4().hex[:8]}"
+    key = f"resume-{uuid.uuid4().hex[:8]}"
+    args = [opd_bin(), "run", "configs/ci.yaml", "--set", f"home={opd_home}", "--set", f"registry.bucket={bucket}",
+            "--set", "opd.rounds=3", "--run-key", key]
+    env = {**os.environ, **stack_env}
+    run = opd_home / "runs" / key
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 900
+        while not (run / "round_002.sync").exists():  # exists only while round 2 is mid-way
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            assert time.time() < deadline, "round 2 never started"
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGKILL)  # the flow process and its vLLM engine, no cleanup
+        first.wait()
+    assert (run / "round_001" / "done.json").is_file()
+    assert not (run / "round_002" / "done.json").exists()
+    round1 = json.loads((run / "round_001" / "done.json").read_text())
+
+    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-6000:]
+
+    done = [json.loads((run / f"round_{k:03d}" / "done.json").read_text()) for k in (1, 2, 3)]
+    assert done[0] == round1  # round 1 was not redone
+    assert done[0]["pid"] == first.pid and done[1]["pid"] != first.pid and done[2]["pid"] == done[1]["pid"]
+    assert [d["metrics"]["round"] for d in done] == [1, 2, 3]
+    assert not (run / "round_004").exists()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert [k for k in keys if k.endswith("manifest.json")] == ["models/addition-student-ci/versions/1/manifest.json"]
