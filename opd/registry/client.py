@@ -17,14 +17,16 @@ class RegistryError(RuntimeError):
     """A registry operation that cannot proceed; the message says why and what to check."""
 
 
-def make_client(endpoint_url: str | None = None, region: str = "us-east-1"):
+def make_client(endpoint_url: str | None = None, region: str = "us-east-1", *, max_attempts: int = 8,
+                connect_timeout: float = 5, read_timeout: float = 60):
+    """An S3 client; `max_attempts` (adaptive retries) and the timeouts are lowered by fault tests."""
     endpoint_url = endpoint_url or os.environ.get(LOCAL_ENDPOINT_ENV)
     session = boto3.session.Session()
     if session.get_credentials() is None and endpoint_url and "127.0.0.1" in endpoint_url:
         # The local SeaweedFS runs open; boto3 still signs, so give it throwaway local keys.
         session = boto3.session.Session(aws_access_key_id="opd-local", aws_secret_access_key="opd-local")
-    cfg = Config(retries={"max_attempts": 8, "mode": "adaptive"}, s3={"addressing_style": "path"},
-                 connect_timeout=5, read_timeout=60)
+    cfg = Config(retries={"max_attempts": max_attempts, "mode": "adaptive"}, s3={"addressing_style": "path"},
+                 connect_timeout=connect_timeout, read_timeout=read_timeout)
     return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=cfg)
 
 

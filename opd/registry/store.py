@@ -6,12 +6,24 @@ Layout: ``<prefix>/<model>/versions/<n>/<files>`` plus ``manifest.json``. Protoc
 2. upload every file (multipart for large ones);
 3. write ``manifest.json`` last, conditionally. Readers list only versions with a manifest,
    so a crash before step 3 leaves nothing half-published in view.
+
+Faults: a publish that dies midway leaves ``.claim`` (and maybe some files) without a manifest:
+invisible to readers.  A retry that passes the same ``claim_token`` (e.g. the run key) finds and
+reuses its own claimed version instead of leaking a number; if that version was in fact
+published already (the reply was lost), the retry returns it.  ``gc_orphans`` deletes versions
+that never got a manifest once they are older than a threshold.
+
+Besides ``versions/``, a model has ``aliases/`` (see aliases.py) and ``audit/`` (one object per
+event).  Every published version carries a ``README.md`` model card (card.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +36,7 @@ from opd.registry.names import validate_model_name
 
 MANIFEST = "manifest.json"
 CLAIM = ".claim"
+CARD = "README.md"
 TRANSFER = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024)
 
 
@@ -55,8 +68,31 @@ def _list_keys(s3, bucket: str, prefix: str) -> list[str]:
 
 
 def _is_precondition_failed(e: ClientError) -> bool:
-    return e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412") or \
-        e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+    """412 PreconditionFailed, or 409 ConditionalRequestConflict (a concurrent conditional write)."""
+    return e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict") or \
+        e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)
+
+
+def _get_text(s3, bucket: str, key: str) -> str | None:
+    """An object's body as text, or None when it does not exist."""
+    try:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+            return None
+        raise
+
+
+def _version_objects(s3, bucket: str, prefix: str, model: str) -> dict[int, dict[str, dict]]:
+    """version -> {relative path -> list_objects entry}, for every version key (claimed or published)."""
+    vp = _versions_prefix(prefix, model)
+    out: dict[int, dict[str, dict]] = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=vp):
+        for o in page.get("Contents", []):
+            head, _, rel = o["Key"][len(vp):].partition("/")
+            if head.isdigit() and rel:
+                out.setdefault(int(head), {})[rel] = o
+    return out
 
 
 def list_versions(s3, bucket: str, prefix: str, model: str) -> list[int]:
@@ -83,9 +119,10 @@ def read_manifest(s3, bucket: str, prefix: str, model: str, version: int) -> dic
         raise RegistryError(f"{model}:{version} has no manifest ({e.response['Error'].get('Code')})") from None
 
 
-def _claim_version(s3, bucket: str, prefix: str, model: str, token: str) -> int:
+def _claim_version(s3, bucket: str, prefix: str, model: str, token: str, taken: set[int] | None = None) -> int:
     vp = _versions_prefix(prefix, model)
-    taken = {int(k[len(vp):].split("/")[0]) for k in _list_keys(s3, bucket, vp) if k[len(vp):].split("/")[0].isdigit()}
+    if taken is None:
+        taken = set(_version_objects(s3, bucket, prefix, model))
     n = max(taken, default=0) + 1
     for _ in range(1000):
         try:
@@ -94,37 +131,112 @@ def _claim_version(s3, bucket: str, prefix: str, model: str, token: str) -> int:
         except ClientError as e:
             if not _is_precondition_failed(e):
                 raise
+            # A retried request whose first attempt did land reads as a 412 on our own claim.
+            if _get_text(s3, bucket, f"{vp}{n}/{CLAIM}") == token:
+                return n
             n += 1
     raise RegistryError(f"could not claim a version number for {model}")
 
 
-def publish(s3, bucket: str, prefix: str, model: str, src_dir: str | Path, lineage: dict) -> Published:
+def _find_own_claim(s3, bucket: str, prefix: str, model: str, token: str,
+                    objs: dict[int, dict[str, dict]]) -> int | None:
+    """The newest version whose .claim holds `token` (a previous attempt of this publisher)."""
+    vp = _versions_prefix(prefix, model)
+    for n in sorted(objs, reverse=True):
+        if CLAIM in objs[n] and _get_text(s3, bucket, f"{vp}{n}/{CLAIM}") == token:
+            return n
+    return None
+
+
+def _local_entries(src: Path, files: list[Path]) -> list[dict]:
+    return [{"path": p.relative_to(src).as_posix(), "sha256": sha256_file(p), "size": p.stat().st_size}
+            for p in files]
+
+
+def _same_files(manifest: dict, entries: list[dict]) -> bool:
+    theirs = {(f["path"], f["sha256"], f["size"]) for f in manifest.get("files", []) if f["path"] != CARD}
+    return theirs == {(f["path"], f["sha256"], f["size"]) for f in entries if f["path"] != CARD}
+
+
+def publish(s3, bucket: str, prefix: str, model: str, src_dir: str | Path, lineage: dict,
+            claim_token: str | None = None) -> Published:
+    """Publish every file under `src_dir` as the next version of `model`.
+
+    `claim_token` identifies the publisher across retries (e.g. the run key).  With it, a retry
+    after a crash reuses the version its earlier attempt claimed, and a retry after a success
+    whose reply was lost returns that version (if the files are the same; different files under
+    the same token are refused).  Without it every call claims a fresh version.
+    A ``README.md`` model card is generated unless `src_dir` has one.
+    """
+    from opd.registry.card import render_card
+
     validate_model_name(model)
     src = Path(src_dir)
     files = sorted(p for p in src.rglob("*") if p.is_file())
     if not files:
         raise RegistryError(f"nothing to publish in {src}")
+    entries = _local_entries(src, files)
     ensure_bucket(s3, bucket)
-    token = f"{lineage.get('flow_run_id', 'local')}:{time.time_ns()}"
-    n = _claim_version(s3, bucket, prefix, model, token)
-    base = f"{_versions_prefix(prefix, model)}{n}/"
-    entries = []
-    for p in files:
-        rel = p.relative_to(src).as_posix()
-        s3.upload_file(str(p), bucket, base + rel, Config=TRANSFER)
-        entries.append({"path": rel, "sha256": sha256_file(p), "size": p.stat().st_size})
+    vp = _versions_prefix(prefix, model)
+    objs = _version_objects(s3, bucket, prefix, model)
+    n = None
+    if claim_token:
+        token = claim_token
+        n = _find_own_claim(s3, bucket, prefix, model, token, objs)
+        if n is not None and MANIFEST in objs[n]:
+            man = read_manifest(s3, bucket, prefix, model, n)
+            if not _same_files(man, entries):
+                raise RegistryError(f"claim token {token!r} already published {model}:{n} with different files; "
+                                    "use a new token for a new version")
+            return Published(model, n, f"s3://{bucket}/{vp}{n}/", man)
+    else:
+        token = f"{lineage.get('flow_run_id', 'local')}:{time.time_ns()}:{uuid.uuid4().hex[:8]}"
+    if n is None:
+        n = _claim_version(s3, bucket, prefix, model, token, set(objs))
+    base = f"{vp}{n}/"
+    for p, e in zip(files, entries):
+        s3.upload_file(str(p), bucket, base + e["path"], Config=TRANSFER)
     manifest = {
         "model": model, "version": n, "files": entries,
         "created_at": datetime.now(timezone.utc).isoformat(), "claim": token, **lineage,
     }
+    if not any(e["path"] == CARD for e in entries):
+        card = render_card(manifest).encode()
+        s3.put_object(Bucket=bucket, Key=base + CARD, Body=card, ContentType="text/markdown; charset=utf-8")
+        entries.append({"path": CARD, "sha256": hashlib.sha256(card).hexdigest(), "size": len(card)})
+    if _get_text(s3, bucket, base + CLAIM) != token:
+        raise RegistryError(f"{model}:{n}: our claim disappeared while we uploaded (garbage-collected as an "
+                            "orphan?); publish again")
     try:
         s3.put_object(Bucket=bucket, Key=base + MANIFEST, Body=json.dumps(manifest, indent=2, default=str).encode(),
                       IfNoneMatch="*", ContentType="application/json")
     except ClientError as e:
-        if _is_precondition_failed(e):
+        if not _is_precondition_failed(e):
+            raise
+        existing = read_manifest(s3, bucket, prefix, model, n)
+        if existing.get("claim") != token:
             raise RegistryError(f"{model}:{n} was published by someone else while we uploaded") from None
-        raise
+        manifest = existing  # our own write landed; a retry of it got the 412
+    _audit_publish(s3, bucket, prefix, model, n, lineage)
     return Published(model, n, f"s3://{bucket}/{base}", manifest)
+
+
+def _audit_publish(s3, bucket: str, prefix: str, model: str, n: int, lineage: dict) -> None:
+    from opd.registry.aliases import record_event
+
+    try:
+        record_event(s3, bucket, prefix, model, "publish", frm=None, to=n,
+                     reason=f"run {lineage.get('run_key', '?')}", run_key=lineage.get("run_key"))
+    except Exception:  # noqa: BLE001 - the version is published; a lost audit entry must not fail it
+        pass
+
+
+def _hash_object(s3, bucket: str, key: str) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    for chunk in s3.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(1 << 20):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
 
 
 def verify(s3, bucket: str, prefix: str, model: str, version: int) -> list[str]:
@@ -134,10 +246,93 @@ def verify(s3, bucket: str, prefix: str, model: str, version: int) -> list[str]:
     problems = []
     for f in man["files"]:
         try:
-            body = s3.get_object(Bucket=bucket, Key=base + f["path"])["Body"].read()
+            digest, size = _hash_object(s3, bucket, base + f["path"])
         except ClientError:
             problems.append(f"{f['path']}: missing")
             continue
-        if hashlib.sha256(body).hexdigest() != f["sha256"] or len(body) != f["size"]:
+        if digest != f["sha256"] or size != f["size"]:
             problems.append(f"{f['path']}: sha256/size mismatch")
     return problems
+
+
+def _safe_rel(rel: str) -> str:
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        raise RegistryError(f"manifest lists an unsafe path {rel!r}; refusing to pull")
+    return rel
+
+
+def pull(s3, bucket: str, prefix: str, ref: str, dest_dir: str | Path) -> tuple[str, int, Path]:
+    """Download REF (MODEL, MODEL@alias, MODEL:version) into `dest_dir`, all or nothing.
+
+    Files land in a temp dir beside the destination; each is checked against the manifest's
+    sha256 and size, and only a fully verified copy is renamed into place.  A mismatch raises
+    RegistryError naming the file and leaves nothing at `dest_dir`.  `dest_dir` must not exist
+    (an empty directory is accepted).  Returns (model, version, dest).
+    """
+    from opd.registry.aliases import resolve
+
+    model, version = resolve(s3, bucket, prefix, ref)
+    dest = Path(dest_dir).absolute()
+    if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
+        raise RegistryError(f"{dest} already exists and is not an empty directory; choose a new one")
+    man = read_manifest(s3, bucket, prefix, model, version)
+    base = f"{_versions_prefix(prefix, model)}{version}/"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.pull-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for f in man["files"]:
+            rel = _safe_rel(f["path"])
+            local = tmp / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                s3.download_file(bucket, base + rel, str(local), Config=TRANSFER)
+            except ClientError as e:
+                raise RegistryError(f"{model}:{version}: {rel} is missing in S3 "
+                                    f"({e.response.get('Error', {}).get('Code')})") from None
+            size = local.stat().st_size
+            if size != f["size"] or sha256_file(local) != f["sha256"]:
+                raise RegistryError(f"{model}:{version}: {rel} does not match the manifest (sha256/size); "
+                                    "the stored copy is corrupt or was tampered with; nothing was written")
+        if dest.exists():
+            dest.rmdir()
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return model, version, dest
+
+
+def gc_orphans(s3, bucket: str, prefix: str, model: str, older_than_s: float) -> list[int]:
+    """Delete versions that have no manifest and saw no write for `older_than_s` seconds.
+
+    Such versions are failed publishes (claimed, maybe partly uploaded, never made visible).
+    Pick a threshold well above the longest publish: a live publisher whose claim is collected
+    finds out before it writes its manifest and fails instead of publishing a hole.
+    Returns the deleted version numbers.
+    """
+    validate_model_name(model)
+    vp = _versions_prefix(prefix, model)
+    now = datetime.now(timezone.utc)
+    deleted = []
+    for n, objs in sorted(_version_objects(s3, bucket, prefix, model).items()):
+        if MANIFEST in objs:
+            continue
+        newest = max(o["LastModified"] for o in objs.values())
+        if (now - newest).total_seconds() < older_than_s:
+            continue
+        try:  # unfinished multipart uploads hold parts that listing does not show
+            for u in s3.list_multipart_uploads(Bucket=bucket, Prefix=f"{vp}{n}/").get("Uploads", []):
+                s3.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
+        except ClientError:
+            pass
+        for rel in sorted(objs, key=lambda r: r == CLAIM):  # the claim goes last
+            s3.delete_object(Bucket=bucket, Key=f"{vp}{n}/{rel}")
+        deleted.append(n)
+    if deleted:
+        from opd.registry.aliases import record_event
+
+        record_event(s3, bucket, prefix, model, "gc_orphans", frm=None, to=None,
+                     reason=f"no manifest, idle > {older_than_s:g} s", versions=deleted)
+    return deleted
