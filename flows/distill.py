@@ -30,7 +30,7 @@ def distill(config_path: str, overrides: list[str] | None = None, run_key: str |
     log = get_run_logger()
     log.info(f"run {run_key}: {cfg.opd.rounds} OPD rounds, run dir {rdir}")
     t = {name: configured(getattr(T, name), cfg) for name in
-         ("preflight", "prepare_data", "validate_dataset", "bootstrap_teacher", "sft_warmup", "opd_round", "evaluate", "register")}
+         ("preflight", "prepare_data", "validate_dataset", "bootstrap_teacher", "sft_warmup", "opd_round", "evaluate", "register", "set_alias")}
 
     t["preflight"](cfg)
     data = t["validate_dataset"](cfg, t["prepare_data"](cfg, rdir))
@@ -47,7 +47,7 @@ def distill(config_path: str, overrides: list[str] | None = None, run_key: str |
     create_table_artifact(key="opd-rounds", table=[{k: (round(v, 4) if isinstance(v, float) else v)
                                                      for k, v in r.metrics.items()} for r in rounds],
                           description="Per-round OPD metrics")
-    results = t["evaluate"](cfg, data, teacher, sft, student)
+    results = t["evaluate"](cfg, data, teacher, sft, student, rdir)
     gate = T.gates(cfg, results)
     costs = [teacher.cost, sft.cost] + [r.cost for r in rounds]
     lineage = {
@@ -57,4 +57,5 @@ def distill(config_path: str, overrides: list[str] | None = None, run_key: str |
         "cost": costs,
     }
     reg = t["register"](cfg, student, rdir, lineage)
+    t["set_alias"](cfg, reg["version"], "candidate", f"distill run {run_key} passed its gates")
     return {"run_key": run_key, "results": results, "registry": reg, "rounds": [r.metrics for r in rounds]}

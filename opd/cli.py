@@ -81,6 +81,31 @@ def run(config: Path, set_: list[str] = typer.Option([], "--set", help="override
     console.print(f"Registered: {reg['uri']}  ({reg['model']}:{reg['version']})")
 
 
+@app.command()
+def promote(config: Path, ref: str = typer.Argument(..., help="MODEL:VERSION"),
+            to: str = typer.Option(..., "--to", help="target alias, e.g. staging or production"),
+            reason: str = typer.Option(..., "--reason"),
+            set_: list[str] = typer.Option([], "--set", help="override, e.g. --set eval.gates.require_approval=true")):
+    """Re-run the gates for ALIAS on MODEL:VERSION (and wait for approval if configured), then move it."""
+    model, _, version = ref.partition(":")
+    if not version.isdigit():
+        console.print(f"[red]{ref!r}: expected MODEL:VERSION, e.g. addition-student:3[/red]")
+        raise typer.Exit(2)
+    cfg = _load(config, set_ + [f"registry.model_name={model}"])
+    _point_at_stack(cfg)
+    from flows.promote import promote as promote_flow
+
+    state = promote_flow(str(config), int(version), to, reason, list(set_) + [f"registry.model_name={model}"],
+                         return_state=True)
+    api = os.environ["PREFECT_API_URL"]
+    ui = os.environ.get("PREFECT_UI_URL", api.removesuffix("/api"))
+    console.print(f"Flow run: {ui}/runs/flow-run/{state.state_details.flow_run_id}  state: [bold]{state.name}[/bold]")
+    if not state.is_completed():
+        console.print(f"[red]{state.message}[/red]")
+        raise typer.Exit(1)
+    console.print(f"{model}@{to} -> {model}:{version}")
+
+
 @stack_app.command("up")
 def stack_up(home: Optional[str] = None):
     from opd import stack

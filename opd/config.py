@@ -89,11 +89,25 @@ class TeacherConfig(_Strict):
     path: str | None = None  # local dir or s3:// URI of a trained teacher; None = bootstrap (demo)
     bootstrap: TeacherBootstrap | None = None
     trust_remote_code: bool = False
+    # how the teacher grades tokens (opd.teachers.make_teacher): in-process transformers, in-process
+    # vLLM, or a vLLM OpenAI-compatible server at `endpoint` serving the same teacher
+    scorer: Literal["hf", "vllm", "remote"] = "hf"
+    endpoint: str | None = None  # e.g. http://127.0.0.1:8000; required for scorer=remote
+    served_model_name: str | None = None  # the server's model id; None = the only one it serves
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":
         if self.path is None and self.bootstrap is None:
             raise ValueError("set teacher.path (a trained teacher) or teacher.bootstrap (train the demo teacher)")
+        return self
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> "TeacherConfig":
+        if self.scorer == "remote" and not self.endpoint:
+            raise ValueError("teacher.scorer=remote needs teacher.endpoint, the URL of a vLLM server serving the "
+                             "teacher (e.g. http://127.0.0.1:8000)")
+        if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"teacher.endpoint={self.endpoint!r}: expected an http:// or https:// URL")
         return self
 
 
@@ -154,6 +168,11 @@ class GateConfig(_Strict):
     min_accuracy: float = Field(0.0, ge=0, le=1)
     max_reverse_kl: float | None = Field(None, ge=0)
     opd_must_beat_sft_kl: bool = True
+    # no regression vs the model at this alias, both evaluated on the same eval set in one run
+    no_regression_vs: str | None = "production"
+    regression_margin: float = Field(0.02, ge=0, le=1)
+    require_approval: bool = False  # promotion pauses for a human approve/reject (UI or API)
+    approval_timeout_s: int = Field(3600, ge=1)
 
 
 class EvalConfig(_Strict):

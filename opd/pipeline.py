@@ -359,19 +359,10 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
     return RoundResult(k, ModelRef(str(out), student.params), metrics, cost.as_dict())
 
 
-# ---------------------------------------------------------------- evaluation + gates
+# ---------------------------------------------------------------- evaluation
 
-@dataclass(frozen=True)
-class GateResult:
-    passed: bool
-    checks: list[dict]
-
-    def message(self) -> str:
-        return "\n".join(f"- {'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['detail']}" for c in self.checks)
-
-
-def evaluate_all(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, sft: ModelRef, final: ModelRef
-                 ) -> dict[str, dict]:
+def evaluate_models(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, students: dict[str, str]) -> dict[str, dict]:
+    """Teacher and each named student on the same eval prompts, answers and sampling seed."""
     set_threads()
     device = pick_device(cfg.device)
     tok = load_tokenizer(teacher.path)
@@ -380,24 +371,19 @@ def evaluate_all(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, sft: Model
     prompts, answers = ev["prompt"][:n], ev["answer"][:n]
     t_model = load_model(teacher.path, device)
     out = {"teacher": evaluate(t_model, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed).as_dict()}
-    for name, ref in (("sft_student", sft), ("opd_student", final)):
-        m = load_model(ref.path, device)
+    for name, path in students.items():
+        m = load_model(path, device)
         out[name] = evaluate(m, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed,
                              cfg.eval.kl_samples_per_prompt).as_dict()
     return out
 
 
-def check_gates(cfg: RunConfig, results: dict[str, dict]) -> GateResult:
-    g, s, o = cfg.eval.gates, results["sft_student"], results["opd_student"]
-    checks = [{"name": "min_accuracy", "passed": o["accuracy"] >= g.min_accuracy,
-               "detail": f"OPD student accuracy {o['accuracy']:.3f} (need >= {g.min_accuracy})"}]
-    if g.max_reverse_kl is not None:
-        checks.append({"name": "max_reverse_kl", "passed": o["reverse_kl"] <= g.max_reverse_kl,
-                       "detail": f"OPD student reverse KL {o['reverse_kl']:.4f} (need <= {g.max_reverse_kl})"})
-    if g.opd_must_beat_sft_kl:
-        checks.append({"name": "opd_beats_sft_kl", "passed": o["reverse_kl"] < s["reverse_kl"],
-                       "detail": f"reverse KL OPD {o['reverse_kl']:.4f} vs SFT {s['reverse_kl']:.4f}"})
-    return GateResult(all(c["passed"] for c in checks), checks)
+def evaluate_all(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, sft: ModelRef, final: ModelRef,
+                 incumbent: str | None = None) -> dict[str, dict]:
+    students = {"sft_student": sft.path, "opd_student": final.path}
+    if incumbent:
+        students["incumbent"] = incumbent
+    return evaluate_models(cfg, data, teacher, students)
 
 
 # ---------------------------------------------------------------- registry
@@ -419,7 +405,9 @@ def register(cfg: RunConfig, final: ModelRef, rdir: Path, lineage: dict) -> dict
         if f.is_file() and f.name not in PUBLISHED_FILES_EXCLUDE:
             shutil.copy2(f, staged / f.name)
     s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
-    pub = publish(s3, cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, staged, lineage)
+    # the run key as claim token: a retry after a crash reuses (or returns) this run's version
+    pub = publish(s3, cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, staged, lineage,
+                  claim_token=lineage.get("run_key"))
     out = {"model": pub.model, "version": pub.version, "uri": pub.uri}
     marker.write_text(json.dumps(out))
     return out

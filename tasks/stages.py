@@ -74,9 +74,15 @@ def opd_round(cfg: RunConfig, k: int, data: DataRef, teacher: P.ModelRef, studen
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(cfg: RunConfig, data: DataRef, teacher: P.ModelRef, sft: P.ModelRef, final: P.ModelRef) -> dict:
-    P.close_samplers()  # free the sampler's memory before evaluation loads three models
-    results = P.evaluate_all(cfg, data, teacher, sft, final)
+def evaluate(cfg: RunConfig, data: DataRef, teacher: P.ModelRef, sft: P.ModelRef, final: P.ModelRef,
+             run_dir: str) -> dict:
+    from opd import promotion
+
+    P.close_samplers()  # free the sampler's memory before evaluation loads the models
+    incumbent = promotion.pull_alias(cfg, cfg.eval.gates.no_regression_vs, Path(run_dir) / "incumbent")
+    results = P.evaluate_all(cfg, data, teacher, sft, final, incumbent.path if incumbent else None)
+    if incumbent:
+        results["incumbent"]["version"] = incumbent.version
     create_table_artifact(
         key="evaluation",
         table=[{"model": k, "accuracy": round(v["accuracy"], 4), "reverse_kl": round(v["reverse_kl"], 4),
@@ -85,12 +91,36 @@ def evaluate(cfg: RunConfig, data: DataRef, teacher: P.ModelRef, sft: P.ModelRef
     return results
 
 
+@task(name="evaluate_candidate", cache_policy=NO_CACHE)
+def evaluate_candidate(cfg: RunConfig, data: DataRef, teacher: P.ModelRef, version: int, alias: str,
+                       run_dir: str) -> dict:
+    from opd import promotion
+
+    name = cfg.registry.model_name
+    cand = promotion.pull_version(cfg, f"{name}:{version}", Path(run_dir) / "candidate")
+    inc = promotion.pull_alias(cfg, alias, Path(run_dir) / "incumbent")
+    students = {"candidate": cand.path}
+    if inc is not None and inc.version != version:
+        students["incumbent"] = inc.path
+    results = P.evaluate_models(cfg, data, teacher, students)
+    results["candidate"]["version"] = version
+    if "incumbent" in results:
+        results["incumbent"]["version"] = inc.version
+    create_table_artifact(key="promotion-evaluation", table=[
+        {"model": k, "version": v.get("version", ""), "accuracy": round(v["accuracy"], 4),
+         "reverse_kl": round(v["reverse_kl"], 4)} for k, v in results.items()],
+        description=f"{name}:{version} vs {name}@{alias} on the same eval set")
+    return results
+
+
 @task(name="gates", cache_policy=NO_CACHE, retries=0)
-def gates(cfg: RunConfig, results: dict) -> dict:
-    g = P.check_gates(cfg, results)
-    create_markdown_artifact(key="gates", markdown="# Evaluation gates\n\n" + g.message())
+def gates(cfg: RunConfig, results: dict, candidate: str = "opd_student", baseline: str | None = "sft_student") -> dict:
+    from opd import gates as G
+
+    g = G.check(cfg.eval.gates, results, candidate, baseline)
+    create_markdown_artifact(key="gates", markdown=g.markdown("Evaluation gates"))
     if not g.passed:
-        raise GateFailed("evaluation gates failed; nothing registered:\n" + g.message())
+        raise GateFailed("evaluation gates failed; nothing registered or promoted:\n" + g.message())
     _log()("gates passed:\n" + g.message())
     return {"passed": True, "checks": g.checks}
 
@@ -100,3 +130,14 @@ def register(cfg: RunConfig, final: P.ModelRef, run_dir: str, lineage: dict) -> 
     out = P.register(cfg, final, Path(run_dir), lineage)
     _log()(f"registered {out['model']}:{out['version']} at {out['uri']}")
     return out
+
+
+@task(name="set_alias", cache_policy=NO_CACHE)
+def set_alias(cfg: RunConfig, version: int, alias: str, reason: str) -> dict:
+    from opd import promotion
+
+    if promotion.current_alias_version(cfg, alias) == version:  # a retry after the move landed
+        return {"alias": alias, "version": version}
+    moved = promotion.move_alias(cfg, version, alias, reason)
+    _log()(f"{cfg.registry.model_name}@{alias} -> version {version}")
+    return moved

@@ -1,0 +1,55 @@
+"""The `promote` flow: re-run the gates for the target alias, optionally wait for a human, move it.
+
+Candidate and incumbent (the version now at the alias) are pulled with sha256 checks and
+evaluated on the same eval set in this run, so "no regression" compares like with like.
+"""
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.runtime import flow_run
+
+from opd import pipeline as P
+from opd.config import load_config
+from opd.errors import GateFailed
+from tasks import stages as T
+from tasks.policy import configured
+
+
+class Approval(RunInput):
+    """What a reviewer answers in the Prefect UI (or over the API) for a paused promotion."""
+
+    approve: bool
+    reason: str = ""
+
+
+@flow(name="promote", log_prints=True)
+def promote(config_path: str, version: int, to_alias: str, reason: str, overrides: list[str] | None = None) -> dict:
+    cfg = load_config(config_path, overrides or [])
+    g = cfg.eval.gates
+    rdir = str(P.run_dir(cfg, f"promote-{cfg.registry.model_name}-{version}-{to_alias}-"
+                              f"{time.strftime('%Y%m%d-%H%M%S')}-{str(flow_run.get_id())[:8]}"))
+    log = get_run_logger()
+    t = {n: configured(getattr(T, n), cfg) for n in
+         ("preflight", "prepare_data", "validate_dataset", "bootstrap_teacher", "evaluate_candidate", "set_alias")}
+    t["preflight"](cfg)
+    data = t["validate_dataset"](cfg, t["prepare_data"](cfg, rdir))
+    teacher = t["bootstrap_teacher"](cfg, data)
+    results = t["evaluate_candidate"](cfg, data, teacher, version, to_alias, rdir)
+    gate = T.gates.with_options(task_run_name=f"gates-{to_alias}")(cfg, results, "candidate", None)
+    if g.require_approval:
+        log.info(f"waiting up to {g.approval_timeout_s}s for approval of {cfg.registry.model_name}:{version} "
+                 f"-> {to_alias} (resume the flow run in the UI, or POST /flow_runs/<id>/resume)")
+        try:
+            decision = pause_flow_run(wait_for_input=Approval.with_initial_data(approve=False),
+                                      timeout=g.approval_timeout_s)
+        except Exception as e:  # FlowPauseTimeout: nobody answered
+            raise GateFailed(f"no approval within {g.approval_timeout_s}s: promotion rejected") from e
+        if not decision.approve:
+            raise GateFailed(f"promotion rejected by reviewer: {decision.reason or 'no reason given'}")
+        reason = f"{reason} (approved: {decision.reason})" if decision.reason else reason
+    moved = t["set_alias"](cfg, version, to_alias, reason)
+    return {"results": results, "gates": gate, "alias": moved}

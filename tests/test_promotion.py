@@ -1,0 +1,89 @@
+"""Gated promotion against a real Prefect server: a paused approval resumed with "reject" leaves
+aliases unchanged; resumed with "approve" moves the alias."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from conftest import REPO, opd_bin
+from opd import pipeline as P
+from opd.config import load_config
+from opd.registry.aliases import audit, read_alias
+from opd.registry.store import publish
+
+pytestmark = pytest.mark.e2e
+
+
+def _api(url: str, body: dict | None = None):
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req) as r:
+        raw = r.read()
+    return json.loads(raw) if raw else None
+
+
+def _wait_paused(api: str, bucket: str, timeout: float = 600) -> str:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = _api(f"{api}/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}, "limit": 50})
+        for r in runs:
+            if any(bucket in str(o) for o in r["parameters"].get("overrides", [])):
+                return r["id"]
+        time.sleep(1)
+    raise AssertionError("the promotion never paused for approval")
+
+
+@pytest.fixture(scope="module")
+def candidate(stack_env, opd_home):
+    """A registered version to promote: the CI teacher itself (bootstrapped once, cached)."""
+    os.environ.update(stack_env)
+    bucket = f"opd-promo-{uuid.uuid4().hex[:8]}"
+    cfg = load_config("configs/ci.yaml", [f"home={opd_home}"])
+    rdir = P.run_dir(cfg, f"promo-{uuid.uuid4().hex[:6]}")
+    _, ref = P.validate_data(cfg, P.prepare_data(cfg, rdir / "data"))
+    teacher = P.bootstrap_teacher(cfg, ref)
+    from opd.registry.client import make_client
+
+    s3 = make_client(stack_env["OPD_S3_ENDPOINT"])
+    pub = publish(s3, bucket, "models", "promo-model", teacher.path, {"teacher": teacher.path})
+    return bucket, pub.version, s3
+
+
+def _promote(bucket: str, version: int, opd_home, env, alias: str = "production"):
+    return subprocess.Popen(
+        [opd_bin(), "promote", "configs/ci.yaml", f"promo-model:{version}", "--to", alias, "--reason", "test",
+         "--set", f"home={opd_home}", "--set", f"registry.bucket={bucket}",
+         "--set", "eval.gates.require_approval=true", "--set", "eval.gates.approval_timeout_s=600"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_rejected_approval_leaves_aliases_unchanged_and_approval_moves_it(candidate, stack_env, opd_home):
+    bucket, version, s3 = candidate
+    env = {**os.environ, **stack_env}
+    api = stack_env["PREFECT_API_URL"]
+
+    proc = _promote(bucket, version, opd_home, env)
+    fr = _wait_paused(api, bucket)
+    _api(f"{api}/flow_runs/{fr}/resume", {"run_input": {"approve": False, "reason": "numbers too close"}})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-3000:]
+    assert "rejected by reviewer: numbers too close" in out
+    assert read_alias(s3, bucket, "models", "promo-model", "production") is None
+    assert not [e for e in audit(s3, bucket, "models", "promo-model") if e.get("action") == "promote"]
+    assert _api(f"{api}/flow_runs/{fr}")["state"]["type"] == "FAILED"
+
+    proc = _promote(bucket, version, opd_home, env)
+    fr = _wait_paused(api, bucket)
+    _api(f"{api}/flow_runs/{fr}/resume", {"run_input": {"approve": True, "reason": "lgtm"}})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    st = read_alias(s3, bucket, "models", "promo-model", "production")
+    assert st is not None and st.version == version and "approved: lgtm" in st.reason
+    events = [e for e in audit(s3, bucket, "models", "promo-model") if e.get("action") == "promote"]
+    assert len(events) == 1 and events[0]["to"] == version
