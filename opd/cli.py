@@ -106,6 +106,19 @@ def promote(config: Path, ref: str = typer.Argument(..., help="MODEL:VERSION"),
     console.print(f"{model}@{to} -> {model}:{version}")
 
 
+@app.command()
+def deploy(config: Path, set_: list[str] = typer.Option([], "--set", help="override baked into the deployment")):
+    """Create/update the `distill` and `promote` deployments for CONFIG on its work pool."""
+    cfg = _load(config, set_)
+    _point_at_stack(cfg)
+    from flows.deployments import deploy as deploy_flows
+
+    for name, dep_id in deploy_flows(str(config), list(set_)).items():
+        console.print(f"deployment {name}  id {dep_id}")
+    console.print(f"start a worker:  prefect worker start --pool {cfg.deployment.work_pool}")
+    console.print(f"trigger a run:   prefect deployment run 'distill/{cfg.name}'")
+
+
 @stack_app.command("up")
 def stack_up(home: Optional[str] = None):
     from opd import stack

@@ -206,6 +206,15 @@ class TaskPolicy(_Strict):
         return self.timeout_seconds.get(task, self.default_timeout_seconds)
 
 
+class DeploymentConfig(_Strict):
+    """Where and when Prefect runs this config as a deployment (`opd deploy`)."""
+
+    work_pool: str = "opd-local"
+    pool_type: Literal["process", "kubernetes", "docker"] = "process"
+    cron: str | None = None  # e.g. "0 3 * * *"; None = triggered by hand or API only
+    timezone: str = "UTC"
+
+
 class RunConfig(_Strict):
     name: str
     seed: int = 0
@@ -220,6 +229,7 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig
     tasks: TaskPolicy = TaskPolicy()
+    deployment: DeploymentConfig = DeploymentConfig()
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

@@ -61,9 +61,14 @@ def _versions_prefix(prefix: str, model: str) -> str:
 
 
 def _list_keys(s3, bucket: str, prefix: str) -> list[str]:
+    """Keys under prefix; a bucket that does not exist yet holds no keys (publish creates it)."""
     keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        keys.extend(o["Key"] for o in page.get("Contents", []))
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys.extend(o["Key"] for o in page.get("Contents", []))
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") != "NoSuchBucket":
+            raise
     return keys
 
 
