@@ -27,7 +27,7 @@ def accuracy(model, tokenizer, prompts: list[str], answers: list[str], max_token
 
 
 def reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int, seed: int,
-               micro_batch: int = 64, samples_per_prompt: int = 4) -> float:
+               micro_batch: int = 64, samples_per_prompt: int = 4, teacher_scorer=None) -> float:
     """Monte-Carlo reverse KL on the student's own samples (temperature 1), per token.
 
     Several samples per prompt: the per-token values are heavy-tailed (one wrong digit the
@@ -38,14 +38,16 @@ def reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int,
                      temperature=1.0, n=samples_per_prompt, seed=seed)
     ids = [p for p in prompt_ids for _ in range(samples_per_prompt)]
     q = score_completions(student, ids, comps, tokenizer.pad_token_id, micro_batch)
-    p = score_completions(teacher, ids, comps, tokenizer.pad_token_id, micro_batch,
-                          device=next(teacher.parameters()).device)
+    p = (teacher_scorer.score(ids, comps) if teacher_scorer is not None  # opd.teachers.TeacherScorer
+         else score_completions(teacher, ids, comps, tokenizer.pad_token_id, micro_batch,
+                                device=next(teacher.parameters()).device))
     diffs = [a - b for qs, ps in zip(q, p) for a, b in zip(qs, ps)]
     return sum(diffs) / max(1, len(diffs))
 
 
-def evaluate(student, teacher, tokenizer, prompts, answers, max_tokens, seed, kl_samples: int = 4) -> EvalResult:
+def evaluate(student, teacher, tokenizer, prompts, answers, max_tokens, seed, kl_samples: int = 4,
+             teacher_scorer=None) -> EvalResult:
     acc = accuracy(student, tokenizer, prompts, answers, max_tokens)
     kl = 0.0 if student is teacher else reverse_kl(student, teacher, tokenizer, prompts, max_tokens, seed,
-                                                   samples_per_prompt=kl_samples)
+                                                   samples_per_prompt=kl_samples, teacher_scorer=teacher_scorer)
     return EvalResult(acc, kl, len(prompts))

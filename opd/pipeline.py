@@ -27,6 +27,7 @@ from opd.models import (build_char_tokenizer, build_llama, load_model, load_toke
                         save_model, set_threads)
 from opd.sampling import Sampler, make_sampler
 from opd.scoring import score_completions
+from opd.teachers import TeacherScorer, make_teacher
 from opd.training import make_optimizer, opd_update, sft_train
 
 DONE = "done.json"
@@ -256,9 +257,30 @@ def get_sampler(cfg: RunConfig, key: str, model_dir: str, eos_id: int) -> Sample
     return s
 
 
+_TEACHERS: dict[str, TeacherScorer] = {}
+
+
+def get_teacher(cfg: RunConfig, teacher_path: str, model=None, pad_id: int | None = None) -> TeacherScorer:
+    """The teacher's grader, chosen by teacher.scorer. hf wraps the teacher already loaded here;
+    a vllm engine or a server client is made once per process and kept across rounds."""
+    if cfg.teacher.scorer == "hf":
+        return make_teacher("hf", teacher_path, model=model, pad_id=pad_id, micro_batch=cfg.opd.micro_batch)
+    key = f"{cfg.teacher.scorer}:{teacher_path}"
+    if key not in _TEACHERS:
+        _TEACHERS[key] = make_teacher(
+            cfg.teacher.scorer, teacher_path, micro_batch=cfg.opd.micro_batch, seed=cfg.seed,
+            max_model_len=cfg.data.max_prompt_tokens + cfg.opd.max_tokens + 1,  # +1: scoring generates 1 token
+            endpoint=cfg.teacher.endpoint, served_model_name=cfg.teacher.served_model_name,
+            trust_remote_code=cfg.teacher.trust_remote_code,
+            gpu_memory_utilization=0.3)  # shares the GPU with the sampler engine (0.5) and the trainer
+    return _TEACHERS[key]
+
+
 def close_samplers() -> None:
     while _SAMPLERS:
         _SAMPLERS.popitem()[1].close()
+    while _TEACHERS:
+        _TEACHERS.popitem()[1].close()
 
 
 def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, student: ModelRef, out: Path,
@@ -273,6 +295,7 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
     tok = load_tokenizer(teacher.path)
     train_prompts = data.load()["train"]["prompt"]
     teacher_model = load_model(teacher.path, device)
+    scorer = get_teacher(cfg, teacher.path, teacher_model, tok.pad_token_id) if o.loss == "reverse_kl_is" else None
     model = load_model(student.path, device)
     opt = make_optimizer(model, o.lr)
     opt_state = Path(student.path) / "optimizer.pt"
@@ -302,9 +325,8 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
         timings["sample_s"] += time.time() - t
 
         t = time.time()
-        teacher_lp = (score_completions(teacher_model, [r.prompt_ids for r in rollouts],
-                                        [r.completion_ids for r in rollouts], tok.pad_token_id, o.micro_batch, device)
-                      if o.loss == "reverse_kl_is" else None)  # logit losses run the teacher inside the update
+        teacher_lp = (scorer.score([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts])
+                      if scorer is not None else None)  # logit losses run the teacher inside the update
         timings["score_s"] += time.time() - t
 
         t = time.time()
@@ -371,10 +393,11 @@ def evaluate_models(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, student
     prompts, answers = ev["prompt"][:n], ev["answer"][:n]
     t_model = load_model(teacher.path, device)
     out = {"teacher": evaluate(t_model, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed).as_dict()}
+    scorer = get_teacher(cfg, teacher.path, t_model, tok.pad_token_id)
     for name, path in students.items():
         m = load_model(path, device)
         out[name] = evaluate(m, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed,
-                             cfg.eval.kl_samples_per_prompt).as_dict()
+                             cfg.eval.kl_samples_per_prompt, teacher_scorer=scorer).as_dict()
     return out
 
 

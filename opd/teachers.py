@@ -1,0 +1,271 @@
+"""Teacher scorers: the log-prob of every completion token given its prefix, behind one interface.
+
+- ``HFTeacher``: a transformers model in this process (``opd.scoring.score_completions``).
+- ``VLLMTeacher``: an in-process vLLM engine; ``prompt_logprobs=0`` over prompt+completion ids.
+- ``RemoteTeacher``: an OpenAI-compatible vLLM server, ``POST /v1/completions`` with token-id
+  prompts, ``max_tokens=1`` and vLLM's ``prompt_logprobs=0`` extension.
+
+vLLM with ``skip_tokenizer_init`` does not check token ids: an id >= vocab_size kills the whole
+engine (the server then answers every request with 500). Both vLLM scorers therefore check ids
+and lengths here, before anything is sent.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from opd.errors import PermanentError
+
+
+class TeacherScorer(Protocol):
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        """log p(completion[t] | prompt + completion[:t]) for every t, one list per sequence."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TeacherInputError(PermanentError, ValueError):
+    """Token ids the teacher cannot score (out of vocabulary, too long, no prompt)."""
+
+
+class TeacherServerError(RuntimeError):
+    """The remote teacher could not be reached or answered with an error."""
+
+
+def _check_inputs(prompts, completions, vocab_size: int | None, max_len: int | None, who: str) -> None:
+    if len(prompts) != len(completions):
+        raise TeacherInputError(f"{who}: {len(prompts)} prompts but {len(completions)} completions")
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if not c:
+            continue
+        if not p:
+            raise TeacherInputError(f"{who}: sequence {i} has an empty prompt; the first completion token "
+                                    "needs at least one token (e.g. BOS) before it")
+        if vocab_size is not None:
+            bad = [t for t in (*p, *c) if not 0 <= t < vocab_size]
+            if bad:
+                raise TeacherInputError(f"{who}: sequence {i} holds token id(s) {bad[:5]} outside the teacher's "
+                                        f"vocabulary [0, {vocab_size}): teacher and student must share one tokenizer")
+        if max_len is not None and len(p) + len(c) + 1 > max_len:
+            raise TeacherInputError(f"{who}: sequence {i} is {len(p) + len(c)} tokens; scoring needs "
+                                    f"prompt+completion+1 <= max_model_len={max_len}: raise max_model_len "
+                                    "or shorten prompts/max_tokens")
+
+
+def _pick(prompt_logprobs, seq: list[int], start: int) -> list[float]:
+    """The logprob of the actual token at positions start.. of seq, from vLLM's prompt_logprobs.
+
+    Offline entries are dicts int -> Logprob; the server's JSON has str keys and {"logprob": x}."""
+    if prompt_logprobs is None or len(prompt_logprobs) != len(seq):
+        n = None if prompt_logprobs is None else len(prompt_logprobs)
+        raise TeacherServerError(f"vLLM returned {n} prompt logprobs for a {len(seq)}-token sequence")
+    out = []
+    for j in range(start, len(seq)):
+        d = prompt_logprobs[j]
+        e = d.get(seq[j]) if seq[j] in d else d.get(str(seq[j]))
+        if e is None:
+            raise TeacherServerError(f"vLLM's prompt logprobs at position {j} lack the actual token {seq[j]}")
+        out.append(float(e["logprob"] if isinstance(e, dict) else e.logprob))
+    return out
+
+
+def _config_vocab(model_dir: str | Path) -> int | None:
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    v = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+    return int(v) if v is not None else None
+
+
+# ---------------------------------------------------------------- transformers
+
+class HFTeacher:
+    """``model``: an already loaded teacher to reuse (then ``model_dir`` may be None)."""
+
+    def __init__(self, model_dir: str | None, device=None, micro_batch: int = 64,
+                 trust_remote_code: bool = False, model=None, pad_id: int | None = None):
+        from opd.models import load_model, pick_device
+
+        if model is not None:
+            self.model, self.device = model, next(model.parameters()).device
+        else:
+            self.device = device if hasattr(device, "type") else pick_device(device or "auto")
+            self.model = load_model(model_dir, self.device, trust_remote_code=trust_remote_code)
+        cfg = self.model.config
+        self.pad_id = pad_id if pad_id is not None else next(
+            (t for t in (cfg.pad_token_id, cfg.eos_token_id, 0) if isinstance(t, int)), 0)
+        self.micro_batch = micro_batch
+        self.vocab_size = cfg.vocab_size
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        from opd.scoring import score_completions
+
+        _check_inputs(prompts, completions, self.vocab_size, None, "hf teacher")
+        if not prompts:
+            return []
+        return score_completions(self.model, prompts, completions, self.pad_id, self.micro_batch, self.device)
+
+    def close(self) -> None:
+        self.model = None
+        gc.collect()
+
+
+# ---------------------------------------------------------------- vLLM in process
+
+class VLLMTeacher:
+    def __init__(self, model_dir: str, max_model_len: int = 256, seed: int = 0, dtype: str = "float32",
+                 gpu_memory_utilization: float = 0.5, kv_cache_gib: int = 1, enforce_eager: bool = True,
+                 trust_remote_code: bool = False):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        from vllm import LLM
+
+        self.model_dir = str(model_dir)
+        self.max_model_len = max_model_len
+        self.vocab_size = _config_vocab(model_dir)
+        self.llm = LLM(model=self.model_dir, skip_tokenizer_init=True, dtype=dtype, seed=seed,
+                       max_model_len=max_model_len, enforce_eager=enforce_eager,
+                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        from vllm import SamplingParams
+
+        _check_inputs(prompts, completions, self.vocab_size, self.max_model_len, "vllm teacher")
+        if self.llm is None:
+            raise RuntimeError("VLLMTeacher is closed")
+        todo = [i for i, c in enumerate(completions) if c]
+        seqs = {i: list(prompts[i]) + list(completions[i]) for i in todo}
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": seqs[i]} for i in todo], params, use_tqdm=False)
+        result: list[list[float]] = [[] for _ in prompts]
+        for i, out in zip(todo, outs):
+            result[i] = _pick(out.prompt_logprobs, seqs[i], len(prompts[i]))
+        return result
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort; the engine may already be gone
+                pass
+            del llm
+            gc.collect()
+
+
+# ---------------------------------------------------------------- remote vLLM server
+
+class RemoteTeacher:
+    """A vLLM OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server --model DIR``;
+    ``--skip-tokenizer-init`` is fine since only token ids are sent).
+
+    ``model_dir``, when given, is the teacher checkpoint the caller expects: its vocab_size bounds
+    the ids sent, and it is checked against the served model's config when the server's model
+    path (``root`` in /v1/models) is readable from here."""
+
+    def __init__(self, endpoint: str, model_name: str | None = None, timeout: float = 300.0,
+                 batch_size: int = 64, model_dir: str | None = None, vocab_size: int | None = None):
+        import httpx
+
+        self.endpoint = endpoint.rstrip("/")
+        if self.endpoint.endswith("/v1"):
+            self.endpoint = self.endpoint[:-3]
+        self.batch_size = batch_size
+        self.client = httpx.Client(base_url=self.endpoint, timeout=timeout)
+        models = self._request("GET", "/v1/models")["data"]
+        ids = [m["id"] for m in models]
+        if model_name is None:
+            if len(models) != 1:
+                raise TeacherServerError(f"teacher server {self.endpoint} serves {ids}: set teacher.served_model_name")
+            model_name = ids[0]
+        if model_name not in ids:
+            raise TeacherServerError(f"teacher server {self.endpoint} does not serve {model_name!r} (it serves {ids}): "
+                                     "fix teacher.served_model_name or the server's --served-model-name")
+        info = models[ids.index(model_name)]
+        self.model_name = model_name
+        self.max_model_len = info.get("max_model_len")
+        served_vocab = _config_vocab(info["root"]) if info.get("root") else None
+        local_vocab = vocab_size if vocab_size is not None else (_config_vocab(model_dir) if model_dir else None)
+        if local_vocab is not None and served_vocab is not None and local_vocab != served_vocab:
+            raise TeacherInputError(f"teacher server {self.endpoint} serves {info.get('root')} with vocab_size "
+                                    f"{served_vocab}, but the teacher here has {local_vocab}: serve the same teacher")
+        self.vocab_size = local_vocab if local_vocab is not None else served_vocab
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> Any:
+        import httpx
+
+        url = self.endpoint + path
+        try:
+            r = self.client.request(method, path, json=body)
+        except httpx.TimeoutException as e:
+            raise TeacherServerError(f"teacher server timed out on {method} {url} ({e!r}): raise the timeout "
+                                     "or send smaller batches") from None
+        except httpx.HTTPError as e:
+            raise TeacherServerError(f"cannot reach the teacher server at {url} ({e!r}): start it (python -m "
+                                     "vllm.entrypoints.openai.api_server --model DIR --host H --port P) or fix "
+                                     "teacher.endpoint") from None
+        if r.status_code != 200:
+            try:
+                msg = r.json()["error"]["message"]
+            except Exception:  # noqa: BLE001 - not vLLM's JSON error body
+                msg = r.text[:500]
+            hint = " (the engine may have died: check the server's log and restart it)" if r.status_code >= 500 else ""
+            raise TeacherServerError(f"teacher server {method} {url} -> HTTP {r.status_code}: {msg}{hint}")
+        try:
+            return r.json()
+        except ValueError:
+            raise TeacherServerError(f"teacher server {method} {url} answered non-JSON: {r.text[:200]!r}") from None
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        _check_inputs(prompts, completions, self.vocab_size, self.max_model_len, "remote teacher")
+        todo = [i for i, c in enumerate(completions) if c]
+        result: list[list[float]] = [[] for _ in prompts]
+        for s in range(0, len(todo), self.batch_size):
+            chunk = todo[s : s + self.batch_size]
+            seqs = [list(prompts[i]) + list(completions[i]) for i in chunk]
+            # max_tokens=0 is refused without echo, and echo needs the server's tokenizer: generate 1 token.
+            body = {"model": self.model_name, "prompt": seqs, "max_tokens": 1, "prompt_logprobs": 0,
+                    "temperature": 1.0, "n": 1, "add_special_tokens": False}
+            choices = sorted(self._request("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])
+            if len(choices) != len(seqs):
+                raise TeacherServerError(f"teacher server returned {len(choices)} choices for {len(seqs)} prompts")
+            for i, seq, ch in zip(chunk, seqs, choices):
+                lps = _pick(ch.get("prompt_logprobs"), seq, len(prompts[i]))
+                # the server clamps -inf to -9999.0
+                result[i] = [-math.inf if v <= -9999.0 else v for v in lps]
+        return result
+
+    def close(self) -> None:
+        client, self.client = getattr(self, "client", None), None
+        if client is not None:
+            client.close()
+
+
+# ---------------------------------------------------------------- factory
+
+def make_teacher(kind: str, model_dir: str | None = None, *, device: str | None = None, micro_batch: int = 64,
+                 max_model_len: int = 256, seed: int = 0, endpoint: str | None = None,
+                 served_model_name: str | None = None, timeout: float = 300.0,
+                 trust_remote_code: bool = False, model=None, pad_id: int | None = None,
+                 gpu_memory_utilization: float = 0.5) -> TeacherScorer:
+    """Chosen by config (teacher.scorer), never silently: an unknown kind is an error.
+
+    ``model``/``pad_id`` (hf only): reuse a teacher already loaded in this process."""
+    if kind == "hf":
+        return HFTeacher(model_dir, device=device, micro_batch=micro_batch, trust_remote_code=trust_remote_code,
+                         model=model, pad_id=pad_id)
+    if kind == "vllm":
+        return VLLMTeacher(model_dir, max_model_len=max_model_len, seed=seed, trust_remote_code=trust_remote_code,
+                           gpu_memory_utilization=gpu_memory_utilization)
+    if kind == "remote":
+        if not endpoint:
+            raise ValueError("teacher.scorer='remote' needs teacher.endpoint (e.g. http://127.0.0.1:8000)")
+        return RemoteTeacher(endpoint, served_model_name, timeout=timeout, batch_size=micro_batch,
+                             model_dir=model_dir)
+    raise ValueError(f"teacher.scorer={kind!r}: choose 'hf', 'vllm' or 'remote'")

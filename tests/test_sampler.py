@@ -1,0 +1,122 @@
+"""VLLMSampler (one engine for the module) against transformers: in-place weight sync, n samples,
+EOS/max_tokens handling, seeding; and HFSampler's Rollouts."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from opd.config import ModelSpec  # noqa: E402
+from opd.models import build_char_tokenizer, build_llama, load_model, save_model  # noqa: E402
+from opd.scoring import score_completions  # noqa: E402
+
+MAX_LEN = 64
+MAX_TOKENS = 12
+N = 4
+TOL = 1e-3
+EOS, PAD = 2, 0
+PROMPTS = [[1, 5, 6, 7], [1, 4, 4], [1, 9, 10, 11, 12], [1]]
+
+
+@pytest.fixture(scope="module")
+def student_dirs(tmp_path_factory):
+    """(old, new): a tiny student and a perturbed copy whose logprobs clearly differ."""
+    tok = build_char_tokenizer()
+    model = build_llama(ModelSpec(num_layers=2, hidden_size=128, num_heads=2, intermediate_size=256), tok,
+                        max_positions=MAX_LEN, seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    old = save_model(model, tok, tmp_path_factory.mktemp("student-old"))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # perturb every weight, as a training step would
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1 * p.detach().std().clamp_min(1e-3))
+        model.lm_head.weight.mul_(1.5)
+    new = save_model(model, tok, tmp_path_factory.mktemp("student-new"))
+    return str(old), str(new)
+
+
+@pytest.fixture(scope="module")
+def sampler(student_dirs):
+    from opd.sampling.vllm_sampler import VLLMSampler
+
+    s = VLLMSampler(student_dirs[0], eos_id=EOS, max_model_len=MAX_LEN)
+    yield s
+    s.close()
+
+
+def _hf_logprobs(model_dir, rollouts):
+    model = load_model(model_dir)
+    return score_completions(model, [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], PAD)
+
+
+def _max_abs_diff(a, b):
+    assert [len(x) for x in a] == [len(x) for x in b]
+    return max((abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)), default=0.0)
+
+
+def _check_rollouts(rollouts, n=N, max_tokens=MAX_TOKENS):
+    assert len(rollouts) == len(PROMPTS) * n
+    assert [r.prompt_index for r in rollouts] == [i for i in range(len(PROMPTS)) for _ in range(n)]
+    for r in rollouts:
+        assert r.prompt_ids == PROMPTS[r.prompt_index]
+        assert 1 <= len(r.completion_ids) <= max_tokens
+        assert len(r.sampler_logprobs) == len(r.completion_ids)
+        assert EOS not in r.completion_ids[:-1]  # generation stops at the first EOS
+        ends_eos = r.completion_ids[-1] == EOS
+        assert r.finished == ends_eos
+        assert ends_eos or len(r.completion_ids) == max_tokens  # EOS or cut at max_tokens
+        assert all(v <= 0 for v in r.sampler_logprobs)
+
+
+def test_n_samples_eos_or_max_tokens(sampler):
+    rollouts = sampler.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=11)
+    _check_rollouts(rollouts)
+    finished = sum(r.finished for r in rollouts)
+    assert 0 < finished < len(rollouts), f"{finished}/{len(rollouts)} finished: both cases must be exercised"
+
+
+def test_same_seed_same_samples(sampler):
+    a = sampler.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=123)
+    b = sampler.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=123)
+    c = sampler.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=124)
+    assert [r.completion_ids for r in a] == [r.completion_ids for r in b]
+    assert [r.sampler_logprobs for r in a] == [r.sampler_logprobs for r in b]
+    assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
+
+
+def test_inplace_sync_matches_transformers(sampler, student_dirs):
+    old, new = student_dirs
+    before = sampler.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
+    assert _max_abs_diff([r.sampler_logprobs for r in before], _hf_logprobs(old, before)) < TOL
+    sampler.update_weights(new)
+    try:
+        rollouts = sampler.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
+        _check_rollouts(rollouts)
+        got = [r.sampler_logprobs for r in rollouts]
+        d_new = _max_abs_diff(got, _hf_logprobs(new, rollouts))
+        d_old = _max_abs_diff(got, _hf_logprobs(old, rollouts))
+        print(f"after sync: max |vllm - hf(new)| = {d_new:.3g}, max |vllm - hf(old)| = {d_old:.3g}")
+        assert d_new < TOL
+        assert d_old > 100 * TOL  # the sync really changed the weights the engine samples with
+    finally:
+        sampler.update_weights(old)  # and back again: the module's engine serves the old student
+    again = sampler.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
+    assert [r.completion_ids for r in again] == [r.completion_ids for r in before]
+    assert _max_abs_diff([r.sampler_logprobs for r in again], _hf_logprobs(old, again)) < TOL
+
+
+def test_hf_sampler_rollouts(student_dirs):
+    from opd.sampling.hf_sampler import HFSampler
+
+    old, _ = student_dirs
+    s = HFSampler(old, eos_id=EOS, device="cpu")
+    try:
+        rollouts = s.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=3)
+    finally:
+        s.close()
+    _check_rollouts(rollouts)
+    assert _max_abs_diff([r.sampler_logprobs for r in rollouts], _hf_logprobs(old, rollouts)) < TOL

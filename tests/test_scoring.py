@@ -1,0 +1,181 @@
+"""Teacher scorers (opd.teachers) agree per token: transformers, in-process vLLM, and a vLLM server."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+from opd.config import ModelSpec  # noqa: E402
+from opd.models import build_char_tokenizer, build_llama, save_model  # noqa: E402
+from opd.teachers import (HFTeacher, RemoteTeacher, TeacherInputError, TeacherServerError,  # noqa: E402
+                          VLLMTeacher, make_teacher)
+
+MAX_LEN = 64
+TOL = 1e-3
+SERVED = "tiny-teacher"
+
+# ids: 0 <pad>, 1 <bos>, 2 <eos>, 3 <unk>, 4.. the task's characters
+PROMPTS = [[1, 5, 6, 7], [1, 4], [1, 9, 9, 10, 11, 12, 13], [1, 17, 16], [1, 8, 8, 8], [1]]
+COMPLETIONS = [[8, 9, 10, 2], [4, 4, 5, 6, 7, 8, 9, 10, 11, 12, 2], [14], [], [15, 2, 2, 3], [6, 7, 2]]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    tok = build_char_tokenizer()
+    model = build_llama(ModelSpec(num_layers=2, hidden_size=128, num_heads=2, intermediate_size=256), tok,
+                        max_positions=MAX_LEN, seed=0)
+    with torch.no_grad():  # sharpen: near-uniform logprobs would hide position/offset bugs
+        model.lm_head.weight.mul_(20.0)
+    return str(save_model(model, tok, tmp_path_factory.mktemp("teacher")))
+
+
+@pytest.fixture(scope="module")
+def hf_scores(teacher_dir):
+    t = HFTeacher(teacher_dir, device="cpu", micro_batch=4)
+    yield t.score(PROMPTS, COMPLETIONS)
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def vllm_teacher(teacher_dir):
+    t = VLLMTeacher(teacher_dir, max_model_len=MAX_LEN)
+    yield t
+    t.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_server(teacher_dir, tmp_path_factory):
+    """A real OpenAI-compatible vLLM server on 127.0.0.1, killed (whole process group) at the end.
+
+    `python -m vllm.entrypoints.openai.api_server`, not the `vllm` console script: on vllm-cpu the
+    script dies at start looking up the version of a distribution named "vllm"."""
+    import httpx
+
+    port = _free_port()
+    log = tmp_path_factory.mktemp("vllm-serve") / "serve.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", teacher_dir,
+           "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--max-model-len", str(MAX_LEN), "--enforce-eager", "--skip-tokenizer-init"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"vllm server not healthy after 240 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+
+
+def _max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    assert [len(x) for x in a] == [len(x) for x in b]
+    return max((abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)), default=0.0)
+
+
+def test_hf_scores_shape(hf_scores):
+    assert [len(s) for s in hf_scores] == [len(c) for c in COMPLETIONS]
+    flat = [v for s in hf_scores for v in s]
+    assert all(v <= 0 for v in flat)
+    assert min(flat) < -3.0  # sharpened: far from uniform (log 1/18 = -2.89)
+
+
+def test_vllm_matches_hf(vllm_teacher, hf_scores):
+    got = vllm_teacher.score(PROMPTS, COMPLETIONS)
+    diff = _max_abs_diff(got, hf_scores)
+    print(f"max |vllm - hf| = {diff:.3g}")
+    assert diff < TOL
+
+
+def test_vllm_rejects_bad_ids_without_killing_engine(vllm_teacher, hf_scores):
+    # an id >= vocab_size would kill the engine (vLLM does not check ids with skip_tokenizer_init)
+    with pytest.raises(TeacherInputError, match="outside the teacher's vocabulary"):
+        vllm_teacher.score([[1, 5]], [[6, 99]])
+    with pytest.raises(TeacherInputError, match="max_model_len"):
+        vllm_teacher.score([[1] * 40], [[5] * 30])
+    with pytest.raises(TeacherInputError, match="empty prompt"):
+        vllm_teacher.score([[]], [[5]])
+    assert _max_abs_diff(vllm_teacher.score(PROMPTS[:1], COMPLETIONS[:1]), hf_scores[:1]) < TOL
+
+
+def test_remote_matches_hf(vllm_server, hf_scores, teacher_dir):
+    t = make_teacher("remote", teacher_dir, endpoint=vllm_server, micro_batch=4)  # 2 requests
+    try:
+        assert t.model_name == SERVED and t.vocab_size == 18 and t.max_model_len == MAX_LEN
+        got = t.score(PROMPTS, COMPLETIONS)
+    finally:
+        t.close()
+    diff = _max_abs_diff(got, hf_scores)
+    print(f"max |remote - hf| = {diff:.3g}")
+    assert diff < TOL
+
+
+def test_remote_errors(vllm_server, teacher_dir):
+    with pytest.raises(TeacherServerError, match="does not serve 'nope'"):
+        RemoteTeacher(vllm_server, "nope")
+    t = RemoteTeacher(vllm_server, timeout=60)  # the only served model is picked
+    try:
+        with pytest.raises(TeacherInputError, match="vocabulary"):
+            t.score([[1, 5]], [[6, 99]])
+        assert len(t.score([[1, 5]], [[6, 7]])[0]) == 2  # the server is still alive
+    finally:
+        t.close()
+
+
+def test_remote_unreachable():
+    port = _free_port()  # nothing listens there
+    with pytest.raises(TeacherServerError, match="cannot reach the teacher server"):
+        RemoteTeacher(f"http://127.0.0.1:{port}", timeout=5)
+
+
+def test_teacher_config_scorer():
+    from opd.config import TeacherConfig
+
+    assert TeacherConfig(path="x").scorer == "hf"
+    with pytest.raises(ValueError, match="needs teacher.endpoint"):
+        TeacherConfig(path="x", scorer="remote")
+    with pytest.raises(ValueError, match="http"):
+        TeacherConfig(path="x", scorer="remote", endpoint="127.0.0.1:8000")
+    cfg = TeacherConfig(path="x", scorer="remote", endpoint="http://127.0.0.1:8000", served_model_name="t")
+    assert cfg.endpoint == "http://127.0.0.1:8000"
+    with pytest.raises(ValueError, match="choose 'hf', 'vllm' or 'remote'"):
+        make_teacher("onnx", "x")
+
+
+def test_hf_teacher_reuses_loaded_model(teacher_dir, hf_scores):
+    from opd.models import load_model
+
+    model = load_model(teacher_dir)
+    t = make_teacher("hf", None, model=model, pad_id=0)
+    assert t.model is model
+    assert _max_abs_diff(t.score(PROMPTS, COMPLETIONS), hf_scores) == 0.0
