@@ -49,7 +49,10 @@ def distill(config_path: str, overrides: list[str] | None = None, run_key: str |
                           description="Per-round OPD metrics")
     results = t["evaluate"](cfg, data, teacher, sft, student, rdir)
     gate = T.gates(cfg, results)
-    costs = [teacher.cost, sft.cost] + [r.cost for r in rounds]
+    costs = [c for c in [teacher.cost, sft.cost] + [r.cost for r in rounds] if c]
+    create_table_artifact(key="cost-ledger", table=[{k: (f"{v:.3g}" if isinstance(v, float) else v)
+                                                     for k, v in c.items()} for c in costs],
+                          description="Work per phase: tokens and FLOPs (6ND train, 2ND sample/score), wall s")
     lineage = {
         "run_key": run_key, "flow_run_id": str(flow_run.get_id()), "config": cfg.model_dump(mode="json"),
         "dataset_fingerprint": data.fingerprint, "teacher": teacher.path, "teacher_params": teacher.params,

@@ -35,6 +35,24 @@ def fetch_dir(uri: str, cache_root: Path, s3) -> Path:
         target = tmp / k[len(prefix) + 1:]
         target.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file(bucket, k, str(target))
+    _verify_manifest(tmp, uri)
     (tmp / ".fetched").write_text(uri)
     tmp.rename(dest)
     return dest
+
+
+def _verify_manifest(local: Path, uri: str) -> None:
+    """A registry version carries manifest.json: refuse to load a file whose sha256 differs."""
+    import json
+    import shutil
+
+    from opd.registry.store import sha256_file
+
+    man = local / "manifest.json"
+    if not man.is_file():
+        return
+    for f in json.loads(man.read_text()).get("files", []):
+        p = local / f["path"]
+        if not p.is_file() or sha256_file(p) != f["sha256"] or p.stat().st_size != f["size"]:
+            shutil.rmtree(local, ignore_errors=True)
+            raise PermanentError(f"{uri}: {f['path']} does not match the manifest's sha256/size; refusing to load it")

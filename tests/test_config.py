@@ -4,9 +4,13 @@ from opd.config import ConfigError, load_config
 
 
 def test_shipped_configs_load():
-    for name in ("demo", "ci"):
+    from pathlib import Path
+
+    names = sorted(p.stem for p in Path("configs").glob("*.yaml"))
+    assert {"demo", "ci", "qwen3-8b-from-32b"} <= set(names)
+    for name in names:
         cfg = load_config(f"configs/{name}.yaml")
-        assert cfg.opd.rounds >= 1
+        assert cfg.opd.rounds >= 1 and cfg.name == name
 
 
 def test_override_sets_nested_value():

@@ -283,3 +283,25 @@ def test_cli_promote_pull_verify_exit_codes(s3, stack_env, tmp_path):
     rc, out = _cli(stack_env, "verify", "m1:1", *common)
     assert rc == 1 and "model.safetensors" in out, out
     assert read_manifest(s3, bucket, PREFIX, "m1", 1)["version"] == 1
+
+
+def test_model_dir_from_s3_is_verified_before_loading(s3, tmp_path):
+    """teacher.path / student.path on S3: a registry version is sha256-checked on fetch."""
+    import uuid as _uuid
+
+    from opd.errors import PermanentError
+    from opd.registry.store import publish as _publish
+    from opd.storage import fetch_dir
+
+    bucket = f"opd-fetch-{_uuid.uuid4().hex[:8]}"
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"weights" * 100)
+    pub = _publish(s3, bucket, "models", "fetchme", src, {})
+    uri = pub.uri.rstrip("/")
+    assert (fetch_dir(uri, tmp_path / "cache", s3) / "model.safetensors").read_bytes() == b"weights" * 100
+    s3.put_object(Bucket=bucket, Key=uri[len(f"s3://{bucket}/"):] + "/model.safetensors", Body=b"tampered")
+    with pytest.raises(PermanentError, match="model.safetensors does not match the manifest"):
+        fetch_dir(uri, tmp_path / "cache2", s3)
+    assert not list((tmp_path / "cache2").glob("*"))
