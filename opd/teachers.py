@@ -14,11 +14,11 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Protocol
 
 from opd.errors import PermanentError
+from opd.vllm_engine import shutdown_llm, start_llm
 
 
 class TeacherScorer(Protocol):
@@ -122,16 +122,12 @@ class VLLMTeacher:
     def __init__(self, model_dir: str, max_model_len: int = 256, seed: int = 0, dtype: str = "float32",
                  gpu_memory_utilization: float = 0.5, kv_cache_gib: int = 1, enforce_eager: bool = True,
                  trust_remote_code: bool = False):
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-        from vllm import LLM
-
         self.model_dir = str(model_dir)
         self.max_model_len = max_model_len
         self.vocab_size = _config_vocab(model_dir)
-        self.llm = LLM(model=self.model_dir, skip_tokenizer_init=True, dtype=dtype, seed=seed,
-                       max_model_len=max_model_len, enforce_eager=enforce_eager,
-                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
+        self.llm = start_llm(self.model_dir, seed=seed, max_model_len=max_model_len, dtype=dtype,
+                             gpu_memory_utilization=gpu_memory_utilization, kv_cache_gib=kv_cache_gib,
+                             enforce_eager=enforce_eager, trust_remote_code=trust_remote_code)
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         from vllm import SamplingParams
@@ -150,13 +146,7 @@ class VLLMTeacher:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001 - best effort; the engine may already be gone
-                pass
-            del llm
-            gc.collect()
+        shutdown_llm(llm)
 
 
 # ---------------------------------------------------------------- remote vLLM server

@@ -7,13 +7,8 @@ reload is not supported.
 """
 from __future__ import annotations
 
-import gc
-import os
-
 from opd.sampling.base import Rollout
-
-# vLLM logs every weight reload at INFO; a run with hundreds of syncs would drown in them.
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+from opd.vllm_engine import shutdown_llm, start_llm
 
 
 class VLLMSampler:
@@ -26,15 +21,12 @@ class VLLMSampler:
         self.seed = seed
         self.weight_sync = weight_sync
         self.gpu_memory_utilization = gpu_memory_utilization
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        self.kv_cache_gib = kv_cache_gib
         self.llm = self._start()
 
     def _start(self):
-        from vllm import LLM
-
-        return LLM(model=self.model_dir, skip_tokenizer_init=True, dtype="float32", seed=self.seed,
-                   max_model_len=self.max_model_len, enforce_eager=True,
-                   gpu_memory_utilization=self.gpu_memory_utilization)
+        return start_llm(self.model_dir, seed=self.seed, max_model_len=self.max_model_len,
+                         gpu_memory_utilization=self.gpu_memory_utilization, kv_cache_gib=self.kv_cache_gib)
 
     def sample(self, prompts: list[list[int]], n: int, max_tokens: int, temperature: float = 1.0,
                top_p: float = 1.0, seed: int | None = None) -> list[Rollout]:
@@ -64,10 +56,4 @@ class VLLMSampler:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception:  # noqa: BLE001 - best effort; the engine may already be gone
-                pass
-            del llm
-            gc.collect()
+        shutdown_llm(llm)
