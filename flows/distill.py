@@ -61,4 +61,9 @@ def distill(config_path: str, overrides: list[str] | None = None, run_key: str |
     }
     reg = t["register"](cfg, student, rdir, lineage)
     t["set_alias"](cfg, reg["version"], "candidate", f"distill run {run_key} passed its gates")
-    return {"run_key": run_key, "results": results, "registry": reg, "rounds": [r.metrics for r in rounds]}
+    # a report that fails is logged, never fails a run whose model is already registered
+    rep = T.report(rdir, {**lineage, "registered": reg}, return_state=True)
+    if not rep.is_completed():
+        log.warning(f"run report not written: {rep.message}")
+    return {"run_key": run_key, "results": results, "registry": reg, "rounds": [r.metrics for r in rounds],
+            "report": rep.result()["html"] if rep.is_completed() else None}

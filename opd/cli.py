@@ -61,7 +61,9 @@ def run(config: Path, set_: list[str] = typer.Option([], "--set", help="override
     from flows.distill import distill
 
     ui = os.environ.get("PREFECT_UI_URL", api.removesuffix("/api"))
-    console.print(f"Prefect UI: {ui}/runs  (the flow run's link is printed when it starts)")
+    console.print(f"Watch: {ui}/runs  (the flow run's own link is logged as it starts: 'View at ...')\n"
+                  f"Artifacts (rounds, gates, cost ledger, run report): {ui}/artifacts\n"
+                  f"Run directory: {Path(cfg.home) / 'runs'}/<run key>", highlight=False, soft_wrap=True)
     state = distill(str(config), list(set_), run_key, return_state=True)
     fr_id = state.state_details.flow_run_id
     console.print(f"\nFlow run: {ui}/runs/flow-run/{fr_id}  state: [bold]{state.name}[/bold]")
@@ -79,6 +81,9 @@ def run(config: Path, set_: list[str] = typer.Option([], "--set", help="override
     console.print(table)
     reg = out["registry"]
     console.print(f"Registered: {reg['uri']}  ({reg['model']}:{reg['version']})")
+    if out.get("report"):
+        console.print(f"Report: {out['report']}  (re-render: opd report {out['run_key']} --config {config})",
+                      highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -117,6 +122,39 @@ def deploy(config: Path, set_: list[str] = typer.Option([], "--set", help="overr
         console.print(f"deployment {name}  id {dep_id}")
     console.print(f"start a worker:  prefect worker start --pool {cfg.deployment.work_pool}")
     console.print(f"trigger a run:   prefect deployment run 'distill/{cfg.name}'")
+
+
+@app.command()
+def report(target: str = typer.Argument(..., metavar="RUN_KEY_OR_MODEL",
+                                        help="a run key under <home>/runs/, or MODEL, MODEL:N, MODEL@ALIAS"),
+           config: Path = typer.Option(Path("configs/demo.yaml"), "--config", help="config naming home and registry"),
+           set_: list[str] = typer.Option([], "--set", help="override, e.g. --set home=/data/opd"),
+           out: Optional[Path] = typer.Option(None, "--out", help="output dir (default <home>/reports/<id>/)")):
+    """Report a run (from its run directory) or a registered version: tables here, HTML + PNG plots on disk."""
+    import re
+
+    from opd import report as R
+
+    cfg = _load(config, set_)
+    rdir = Path(cfg.home) / "runs" / target
+    if re.fullmatch(r"[A-Za-z0-9_.-]+", target) and target not in (".", "..") and rdir.is_dir():
+        lineage, rid = R.lineage_from_run_dir(rdir), target
+    else:
+        from opd.cli_registry import _refusals
+        from opd.registry.client import make_client
+
+        console.print(f"no run directory {rdir}: reading {target} from the registry", style="dim",
+                      highlight=False, soft_wrap=True)
+        _point_at_stack(cfg)
+        with _refusals():
+            lineage = R.lineage_from_registry(make_client(cfg.registry.endpoint_url, cfg.registry.region),
+                                              cfg.registry.bucket, cfg.registry.prefix, target)
+        rid = f"{lineage['registered']['model']}-v{lineage['registered']['version']}"
+    R.print_report(lineage, console)
+    rep = R.build_report(lineage, out or Path(cfg.home) / "reports" / rid)
+    console.print()
+    for p in rep.paths:
+        console.print(f"wrote {p}", highlight=False, soft_wrap=True)
 
 
 @stack_app.command("up")

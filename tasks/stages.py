@@ -141,3 +141,21 @@ def set_alias(cfg: RunConfig, version: int, alias: str, reason: str) -> dict:
     moved = promotion.move_alias(cfg, version, alias, reason)
     _log()(f"{cfg.registry.model_name}@{alias} -> version {version}")
     return moved
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report(run_dir: str, lineage: dict | None = None) -> dict:
+    """Write <run_dir>/report/ (markdown, HTML, PNG plots) and the "run-report" artifact.
+
+    The flow's lineage (evaluation, gates, registration) goes over what the run directory holds.
+    """
+    from opd import report as R
+
+    lin = R.lineage_from_run_dir(run_dir)
+    lin.update({k: v for k, v in (lineage or {}).items() if v not in (None, {}, [])})
+    lin["source"] = f"distill flow, run directory {run_dir}"
+    rep = R.build_report(lin, Path(run_dir) / R.REPORT_DIR)
+    create_markdown_artifact(key="run-report", markdown=R.artifact_markdown(lin),
+                             description="Stages, gates, evaluation, per-round metrics and plots, cost ledger")
+    _log()(f"report: {rep.html}  (re-render with `opd report {lin.get('run_key')}`)")
+    return {"html": str(rep.html), "markdown": str(rep.markdown), "plots": {k: str(v) for k, v in rep.plots.items()}}
