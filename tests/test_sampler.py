@@ -120,3 +120,11 @@ def test_hf_sampler_rollouts(student_dirs):
         s.close()
     _check_rollouts(rollouts)
     assert _max_abs_diff([r.sampler_logprobs for r in rollouts], _hf_logprobs(old, rollouts)) < TOL
+
+
+def test_seeded_samples_are_independent_across_prompts(sampler):
+    """One seed for the batch must not give every prompt the same random stream."""
+    prompt = [1, 5, 14, 6, 15]
+    rollouts = sampler.sample([prompt] * 8, n=1, max_tokens=8, seed=123)
+    distinct = {tuple(r.completion_ids) for r in rollouts}
+    assert len(distinct) >= 4, distinct

@@ -32,8 +32,11 @@ class VLLMSampler:
                top_p: float = 1.0, seed: int | None = None) -> list[Rollout]:
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                                logprobs=0, seed=seed, stop_token_ids=[self.eos_id], detokenize=False)
+        # One seed per prompt: a single seeded SamplingParams gives every request the same random
+        # stream, so samples across prompts would be correlated (8 prompts x 2 gave 3 distinct).
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
+                                 seed=None if seed is None else seed + i, stop_token_ids=[self.eos_id],
+                                 detokenize=False) for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         rollouts = []
         for i, out in enumerate(outs):
