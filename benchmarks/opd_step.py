@@ -286,7 +286,7 @@ def main(argv=None) -> dict:
             "prompts": a.prompts, "samples": a.samples, "rows_per_step": a.prompts * a.samples,
             "max_tokens": a.max_tokens, "steps": a.steps, "warmup_steps": a.warmup, "quick": a.quick,
             "loss_ours": a.loss, "loss_trl": "generalized JSD, beta=1 (full-vocabulary reverse KL)",
-            "sampler_seed": "none" if a.unseeded else "one per step (as opd_round)",
+            "sampler_seed": "none" if a.unseeded else "seed + prompt index (as opd_round)",
             "lmbda": 1.0, "temperature": 1.0, "lr": LR, "optimizer": "AdamW(betas=(0.9, 0.98)), clip 1.0",
             "teacher": TEACHER, "student": STUDENT, "teacher_lm_head_scale": TEACHER_SHARPEN,
             "torch_threads": torch.get_num_threads(), "schedule": "interleaved (TRL step, then ours step)",
