@@ -84,10 +84,6 @@ def _encode_prompts(tok, prompts: list[str]) -> list[list[int]]:
     return [tok(p).input_ids for p in prompts]
 
 
-def _max_tokens(cfg: RunConfig) -> int:
-    return cfg.opd.max_tokens
-
-
 # ---------------------------------------------------------------- data
 
 UNVALIDATED = ".unvalidated"

@@ -46,7 +46,9 @@ def synthetic(cfg: DataConfig, seed: int) -> DatasetDict:
 
 def _read_bytes(uri: str, s3_client=None) -> bytes:
     if uri.startswith("s3://"):
-        bucket, _, key = uri[5:].partition("/")
+        from opd.storage import split_s3
+
+        bucket, key = split_s3(uri)
         if s3_client is None:
             raise DataError(f"{uri}: an s3:// source needs an S3 client (registry endpoint)")
         return s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()

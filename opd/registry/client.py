@@ -49,10 +49,3 @@ def ensure_bucket(s3, bucket: str) -> None:
             raise RegistryError(f"cannot create bucket {bucket!r}: {e.response['Error'].get('Code')}") from None
     except BotoCoreError as e:
         raise RegistryError(f"cannot create bucket {bucket!r}: {e}") from None
-
-
-def split_uri(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise RegistryError(f"{uri!r} is not an s3:// URI")
-    bucket, _, key = uri[5:].partition("/")
-    return bucket, key
