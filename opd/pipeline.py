@@ -84,6 +84,14 @@ def _encode_prompts(tok, prompts: list[str]) -> list[list[int]]:
     return [tok(p).input_ids for p in prompts]
 
 
+def _eval_slice_accuracy(cfg: RunConfig, model, tok, ev) -> float | None:
+    """Greedy accuracy on the first `opd.eval_slice` eval rows; None when the data has no answers."""
+    if "answer" not in ev.column_names:
+        return None
+    n = min(cfg.opd.eval_slice, len(ev))
+    return accuracy(model, tok, ev["prompt"][:n], ev["answer"][:n], cfg.opd.max_tokens)
+
+
 # ---------------------------------------------------------------- data
 
 UNVALIDATED = ".unvalidated"
@@ -144,14 +152,14 @@ def bootstrap_teacher(cfg: RunConfig, data: ds.DataRef, log=print) -> ModelRef:
     if (meta := _done(final)) is not None:
         log(f"teacher cached at {final} (accuracy {meta['accuracy']:.3f})")
         return ModelRef(str(final), meta["params"], {"accuracy": meta["accuracy"]}, meta.get("cost", {}))
-    if "completion" not in data.load()["train"].column_names:
+    d = data.load()
+    if "completion" not in d["train"].column_names:
         raise ValueError("teacher.bootstrap needs the synthetic task (ground-truth completions); "
                          "for your own data set teacher.path")
     set_threads()
     t0 = time.time()
     device = pick_device(cfg.device)
     tok = build_char_tokenizer()
-    d = data.load()
     pairs = [(tok(p).input_ids, tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id])
              for p, c in zip(d["train"]["prompt"], d["train"]["completion"])]
     model = build_llama(boot.model, tok, max_positions=cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
@@ -220,9 +228,7 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
                     on_step=lambda s, l: losses.append(l))
     avg_len = sum(len(p) + len(c) for p, c in zip(prompts, comps)) / len(prompts)
     cost.train(num_params(student), int(cfg.sft.train.steps * cfg.sft.train.batch_size * avg_len))
-    ev = d["eval"]
-    n = min(cfg.opd.eval_slice, len(ev))
-    acc = accuracy(student, tok, ev["prompt"][:n], ev["answer"][:n], cfg.opd.max_tokens) if "answer" in ev.column_names else None
+    acc = _eval_slice_accuracy(cfg, student, tok, d["eval"])
     cost.wall_s = time.time() - t0
     metrics = {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "eval_slice_accuracy": acc}
     log(f"SFT warmup: loss {metrics['final_loss']:.4f}, eval-slice accuracy {acc}")
@@ -238,18 +244,22 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
 _SAMPLERS: dict[str, Sampler] = {}
 
 
-def get_sampler(cfg: RunConfig, key: str, model_dir: str, eos_id: int) -> Sampler:
-    """One engine per run, kept alive across rounds; new weights are synced, not reloaded."""
+def get_sampler(cfg: RunConfig, key: str, model_dir: str, eos_id: int, weights_version: int = 0) -> Sampler:
+    """One engine per run, kept alive across rounds; new weights are synced, not reloaded.
+
+    (model_dir, weights_version) names the weights: the per-step sync directory is rewritten in
+    place, so the version tells the sampler its contents changed."""
     s = _SAMPLERS.get(key)
+    weights = (model_dir, weights_version)
     if s is None:
-        s = make_sampler(cfg.opd.sampler, model_dir.split("#", 1)[0], eos_id, seed=cfg.seed,
+        s = make_sampler(cfg.opd.sampler, model_dir, eos_id, seed=cfg.seed,
                          max_model_len=cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
                          weight_sync=cfg.opd.weight_sync, device=cfg.device)
-        s.current = model_dir
+        s.current = weights
         _SAMPLERS[key] = s
-    elif s.current != model_dir:
-        s.update_weights(model_dir.split("#", 1)[0])  # '#n' marks new weights in a reused directory
-        s.current = model_dir
+    elif s.current != weights:
+        s.update_weights(model_dir)
+        s.current = weights
     return s
 
 
@@ -289,7 +299,8 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
     device = pick_device(cfg.device)
     o = cfg.opd
     tok = load_tokenizer(teacher.path)
-    train_prompts = data.load()["train"]["prompt"]
+    d = data.load()
+    train_prompts = d["train"]["prompt"]
     teacher_model = load_model(teacher.path, device)
     scorer = get_teacher(cfg, teacher.path, teacher_model, tok.pad_token_id) if o.loss == "reverse_kl_is" else None
     model = load_model(student.path, device)
@@ -309,7 +320,7 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
             sampler = get_sampler(cfg, sampler_key, student.path, tok.eos_token_id)
         else:  # the trainer moved: hand the sampler the new weights (in place, no restart)
             save_model(model, tok, sync_dir)
-            sampler = get_sampler(cfg, sampler_key, str(sync_dir) + f"#{step}", tok.eos_token_id)
+            sampler = get_sampler(cfg, sampler_key, str(sync_dir), tok.eos_token_id, weights_version=step)
         timings["sync_s"] += time.time() - t
 
         t = time.time()
@@ -341,9 +352,7 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
     cost.teacher(teacher.params, n_scored)
     cost.train(student.params, n_scored)
 
-    ev = data.load()["eval"]
-    n = min(o.eval_slice, len(ev))
-    acc = accuracy(model, tok, ev["prompt"][:n], ev["answer"][:n], o.max_tokens) if "answer" in ev.column_names else None
+    acc = _eval_slice_accuracy(cfg, model, tok, d["eval"])
     mean = lambda key: sum(m[key] for m in steps) / len(steps)  # noqa: E731
     metrics = {
         "round": k,
