@@ -34,7 +34,8 @@ def preflight(cfg: RunConfig) -> None:
 def prepare_data(cfg: RunConfig, run_dir: str) -> DataRef:
     from opd.registry.client import make_client
 
-    s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region) if "s3://" in cfg.data.source else None
+    on_s3 = any((src or "").startswith("s3://") for src in (cfg.data.source, cfg.data.eval_source))
+    s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region) if on_s3 else None
     ref = P.prepare_data(cfg, Path(run_dir) / "data", s3)
     _log()(f"data: {ref.n_train} train / {ref.n_eval} eval rows, fingerprint {ref.fingerprint}")
     return ref
