@@ -12,6 +12,7 @@ from prefect.runtime import flow_run
 
 from opd import pipeline as P
 from opd.config import load_config
+from opd.ledger import eval_phase
 from tasks import stages as T
 from tasks.policy import configured
 
@@ -49,7 +50,7 @@ def distill(config_path: str, overrides: list[str] | None = None, run_key: str |
                           description="Per-round OPD metrics")
     results = t["evaluate"](cfg, data, teacher, sft, student, rdir)
     gate = T.gates(cfg, results)
-    costs = [c for c in [teacher.cost, sft.cost] + [r.cost for r in rounds] if c]
+    costs = [c for c in [teacher.cost, sft.data_cost, sft.cost] + [r.cost for r in rounds] + [eval_phase(results)] if c]
     create_table_artifact(key="cost-ledger", table=[{k: (f"{v:.3g}" if isinstance(v, float) else v)
                                                      for k, v in c.items()} for c in costs],
                           description="Work per phase: tokens and FLOPs (6ND train, 2ND sample/score), wall s")

@@ -1,6 +1,7 @@
 """Held-out accuracy with the task's verifier, and mean per-token reverse KL to the teacher."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from opd.data.task import is_correct
@@ -13,21 +14,38 @@ class EvalResult:
     accuracy: float
     reverse_kl: float  # mean over tokens of log q_student - log p_teacher, on the student's samples
     n: int
+    # the work it took, for the cost ledger: tokens the evaluated model processed (greedy answers,
+    # KL samples, their re-scoring) and tokens the teacher graded
+    model_tokens: int = 0
+    teacher_tokens: int = 0
+    wall_s: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
-        return {"accuracy": self.accuracy, "reverse_kl": self.reverse_kl, "n": self.n}
+        return {"accuracy": self.accuracy, "reverse_kl": self.reverse_kl, "n": self.n,
+                "model_tokens": self.model_tokens, "teacher_tokens": self.teacher_tokens, "wall_s": self.wall_s}
+
+
+def _greedy(model, tokenizer, prompts: list[str], answers: list[str], max_tokens: int) -> tuple[float, int]:
+    ids = [tokenizer(p).input_ids for p in prompts]
+    comps = generate(model, ids, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens, temperature=0.0)
+    texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
+    acc = sum(is_correct(t, a) for t, a in zip(texts, answers)) / max(1, len(answers))
+    return acc, sum(len(p) + len(c) for p, c in zip(ids, comps))
 
 
 def accuracy(model, tokenizer, prompts: list[str], answers: list[str], max_tokens: int) -> float:
     """Greedy decoding: the deterministic answer a user would get."""
-    ids = [tokenizer(p).input_ids for p in prompts]
-    comps = generate(model, ids, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens, temperature=0.0)
-    texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
-    return sum(is_correct(t, a) for t, a in zip(texts, answers)) / max(1, len(answers))
+    return _greedy(model, tokenizer, prompts, answers, max_tokens)[0]
 
 
 def reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int, seed: int,
                micro_batch: int = 64, samples_per_prompt: int = 4, teacher_scorer=None) -> float:
+    return _reverse_kl(student, teacher, tokenizer, prompts, max_tokens, seed, micro_batch, samples_per_prompt,
+                       teacher_scorer)[0]
+
+
+def _reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int, seed: int,
+                micro_batch: int = 64, samples_per_prompt: int = 4, teacher_scorer=None) -> tuple[float, int]:
     """Monte-Carlo reverse KL on the student's own samples (temperature 1), per token.
 
     Several samples per prompt: the per-token values are heavy-tailed (one wrong digit the
@@ -42,12 +60,16 @@ def reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int,
          else score_completions(teacher, ids, comps, tokenizer.pad_token_id, micro_batch,
                                 device=next(teacher.parameters()).device))
     diffs = [a - b for qs, ps in zip(q, p) for a, b in zip(qs, ps)]
-    return sum(diffs) / max(1, len(diffs))
+    return sum(diffs) / max(1, len(diffs)), sum(len(i) + len(c) for i, c in zip(ids, comps))
 
 
 def evaluate(student, teacher, tokenizer, prompts, answers, max_tokens, seed, kl_samples: int = 4,
              teacher_scorer=None) -> EvalResult:
-    acc = accuracy(student, tokenizer, prompts, answers, max_tokens)
-    kl = 0.0 if student is teacher else reverse_kl(student, teacher, tokenizer, prompts, max_tokens, seed,
-                                                   samples_per_prompt=kl_samples, teacher_scorer=teacher_scorer)
-    return EvalResult(acc, kl, len(prompts))
+    t0 = time.time()
+    acc, greedy_tokens = _greedy(student, tokenizer, prompts, answers, max_tokens)
+    if student is teacher:
+        return EvalResult(acc, 0.0, len(prompts), greedy_tokens, 0, time.time() - t0)
+    kl, kl_tokens = _reverse_kl(student, teacher, tokenizer, prompts, max_tokens, seed,
+                                samples_per_prompt=kl_samples, teacher_scorer=teacher_scorer)
+    # KL samples are generated, then re-scored by the student: each of their tokens is processed twice
+    return EvalResult(acc, kl, len(prompts), greedy_tokens + 2 * kl_tokens, kl_tokens, time.time() - t0)

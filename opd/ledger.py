@@ -32,3 +32,19 @@ class PhaseCost:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def eval_phase(results: dict[str, dict]) -> dict:
+    """The evaluation stage's ledger row from its results ({model: {..., params, model_tokens,
+    teacher_tokens, wall_s}}): the teacher's own greedy pass and its grading of every student's
+    KL samples are charged to the teacher, the students' passes to sampling."""
+    cost = PhaseCost("eval")
+    teacher_params = int(results.get("teacher", {}).get("params", 0))
+    for name, r in results.items():
+        if name == "teacher":
+            cost.teacher(teacher_params, int(r.get("model_tokens", 0)))
+        else:
+            cost.sample(int(r.get("params", 0)), int(r.get("model_tokens", 0)))
+        cost.teacher(teacher_params, int(r.get("teacher_tokens", 0)))
+        cost.wall_s += float(r.get("wall_s", 0.0))
+    return cost.as_dict()

@@ -39,6 +39,7 @@ class ModelRef:
     params: int
     metrics: dict = field(default_factory=dict)
     cost: dict = field(default_factory=dict)
+    data_cost: dict = field(default_factory=dict)  # SFT warmup only: the teacher writing its training data
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ def check_vocab(teacher_tok, student_tok) -> None:
 def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, log=print) -> ModelRef:
     """Off-policy distillation: the teacher writes completions, the student imitates them."""
     if (meta := _done(out)) is not None:
-        return ModelRef(str(out), meta["params"], meta["metrics"], meta["cost"])
+        return ModelRef(str(out), meta["params"], meta["metrics"], meta["cost"], meta.get("data_cost", {}))
     set_threads()
     t0 = time.time()
     device = pick_device(cfg.device)
@@ -214,8 +215,11 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
     prompts = _encode_prompts(tok, [d["train"][i]["prompt"] for i in idx])
     comps = generate(teacher_model, prompts, tok.eos_token_id, tok.pad_token_id, cfg.opd.max_tokens,
                      temperature=cfg.sft.teacher_temperature, seed=cfg.seed)
+    data_cost = PhaseCost("sft_data")
+    data_cost.teacher(num_params(teacher_model), sum(len(p) + len(c) for p, c in zip(prompts, comps)))
+    data_cost.wall_s = time.time() - t0
+    t0 = time.time()
     cost = PhaseCost("sft")
-    cost.teacher(num_params(teacher_model), sum(len(p) + len(c) for p, c in zip(prompts, comps)))
     if cfg.student.path:
         student_dir = local_model_dir(cfg, cfg.student.path)
         check_vocab(tok, load_tokenizer(student_dir))
@@ -235,8 +239,9 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
     tmp = _fresh(out)
     save_model(student, tok, tmp)
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    _publish_dir(tmp, out, {"params": num_params(student), "metrics": metrics, "cost": cost.as_dict()})
-    return ModelRef(str(out), num_params(student), metrics, cost.as_dict())
+    _publish_dir(tmp, out, {"params": num_params(student), "metrics": metrics, "cost": cost.as_dict(),
+                            "data_cost": data_cost.as_dict()})
+    return ModelRef(str(out), num_params(student), metrics, cost.as_dict(), data_cost.as_dict())
 
 
 # ---------------------------------------------------------------- OPD rounds
@@ -397,12 +402,14 @@ def evaluate_models(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, student
     n = min(cfg.eval.max_examples, len(ev))
     prompts, answers = ev["prompt"][:n], ev["answer"][:n]
     t_model = load_model(teacher.path, device)
-    out = {"teacher": evaluate(t_model, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed).as_dict()}
+    out = {"teacher": {**evaluate(t_model, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed).as_dict(),
+                       "params": num_params(t_model)}}
     scorer = get_teacher(cfg, teacher.path, t_model, tok.pad_token_id)
     for name, path in students.items():
         m = load_model(path, device)
-        out[name] = evaluate(m, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed,
-                             cfg.eval.kl_samples_per_prompt, teacher_scorer=scorer).as_dict()
+        out[name] = {**evaluate(m, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed,
+                                cfg.eval.kl_samples_per_prompt, teacher_scorer=scorer).as_dict(),
+                     "params": num_params(m)}
     return out
 
 

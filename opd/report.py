@@ -76,8 +76,7 @@ def lineage_from_run_dir(run_dir: str | Path) -> dict:
     if sft:
         lin["sft"] = sft.get("metrics", {})
         lin["student_params"] = sft.get("params")
-        if sft.get("cost"):
-            lin["cost"].append(sft["cost"])
+        lin["cost"] += [c for c in (sft.get("data_cost"), sft.get("cost")) if c]
     for d in sorted((p for p in rd.glob("round_*") if re.fullmatch(r"round_\d+", p.name)), key=_round_no):
         meta = _read_json(d / "done.json")
         if meta is None:  # a round in progress or crashed: not part of the run (yet)
