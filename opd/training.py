@@ -29,8 +29,11 @@ def _lr_at(step: int, spec: TrainSpec) -> float:
 
 def sft_train(model, pairs: list[tuple[list[int], list[int]]], spec: TrainSpec, pad_id: int, seed: int,
               steps: int | None = None, start_step: int = 0, optimizer=None,
-              on_step: Callable[[int, float], None] | None = None) -> torch.optim.Optimizer:
-    """Cross-entropy on completion tokens; `steps` lets a caller train in chunks (eval in between)."""
+              on_step: Callable[[int, float], None] | None = None, one_pass: bool = False) -> torch.optim.Optimizer:
+    """Cross-entropy on completion tokens; `steps` lets a caller train in chunks (eval in between).
+
+    Batches are drawn at random with replacement; ``one_pass`` walks ``pairs`` in order instead, so
+    freshly generated data is trained on exactly once (each generated token is paid for once)."""
     device = next(model.parameters()).device
     opt = optimizer or make_optimizer(model, spec.lr, spec.weight_decay)
     rng = random.Random(seed + start_step)
@@ -38,7 +41,11 @@ def sft_train(model, pairs: list[tuple[list[int], list[int]]], spec: TrainSpec, 
     for step in range(start_step, start_step + (steps or spec.steps)):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
-        batch = [pairs[rng.randrange(len(pairs))] for _ in range(spec.batch_size)]
+        if one_pass:
+            i = (step - start_step) * spec.batch_size
+            batch = [pairs[(i + j) % len(pairs)] for j in range(spec.batch_size)]
+        else:
+            batch = [pairs[rng.randrange(len(pairs))] for _ in range(spec.batch_size)]
         b = pack([p for p, _ in batch], [c for _, c in batch], pad_id).to(device)
         loss = sft_cross_entropy(token_logprobs(model, b), b.loss_mask)
         opt.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/opd_step.py --quick: it runs both sides and writes a sane JSON."""
+"""Smoke tests of the benchmarks' --quick modes: they run every side and write sane outputs."""
 from __future__ import annotations
 
 import json
@@ -32,3 +32,32 @@ def test_opd_step_quick(tmp_path):
     assert res["device"] and s["steps"] >= 1 and s["prompts"] >= 1 and s["samples"] >= 1 and s["max_tokens"] >= 1
     assert s["torch_threads"] >= 1 and s["student"] and s["teacher"]
     assert len(res["ours_step_s"]) == len(res["trl_step_s"]) == s["steps"]
+
+
+def test_sample_efficiency_quick(tmp_path, opd_home):
+    """On the CI config (its teacher is cached in the session home): both branches run from one
+    warmup checkpoint, and the JSON, table and plot have the documented shape. Not the ratio."""
+    out = tmp_path / "se.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sample_efficiency.py"), "--quick",
+                           "--config", str(REPO / "configs" / "ci.yaml"), "--set", f"home={opd_home}",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert (tmp_path / "se.png").stat().st_size > 10_000
+    assert res["seeds"] == [0] and res["quick"] is True
+    for key in ("ratio_sft_over_opd", "ratio_is_lower_bound", "target_accuracy", "curves", "lr_search"):
+        assert key in res, key
+    assert 0 < res["target_accuracy"] <= res["teacher"]["accuracy"]
+    assert len(res["lr_search"]["sft"]["grid"]) == len(res["lr_search"]["opd"]["grid"])
+    for branch in ("sft", "opd"):
+        curve = res["curves"][branch]["0"]
+        assert len(curve) == 3  # the branch point + --quick's 2 eval points
+        assert curve[0]["student_flops"] == 0 and curve[0]["accuracy"] == res["warmup"]["accuracy"]
+        for a, b in zip(curve, curve[1:]):  # compute only grows, and every point was really evaluated
+            assert b["student_flops"] > a["student_flops"] and b["teacher_flops"] > a["teacher_flops"]
+            assert b["wall_s"] > a["wall_s"] and 0 <= b["accuracy"] <= 1 and b["reverse_kl"] == b["reverse_kl"]
+    # OPD pays for sampling and grading; SFT for the teacher writing its data: both are charged
+    assert res["curves"]["opd"]["0"][-1]["teacher_flops"] > 0 and res["curves"]["sft"]["0"][-1]["teacher_flops"] > 0
+    row = res["per_seed"]["0"]
+    assert isinstance(row["sft_reached"], bool) and isinstance(row["opd_reached"], bool)
+    assert "ratio SFT/OPD, student FLOPs" in proc.stdout

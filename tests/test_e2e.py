@@ -57,6 +57,16 @@ def test_distill_flow_end_to_end(stack, stack_env, s3, opd_home, tmp_path):
     res = man["metrics"]
     assert res["opd_student"]["reverse_kl"] < res["sft_student"]["reverse_kl"], res
     assert res["teacher"]["accuracy"] >= 0.8
+    # the cost ledger is in the registered lineage: every phase, with the work it did
+    phases = [c["phase"] for c in man["cost"]]
+    assert phases[-1] == "eval" and {"sft_data", "sft", "opd_round_1"} <= set(phases), phases
+    by = {c["phase"]: c for c in man["cost"]}
+    assert by["sft_data"]["teacher_flops"] > 0 and by["sft_data"]["student_train_flops"] == 0
+    assert by["sft"]["student_train_flops"] == 6 * man["student_params"] * by["sft"]["student_train_tokens"] > 0
+    r1 = by["opd_round_1"]
+    assert r1["sample_flops"] == 2 * man["student_params"] * r1["sample_tokens"] > 0
+    assert r1["teacher_flops"] == 2 * man["teacher_params"] * r1["teacher_tokens"] > 0
+    assert by["eval"]["teacher_tokens"] > 0 and all(c["wall_s"] > 0 for c in man["cost"]), man["cost"]
 
     # 3. every file of the version is in S3 with the manifest's sha256 and size
     names = {f["path"] for f in man["files"]}
@@ -75,7 +85,9 @@ def test_distill_flow_end_to_end(stack, stack_env, s3, opd_home, tmp_path):
     logs = _post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [fr_id]}}, "limit": 200})
     assert len(logs) > 10  # the search is real: the run did log
     artifacts = _post(f"{api}/artifacts/filter", {"flow_runs": {"id": {"any_": [fr_id]}}, "limit": 200})
-    assert {a["key"] for a in artifacts} >= {"dataset-validation", "evaluation", "gates", "opd-rounds"}
+    assert {a["key"] for a in artifacts} >= {"dataset-validation", "evaluation", "gates", "opd-rounds", "cost-ledger"}
+    ledger = next(a for a in artifacts if a["key"] == "cost-ledger")
+    assert "sft_data" in json.dumps(ledger["data"]) and "opd_round_1" in json.dumps(ledger["data"])
     blobs = [json.dumps(logs).encode(), json.dumps(artifacts).encode(), proc.stdout.encode(), proc.stderr.encode()]
     for root in (opd_home, tmp_path / "prefect-client", Path(stack.home)):
         blobs += [p.read_bytes() for p in Path(root).rglob("*") if p.is_file() and p.stat().st_size < 50_000_000]
