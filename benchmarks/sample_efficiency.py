@@ -41,13 +41,15 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--sft-steps", type=int, default=3000, help="SFT branch budget in optimizer steps")
     p.add_argument("--opd-steps", type=int, default=150, help="OPD branch budget in optimizer steps")
-    p.add_argument("--evals", type=int, default=10, help="eval points per branch (after the branch point)")
+    p.add_argument("--evals", type=int, default=6, help="eval points per branch (after the branch point)")
     p.add_argument("--sft-lrs", type=float, nargs="+", default=None,
-                   help="SFT LR grid (default: sft.train.lr x {0.3, 1})")
-    p.add_argument("--opd-lrs", type=float, nargs="+", default=None, help="OPD LR grid (default: opd.lr x {1, 3})")
+                   help="SFT LR grid (default: sft.train.lr x {0.3, 1, 3})")
+    p.add_argument("--opd-lrs", type=float, nargs="+", default=None,
+                   help="OPD LR grid (default: opd.lr x {1, 3.33, 10}); as many points as the SFT grid")
     p.add_argument("--target", type=float, default=None, help="fix the target accuracy instead of the rule")
     p.add_argument("--quick", action="store_true", help="1 seed, no LR search, small budgets (CI smoke run)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON path; the PNG goes beside it")
+    p.add_argument("--replot", action="store_true", help="redraw the PNG and reprint the table from --out's JSON")
     a = p.parse_args(argv)
     if a.quick:
         a.seeds, a.sft_steps, a.opd_steps, a.evals = a.seeds[:1], 200, 20, 2
@@ -200,8 +202,6 @@ def plot(res: dict, path: Path) -> None:
             if ykey == "accuracy":
                 ax.axhline(res["target_accuracy"], color="gray", ls="--", lw=1, label="target")
                 ax.axhline(res["teacher"]["accuracy"], color="black", ls=":", lw=1, label="teacher")
-            if xkey != "wall_s":
-                ax.set_xscale("symlog", linthresh=max(1.0, _min_positive(res, xkey)))
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
@@ -213,11 +213,6 @@ def plot(res: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _min_positive(res: dict, key: str) -> float:
-    vals = [p[key] for b in res["curves"].values() for c in b.values() for p in c if p[key] > 0]
-    return min(vals) if vals else 1.0
 
 
 def _fmt_ratio(sp: dict, res: dict) -> str:
@@ -254,6 +249,11 @@ def print_table(res: dict) -> None:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    if a.replot:
+        res = json.loads(Path(a.out).read_text())
+        plot(res, Path(a.out).with_suffix(".png"))
+        print_table(res)
+        return 0
     from opd.config import load_config
     from opd.models import load_model, load_tokenizer, set_threads
     from opd.evaluation import accuracy
@@ -287,8 +287,9 @@ def main(argv=None) -> int:
     print(f"teacher {teacher.params} params, acc {teacher_acc:.3f}; warmup student {warm.params} params, "
           f"acc {start['accuracy']:.3f}, reverse KL {start['reverse_kl']:.4f}", flush=True)
 
-    sft_grid = a.sft_lrs or ([cfg.sft.train.lr * 0.3] if a.quick else [cfg.sft.train.lr * 0.3, cfg.sft.train.lr])
-    opd_grid = a.opd_lrs or ([cfg.opd.lr] if a.quick else [cfg.opd.lr, cfg.opd.lr * 3])
+    lr_sft, lr_opd = cfg.sft.train.lr, cfg.opd.lr
+    sft_grid = a.sft_lrs or ([lr_sft * 0.3] if a.quick else [round(lr_sft * f, 12) for f in (0.3, 1, 3)])
+    opd_grid = a.opd_lrs or ([lr_opd] if a.quick else [round(lr_opd * f, 12) for f in (1, 10 / 3, 10)])
     if len(sft_grid) != len(opd_grid):
         raise SystemExit(f"the LR search budget must match: {len(sft_grid)} SFT vs {len(opd_grid)} OPD grid points")
     sft_every, opd_every = max(1, a.sft_steps // a.evals), max(1, a.opd_steps // a.evals)
