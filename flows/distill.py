@@ -22,7 +22,7 @@ def default_run_key(name: str) -> str:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{str(rid)[:8]}"
 
 
-@flow(name="distill", log_prints=True)
+@flow(name="distill")
 def distill(config_path: str, overrides: list[str] | None = None, run_key: str | None = None) -> dict:
     """Same run_key = resume: completed stages and rounds are reused, never redone."""
     cfg = load_config(config_path, overrides or [])

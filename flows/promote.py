@@ -26,7 +26,7 @@ class Approval(RunInput):
     reason: str = ""
 
 
-@flow(name="promote", log_prints=True)
+@flow(name="promote")
 def promote(config_path: str, version: int, to_alias: str, reason: str, overrides: list[str] | None = None) -> dict:
     cfg = load_config(config_path, overrides or [])
     g = cfg.eval.gates
