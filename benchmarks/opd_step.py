@@ -1,4 +1,4 @@
-"""One OPD step, ours vs TRL's GKDTrainer, on the demo sizes: tokens/s and the weight-sync share.
+"""One OPD step, ours vs TRL's GKDTrainer, at the 2-number task's sizes: tokens/s and the weight-sync share.
 
     python benchmarks/opd_step.py            # default: 10 timed steps after 1 warm-up step
     python benchmarks/opd_step.py --quick    # CI smoke run (tiny batch, 2 steps)
@@ -33,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "opd_step.json"
 
-# demo sizes (configs/demo.yaml)
+# sizes of the 2-number task (configs/ci.yaml; the demo before issue 7), kept so results stay comparable
 TEACHER = dict(num_layers=2, hidden_size=128, num_heads=2, intermediate_size=512)
 STUDENT = dict(num_layers=2, hidden_size=64, num_heads=2, intermediate_size=256)
 NUM_TERMS, MAX_DIGITS, MAX_PROMPT_TOKENS = 2, 2, 16
