@@ -55,7 +55,11 @@ def test_deployment_run_created_over_http_completes_and_registers(stack_env, s3,
         import signal
 
         os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # Prefect 3.7's worker can hang on SIGTERM after a failed run;
+            os.killpg(worker.pid, signal.SIGKILL)  # the runs' states below are what this test is about
+            worker.wait(timeout=30)
     log = (tmp_path / "worker.log").read_text()[-4000:]
     assert states["good"]["type"] == "COMPLETED", (states, log)
     assert states["bad"]["type"] == "FAILED", (states, log)
