@@ -34,3 +34,43 @@ def test_compose_binds_loopback_only():
     for name, svc in spec["services"].items():
         for port in svc.get("ports", []):
             assert port.startswith("127.0.0.1:"), (name, port)
+
+
+def test_prefect_deploy_all_from_infra_yaml_against_a_real_server(stack_env, tmp_path):
+    """`prefect deploy --all --prefect-file infra/prefect.yaml` on the session's Prefect server:
+    every declared deployment is created with its entrypoint, parameters, pool and schedule."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    env = {**os.environ, **stack_env, "PREFECT_HOME": str(tmp_path / "prefect-client"),
+           "OPD_REPO_DIR": str(Path.cwd()), "OPD_IMAGE": "registry.example/opd:test"}
+    api = stack_env["PREFECT_API_URL"]
+
+    def get(path: str) -> dict:
+        with urllib.request.urlopen(f"{api}{path}") as r:
+            return json.load(r)
+
+    def run(*args: str) -> None:
+        p = subprocess.run([prefect, "--no-prompt", *args], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+    run("work-pool", "create", "opd-local", "--type", "process", "--overwrite")
+    run("work-pool", "create", "opd-k8s-gpu", "--type", "kubernetes", "--overwrite",
+        "--base-job-template", str(INFRA / "k8s-work-pool.json"))
+    run("deploy", "--all", "--prefect-file", str(INFRA / "prefect.yaml"))
+
+    declared = yaml.safe_load((INFRA / "prefect.yaml").read_text())["deployments"]
+    for spec in declared:
+        flow_name = spec["entrypoint"].rsplit(":", 1)[1]
+        d = get(f"/deployments/name/{flow_name}/{spec['name']}")
+        assert d["entrypoint"] == spec["entrypoint"] and d["parameters"] == spec["parameters"], d
+        assert d["work_pool_name"] == spec["work_pool"]["name"]
+        crons = [(s["schedule"]["cron"], s["active"]) for s in d["schedules"]]
+        assert crons == [(s["cron"], s["active"]) for s in spec.get("schedules", [])]
+    gpu = get("/deployments/name/distill/gpu")
+    assert gpu["job_variables"]["image"] == "registry.example/opd:test" and gpu["job_variables"]["gpus"] >= 1
+    pool = get("/work_pools/opd-k8s-gpu")
+    assert pool["type"] == "kubernetes" and "nvidia.com/gpu" in json.dumps(pool["base_job_template"])
