@@ -139,12 +139,12 @@ def run_opd_branch(cfg, data, teacher, warm, ev, seed: int, lr: float, steps: in
 
 # ---------------------------------------------------------------- the comparison
 
-def first_reach(curve: list[dict], target: float, key: str) -> tuple[float, bool]:
-    """Compute at the first eval point at or above target; else the whole budget (a lower bound)."""
+def first_reach(curve: list[dict], target: float) -> tuple[dict, bool]:
+    """The first eval point at or above target; else the last one (its compute is a lower bound)."""
     for p in curve:
         if p["accuracy"] >= target - 1e-12:
-            return p[key], True
-    return curve[-1][key], False
+            return p, True
+    return curve[-1], False
 
 
 def _spread(xs: list[float]) -> dict:
@@ -162,16 +162,15 @@ def compare(curves: dict, seeds: list[int], teacher_acc: float, fixed_target: fl
     target = fixed_target if fixed_target is not None else min(teacher_acc - 0.05, best_sft)
     per_seed, lower, upper = {}, False, False
     for s in seeds:
-        row = {}
+        a, a_ok = first_reach(curves["sft"][s], target)
+        b, b_ok = first_reach(curves["opd"][s], target)
+        row = {"sft_reached": a_ok, "opd_reached": b_ok}
         for key, name in (("student_flops", "student"), ("total_flops", "total"), ("wall_s", "wall")):
-            a, a_ok = first_reach(curves["sft"][s], target, key)
-            b, b_ok = first_reach(curves["opd"][s], target, key)
-            row[f"sft_{name}"], row[f"opd_{name}"] = a, b
-            row["sft_reached"], row["opd_reached"] = a_ok, b_ok
-            # OPD reaching the target at the branch point itself (b == 0) would make any ratio infinite
-            row[f"ratio_{name}"] = (a / b) if (b_ok and b > 0) else None
-        lower |= not row["sft_reached"]
-        upper |= not row["opd_reached"]
+            row[f"sft_{name}"], row[f"opd_{name}"] = a[key], b[key]
+            # OPD reaching the target at the branch point itself (0 compute) would make any ratio infinite
+            row[f"ratio_{name}"] = (a[key] / b[key]) if (b_ok and b[key] > 0) else None
+        lower |= not a_ok
+        upper |= not b_ok
         per_seed[str(s)] = row
     out = {"target_accuracy": target, "best_sft_mean_accuracy": best_sft, "per_seed": per_seed,
            "ratio_is_lower_bound": lower, "ratio_is_upper_bound": upper}

@@ -215,8 +215,9 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
     prompts = _encode_prompts(tok, [d["train"][i]["prompt"] for i in idx])
     comps = generate(teacher_model, prompts, tok.eos_token_id, tok.pad_token_id, cfg.opd.max_tokens,
                      temperature=cfg.sft.teacher_temperature, seed=cfg.seed)
+    seq_tokens = sum(len(p) + len(c) for p, c in zip(prompts, comps))
     data_cost = PhaseCost("sft_data")
-    data_cost.teacher(num_params(teacher_model), sum(len(p) + len(c) for p, c in zip(prompts, comps)))
+    data_cost.teacher(num_params(teacher_model), seq_tokens)
     data_cost.wall_s = time.time() - t0
     t0 = time.time()
     cost = PhaseCost("sft")
@@ -230,7 +231,7 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
     losses = []
     opt = sft_train(student, list(zip(prompts, comps)), cfg.sft.train, tok.pad_token_id, cfg.seed,
                     on_step=lambda s, l: losses.append(l))
-    avg_len = sum(len(p) + len(c) for p, c in zip(prompts, comps)) / len(prompts)
+    avg_len = seq_tokens / len(prompts)
     cost.train(num_params(student), int(cfg.sft.train.steps * cfg.sft.train.batch_size * avg_len))
     acc = _eval_slice_accuracy(cfg, student, tok, d["eval"])
     cost.wall_s = time.time() - t0
