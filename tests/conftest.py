@@ -70,3 +70,15 @@ def opd_bin() -> str:
     import sys
 
     return str(Path(sys.executable).with_name("opd"))
+
+
+def api_json(url: str, body: dict | None = None):
+    """GET (or POST ``body`` to) a Prefect REST endpoint and decode its JSON answer (None if empty)."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+    with urllib.request.urlopen(req) as r:
+        raw = r.read()
+    return json.loads(raw) if raw else None

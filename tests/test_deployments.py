@@ -6,22 +6,14 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, opd_bin
+from conftest import REPO, api_json, opd_bin
 
 pytestmark = pytest.mark.e2e
-
-
-def _api(url: str, body: dict | None = None):
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
-    with urllib.request.urlopen(req) as r:
-        return json.load(r)
 
 
 def test_deployment_run_created_over_http_completes_and_registers(stack_env, s3, opd_home, tmp_path):
@@ -33,11 +25,11 @@ def test_deployment_run_created_over_http_completes_and_registers(stack_env, s3,
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert dep.returncode == 0, dep.stdout + dep.stderr
     api = stack_env["PREFECT_API_URL"]
-    d = _api(f"{api}/deployments/name/distill/ci")
+    d = api_json(f"{api}/deployments/name/distill/ci")
     assert d["work_pool_name"] == pool and d["parameters"]["overrides"] == overrides
 
-    good = _api(f"{api}/deployments/{d['id']}/create_flow_run", {"parameters": {}})
-    bad = _api(f"{api}/deployments/{d['id']}/create_flow_run",
+    good = api_json(f"{api}/deployments/{d['id']}/create_flow_run", {"parameters": {}})
+    bad = api_json(f"{api}/deployments/{d['id']}/create_flow_run",
                {"parameters": {"overrides": overrides + ["opd.rounds=0"]}})
     worker = subprocess.Popen([str(Path(sys.executable).with_name("prefect")), "worker", "start", "--pool", pool,
                                "--type", "process", "--limit", "1"], cwd=REPO, env=env,
@@ -47,7 +39,7 @@ def test_deployment_run_created_over_http_completes_and_registers(stack_env, s3,
         deadline = time.time() + 900
         states = {}
         while time.time() < deadline:
-            states = {k: _api(f"{api}/flow_runs/{r['id']}")["state"] for k, r in (("good", good), ("bad", bad))}
+            states = {k: api_json(f"{api}/flow_runs/{r['id']}")["state"] for k, r in (("good", good), ("bad", bad))}
             if all(s["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for s in states.values()):
                 break
             time.sleep(2)
@@ -64,6 +56,6 @@ def test_deployment_run_created_over_http_completes_and_registers(stack_env, s3,
     assert states["good"]["type"] == "COMPLETED", (states, log)
     assert states["bad"]["type"] == "FAILED", (states, log)
     assert "opd.rounds" in (states["bad"]["message"] or "") + json.dumps(
-        _api(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [bad["id"]]}}, "limit": 200}))
+        api_json(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [bad["id"]]}}, "limit": 200}))
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert "models/addition-student-ci/versions/1/manifest.json" in keys

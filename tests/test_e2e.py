@@ -11,21 +11,14 @@ import json
 import os
 import re
 import subprocess
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, opd_bin
+from conftest import REPO, api_json, opd_bin
 
 pytestmark = pytest.mark.e2e
-
-
-def _post(url: str, body: dict) -> list:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req) as r:
-        return json.load(r)
 
 
 def test_distill_flow_end_to_end(stack, stack_env, s3, opd_home, tmp_path):
@@ -42,8 +35,7 @@ def test_distill_flow_end_to_end(stack, stack_env, s3, opd_home, tmp_path):
 
     # 1. the flow run is Completed in the real Prefect server
     fr_id = re.search(r"/runs/flow-run/([0-9a-f-]{36})", proc.stdout).group(1)
-    with urllib.request.urlopen(f"{api}/flow_runs/{fr_id}") as r:
-        flow_run = json.load(r)
+    flow_run = api_json(f"{api}/flow_runs/{fr_id}")
     assert flow_run["state"]["type"] == "COMPLETED"
     assert "student after OPD" in proc.stdout and f"s3://{bucket}/models/addition-student-ci/versions/1/" in proc.stdout
 
@@ -82,9 +74,9 @@ def test_distill_flow_end_to_end(stack, stack_env, s3, opd_home, tmp_path):
     assert ls.returncode == 0 and "addition-student-ci" in ls.stdout, ls.stdout + ls.stderr
 
     # 5. the canary secret reached nothing the run left behind
-    logs = _post(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [fr_id]}}, "limit": 200})
+    logs = api_json(f"{api}/logs/filter", {"logs": {"flow_run_id": {"any_": [fr_id]}}, "limit": 200})
     assert len(logs) > 10  # the search is real: the run did log
-    artifacts = _post(f"{api}/artifacts/filter", {"flow_runs": {"id": {"any_": [fr_id]}}, "limit": 200})
+    artifacts = api_json(f"{api}/artifacts/filter", {"flow_runs": {"id": {"any_": [fr_id]}}, "limit": 200})
     assert {a["key"] for a in artifacts} >= {"dataset-validation", "evaluation", "gates", "opd-rounds", "cost-ledger"}
     ledger = next(a for a in artifacts if a["key"] == "cost-ledger")
     assert "sft_data" in json.dumps(ledger["data"]) and "opd_round_1" in json.dumps(ledger["data"])

@@ -6,6 +6,8 @@ import yaml
 
 from opd.config import load_config
 
+from conftest import api_json
+
 INFRA = Path("infra")
 
 
@@ -42,7 +44,6 @@ def test_prefect_deploy_all_from_infra_yaml_against_a_real_server(stack_env, tmp
     import os
     import subprocess
     import sys
-    import urllib.request
 
     prefect = str(Path(sys.executable).with_name("prefect"))
     env = {**os.environ, **stack_env, "PREFECT_HOME": str(tmp_path / "prefect-client"),
@@ -50,8 +51,7 @@ def test_prefect_deploy_all_from_infra_yaml_against_a_real_server(stack_env, tmp
     api = stack_env["PREFECT_API_URL"]
 
     def get(path: str) -> dict:
-        with urllib.request.urlopen(f"{api}{path}") as r:
-            return json.load(r)
+        return api_json(f"{api}{path}")
 
     def run(*args: str) -> None:
         p = subprocess.run([prefect, "--no-prompt", *args], env=env, capture_output=True, text=True, timeout=300)

@@ -2,16 +2,14 @@
 aliases unchanged; resumed with "approve" moves the alias."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
-import urllib.request
 import uuid
 
 import pytest
 
-from conftest import REPO, opd_bin
+from conftest import REPO, api_json, opd_bin
 from opd import pipeline as P
 from opd.config import load_config
 from opd.registry.aliases import audit, read_alias
@@ -20,18 +18,10 @@ from opd.registry.store import publish
 pytestmark = pytest.mark.e2e
 
 
-def _api(url: str, body: dict | None = None):
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
-    with urllib.request.urlopen(req) as r:
-        raw = r.read()
-    return json.loads(raw) if raw else None
-
-
 def _wait_paused(api: str, bucket: str, timeout: float = 600) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        runs = _api(f"{api}/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}, "limit": 50})
+        runs = api_json(f"{api}/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}}, "limit": 50})
         for r in runs:
             if any(bucket in str(o) for o in r["parameters"].get("overrides", [])):
                 return r["id"]
@@ -70,17 +60,17 @@ def test_rejected_approval_leaves_aliases_unchanged_and_approval_moves_it(candid
 
     proc = _promote(bucket, version, opd_home, env)
     fr = _wait_paused(api, bucket)
-    _api(f"{api}/flow_runs/{fr}/resume", {"run_input": {"approve": False, "reason": "numbers too close"}})
+    api_json(f"{api}/flow_runs/{fr}/resume", {"run_input": {"approve": False, "reason": "numbers too close"}})
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out[-3000:]
     assert "rejected by reviewer: numbers too close" in out
     assert read_alias(s3, bucket, "models", "promo-model", "production") is None
     assert not [e for e in audit(s3, bucket, "models", "promo-model") if e.get("action") == "promote"]
-    assert _api(f"{api}/flow_runs/{fr}")["state"]["type"] == "FAILED"
+    assert api_json(f"{api}/flow_runs/{fr}")["state"]["type"] == "FAILED"
 
     proc = _promote(bucket, version, opd_home, env)
     fr = _wait_paused(api, bucket)
-    _api(f"{api}/flow_runs/{fr}/resume", {"run_input": {"approve": True, "reason": "lgtm"}})
+    api_json(f"{api}/flow_runs/{fr}/resume", {"run_input": {"approve": True, "reason": "lgtm"}})
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     st = read_alias(s3, bucket, "models", "promo-model", "production")
