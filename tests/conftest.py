@@ -72,13 +72,27 @@ def opd_bin() -> str:
     return str(Path(sys.executable).with_name("opd"))
 
 
-def api_json(url: str, body: dict | None = None):
-    """GET (or POST ``body`` to) a Prefect REST endpoint and decode its JSON answer (None if empty)."""
+def api_json(url: str, body: dict | None = None, *, attempts: int = 6):
+    """GET (or POST ``body`` to) a Prefect REST endpoint and decode its JSON answer (None if empty).
+
+    Retries 429/502/503 the way Prefect's own client does: its server answers 503 for
+    errors it calls client-retryable (e.g. SQLite "database is locked" under a busy suite),
+    and the transaction behind such an answer was rolled back, so a retry is safe.
+    """
     import json
+    import time
+    import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
-    with urllib.request.urlopen(req) as r:
-        raw = r.read()
-    return json.loads(raw) if raw else None
+    data = None if body is None else json.dumps(body).encode()
+    for attempt in range(attempts):
+        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                     method="GET" if body is None else "POST")
+        try:
+            with urllib.request.urlopen(req) as r:
+                raw = r.read()
+            return json.loads(raw) if raw else None
+        except urllib.error.HTTPError as e:
+            if e.code not in (429, 502, 503) or attempt == attempts - 1:
+                raise
+            time.sleep(float(e.headers.get("Retry-After") or 2 ** attempt))
