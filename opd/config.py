@@ -94,6 +94,15 @@ class TeacherConfig(_Strict):
     scorer: Literal["hf", "vllm", "remote"] = "hf"
     endpoint: str | None = None  # e.g. http://127.0.0.1:8000; required for scorer=remote
     served_model_name: str | None = None  # the server's model id; None = the only one it serves
+    tensor_parallel_size: int = Field(1, ge=1)  # scorer=vllm: GPUs the in-process teacher engine spans
+
+    @model_validator(mode="after")
+    def _tp(self) -> "TeacherConfig":
+        if self.tensor_parallel_size > 1 and self.scorer != "vllm":
+            where = ("start the server with --tensor-parallel-size" if self.scorer == "remote"
+                     else "set teacher.scorer=vllm")
+            raise ValueError(f"teacher.tensor_parallel_size applies to teacher.scorer=vllm: {where}")
+        return self
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":
@@ -151,6 +160,13 @@ class OPDConfig(_Strict):
     eval_slice: int = Field(64, ge=1)
     sampler: Literal["vllm", "hf"] = "vllm"
     weight_sync: Literal["inplace", "restart"] = "inplace"
+    tensor_parallel_size: int = Field(1, ge=1)  # GPUs the vLLM sampler engine spans
+
+    @model_validator(mode="after")
+    def _tp(self) -> "OPDConfig":
+        if self.tensor_parallel_size > 1 and self.sampler != "vllm":
+            raise ValueError("opd.tensor_parallel_size > 1 needs opd.sampler=vllm (the hf sampler runs on one device)")
+        return self
 
     @model_validator(mode="after")
     def _is_temperature(self) -> "OPDConfig":
@@ -161,6 +177,29 @@ class OPDConfig(_Strict):
                 "importance ratios need samples from the student's own distribution: "
                 "set opd.temperature=1.0 and opd.top_p=1.0"
             )
+        return self
+
+
+class TrainingConfig(_Strict):
+    """Where the student's OPD update runs: in the driver process, or on a torchrun group.
+
+    With num_processes > 1 the update step of every round runs on that many ranks (one per GPU;
+    gloo processes on CPU): DDP replicates the student, FSDP2 shards weights, gradients and Adam
+    state (students whose ~16 bytes/param of training state do not fit one GPU)."""
+
+    num_processes: int = Field(1, ge=1, le=1024)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # GPU indices the group's ranks own (CUDA_VISIBLE_DEVICES of the group), kept apart from the
+    # driver's vLLM sampler; None = ranks take GPUs 0..N-1 and share them with the sampler.
+    devices: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _devices(self) -> "TrainingConfig":
+        if self.devices is not None and len(self.devices) != self.num_processes:
+            raise ValueError(f"training.devices lists {len(self.devices)} GPUs for training.num_processes="
+                             f"{self.num_processes}: give one GPU index per process")
+        if self.devices is not None and len(set(self.devices)) != len(self.devices):
+            raise ValueError(f"training.devices {self.devices} repeats a GPU: give each process its own")
         return self
 
 
@@ -228,8 +267,17 @@ class RunConfig(_Strict):
     opd: OPDConfig
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig
+    training: TrainingConfig = TrainingConfig()
     tasks: TaskPolicy = TaskPolicy()
     deployment: DeploymentConfig = DeploymentConfig()
+
+    @model_validator(mode="after")
+    def _even_shards(self) -> "RunConfig":
+        n, w = self.opd.prompts_per_step * self.opd.samples_per_prompt, self.training.num_processes
+        if n % w:
+            raise ValueError(f"opd.prompts_per_step * opd.samples_per_prompt = {n} rollouts per step cannot be split "
+                             f"evenly over training.num_processes={w}: make it a multiple of {w}")
+        return self
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

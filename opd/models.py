@@ -59,12 +59,13 @@ def pick_device(pref: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def save_model(model, tokenizer, out: str | Path) -> Path:
+def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None) -> Path:
+    """HF safetensors + tokenizer; ``state_dict`` (a gathered full one) when ``model`` is sharded."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     return out
 

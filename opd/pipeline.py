@@ -28,7 +28,8 @@ from opd.models import (build_char_tokenizer, build_llama, load_model, load_toke
 from opd.sampling import Sampler, make_sampler
 from opd.scoring import score_completions
 from opd.teachers import TeacherScorer, make_teacher
-from opd.training import make_optimizer, opd_update, sft_train
+from opd.training import load_optimizer, make_optimizer, opd_update, save_optimizer, sft_train
+from opd.update_group import GroupSpec, UpdateGroup
 
 DONE = "done.json"
 
@@ -260,7 +261,8 @@ def get_sampler(cfg: RunConfig, key: str, model_dir: str, eos_id: int, weights_v
     if s is None:
         s = make_sampler(cfg.opd.sampler, model_dir, eos_id, seed=cfg.seed,
                          max_model_len=cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
-                         weight_sync=cfg.opd.weight_sync, device=cfg.device)
+                         weight_sync=cfg.opd.weight_sync, device=cfg.device,
+                         tensor_parallel_size=cfg.opd.tensor_parallel_size)
         s.current = weights
         _SAMPLERS[key] = s
     elif s.current != weights:
@@ -284,6 +286,7 @@ def get_teacher(cfg: RunConfig, teacher_path: str, model=None, pad_id: int | Non
             max_model_len=cfg.data.max_prompt_tokens + cfg.opd.max_tokens + 1,  # +1: scoring generates 1 token
             endpoint=cfg.teacher.endpoint, served_model_name=cfg.teacher.served_model_name,
             trust_remote_code=cfg.teacher.trust_remote_code,
+            tensor_parallel_size=cfg.teacher.tensor_parallel_size,
             gpu_memory_utilization=0.3)  # shares the GPU with the sampler engine (0.5) and the trainer
     return _TEACHERS[key]
 
@@ -293,6 +296,69 @@ def close_samplers() -> None:
         _SAMPLERS.popitem()[1].close()
     while _TEACHERS:
         _TEACHERS.popitem()[1].close()
+
+
+class LocalUpdate:
+    """The student and its optimizer in this process (training.num_processes == 1)."""
+
+    def __init__(self, cfg: RunConfig, student_dir: str, opt_state: Path | None, teacher_model, tok, device):
+        self.cfg, self.tok, self.teacher_model = cfg, tok, teacher_model
+        self.model = load_model(student_dir, device)
+        self.opt = make_optimizer(self.model, cfg.opd.lr)
+        if opt_state is not None:
+            load_optimizer(self.model, self.opt, opt_state)
+
+    def update(self, rollouts, teacher_lp, lr: float) -> dict:
+        o = self.cfg.opd
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        return opd_update(self.model, self.opt, rollouts, teacher_lp, self.tok.pad_token_id, o.micro_batch, o.kl_coef,
+                          o.clip_ratio, o.advantage_baseline, loss=o.loss, teacher_model=self.teacher_model,
+                          topk=o.topk, gkd_beta=o.gkd_beta, forward_kl_coef=o.forward_kl_coef)
+
+    def sync_dir(self, path: Path) -> str:
+        save_model(self.model, self.tok, path)
+        return str(path)
+
+    def finish(self, out: Path):
+        """Write weights + optimizer state to ``out``; return the trained model (for eval)."""
+        save_model(self.model, self.tok, out)
+        save_optimizer(self.model, self.opt, out / "optimizer.pt")
+        return self.model
+
+    def close(self) -> None:
+        pass
+
+
+class GroupUpdate:
+    """The student on a torchrun group of training.num_processes ranks (opd.update_group)."""
+
+    def __init__(self, cfg: RunConfig, student_dir: str, opt_state: Path | None, teacher_dir: str, tok,
+                 device, workdir: Path, sync: Path):
+        o = cfg.opd
+        self.device, self.sync = device, sync
+        spec = GroupSpec(num_processes=cfg.training.num_processes, strategy=cfg.training.strategy, device=cfg.device,
+                         student_dir=student_dir, optimizer_path=str(opt_state) if opt_state else None,
+                         teacher_dir=teacher_dir, sync_dir=str(sync), final_dir=str(workdir / "final"), lr=o.lr,
+                         pad_id=tok.pad_token_id, micro_batch=o.micro_batch, kl_coef=o.kl_coef,
+                         clip_ratio=o.clip_ratio, baseline=o.advantage_baseline, loss=o.loss, topk=o.topk,
+                         gkd_beta=o.gkd_beta, forward_kl_coef=o.forward_kl_coef, driver_pid=os.getpid(),
+                         devices=cfg.training.devices)
+        self.group = UpdateGroup(spec, workdir)
+
+    def update(self, rollouts, teacher_lp, lr: float) -> dict:
+        return self.group.update(rollouts, teacher_lp, lr)
+
+    def sync_dir(self, path: Path) -> str:
+        return str(self.sync)  # rank 0 wrote the step's weights there before answering
+
+    def finish(self, out: Path):
+        final = self.group.finish()
+        shutil.copytree(final, out, dirs_exist_ok=True)
+        return load_model(out, self.device)
+
+    def close(self) -> None:
+        self.group.close()
 
 
 def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, student: ModelRef, out: Path,
@@ -309,51 +375,55 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
     train_prompts = d["train"]["prompt"]
     teacher_model = load_model(teacher.path, device)
     scorer = get_teacher(cfg, teacher.path, teacher_model, tok.pad_token_id) if o.loss == "reverse_kl_is" else None
-    model = load_model(student.path, device)
-    opt = make_optimizer(model, o.lr)
-    opt_state = Path(student.path) / "optimizer.pt"
     # Round 1 starts Adam afresh: SFT's second moments are tuned to small, converged gradients,
     # and dividing the noisier policy-gradient by them makes the first OPD steps far too large.
-    if k > 1 and opt_state.is_file():
-        opt.load_state_dict(torch.load(opt_state, map_location=device))
+    opt_state = Path(student.path) / "optimizer.pt"
+    opt_state = opt_state if k > 1 and opt_state.is_file() else None
     sync_dir = out.with_name(out.name + ".sync")
+    if cfg.training.num_processes > 1:
+        trainer = GroupUpdate(cfg, student.path, opt_state, teacher.path, tok, device,
+                              out.with_name(out.name + ".group"), sync_dir)
+    else:
+        trainer = LocalUpdate(cfg, student.path, opt_state, teacher_model, tok, device)
     cost = PhaseCost(f"opd_round_{k}")
     timings = {"sample_s": 0.0, "score_s": 0.0, "update_s": 0.0, "sync_s": 0.0}
     steps, n_sampled, n_scored, n_rollouts, n_finished = [], 0, 0, 0, 0
-    for step in range(o.steps_per_round):
-        t = time.time()
-        if step == 0:
-            sampler = get_sampler(cfg, sampler_key, student.path, tok.eos_token_id)
-        else:  # the trainer moved: hand the sampler the new weights (in place, no restart)
-            save_model(model, tok, sync_dir)
-            sampler = get_sampler(cfg, sampler_key, str(sync_dir), tok.eos_token_id, weights_version=step)
-        timings["sync_s"] += time.time() - t
+    try:
+        for step in range(o.steps_per_round):
+            t = time.time()
+            if step == 0:
+                sampler = get_sampler(cfg, sampler_key, student.path, tok.eos_token_id)
+            else:  # the trainer moved: hand the sampler the new weights (in place, no restart)
+                sampler = get_sampler(cfg, sampler_key, trainer.sync_dir(sync_dir), tok.eos_token_id,
+                                      weights_version=step)
+            timings["sync_s"] += time.time() - t
 
-        t = time.time()
-        rng = random.Random((cfg.seed * 1000 + k) * 1000 + step)
-        idx = rng.sample(range(len(train_prompts)), min(o.prompts_per_step, len(train_prompts)))
-        rollouts = sampler.sample(_encode_prompts(tok, [train_prompts[i] for i in idx]), n=o.samples_per_prompt,
-                                  max_tokens=o.max_tokens, temperature=o.temperature, top_p=o.top_p,
-                                  seed=rng.randrange(2**31))
-        timings["sample_s"] += time.time() - t
+            t = time.time()
+            rng = random.Random((cfg.seed * 1000 + k) * 1000 + step)
+            idx = rng.sample(range(len(train_prompts)), min(o.prompts_per_step, len(train_prompts)))
+            rollouts = sampler.sample(_encode_prompts(tok, [train_prompts[i] for i in idx]),
+                                      n=o.samples_per_prompt, max_tokens=o.max_tokens, temperature=o.temperature,
+                                      top_p=o.top_p, seed=rng.randrange(2**31))
+            timings["sample_s"] += time.time() - t
 
-        t = time.time()
-        teacher_lp = (scorer.score([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts])
-                      if scorer is not None else None)  # logit losses run the teacher inside the update
-        timings["score_s"] += time.time() - t
+            t = time.time()
+            teacher_lp = (scorer.score([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts])
+                          if scorer is not None else None)  # logit losses run the teacher inside the update
+            timings["score_s"] += time.time() - t
 
-        t = time.time()
-        global_step = (k - 1) * o.steps_per_round + step
-        for g in opt.param_groups:  # linear warmup: Adam's first steps are sign-like, so keep them small
-            g["lr"] = o.lr * min(1.0, (global_step + 1) / max(1, o.warmup_steps))
-        steps.append(opd_update(model, opt, rollouts, teacher_lp, tok.pad_token_id, o.micro_batch, o.kl_coef,
-                                o.clip_ratio, o.advantage_baseline, loss=o.loss, teacher_model=teacher_model,
-                                topk=o.topk, gkd_beta=o.gkd_beta, forward_kl_coef=o.forward_kl_coef))
-        timings["update_s"] += time.time() - t
-        tokens = sum(len(r.completion_ids) for r in rollouts)
-        seq_tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
-        n_sampled, n_scored = n_sampled + tokens, n_scored + seq_tokens
-        n_rollouts, n_finished = n_rollouts + len(rollouts), n_finished + sum(r.finished for r in rollouts)
+            t = time.time()
+            global_step = (k - 1) * o.steps_per_round + step
+            # linear warmup: Adam's first steps are sign-like, so keep them small
+            steps.append(trainer.update(rollouts, teacher_lp, o.lr * min(1.0, (global_step + 1) / max(1, o.warmup_steps))))
+            timings["update_s"] += time.time() - t
+            tokens = sum(len(r.completion_ids) for r in rollouts)
+            seq_tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
+            n_sampled, n_scored = n_sampled + tokens, n_scored + seq_tokens
+            n_rollouts, n_finished = n_rollouts + len(rollouts), n_finished + sum(r.finished for r in rollouts)
+        tmp = _fresh(out)
+        model = trainer.finish(tmp)
+    finally:
+        trainer.close()
     cost.sample(student.params, n_sampled)
     cost.teacher(teacher.params, n_scored)
     cost.train(student.params, n_scored)
@@ -374,21 +444,21 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
         "sample_tokens_per_s": n_sampled / max(timings["sample_s"], 1e-9),
         "score_tokens_per_s": n_scored / max(timings["score_s"], 1e-9),
         "update_tokens_per_s": n_scored / max(timings["update_s"], 1e-9),
+        "update_processes": cfg.training.num_processes,
         **timings,
     }
     cost.wall_s = sum(timings.values())
     log(f"round {k}: reverse KL {metrics['reverse_kl']:.4f}, eval-slice accuracy {acc}, "
         f"sample {timings['sample_s']:.1f}s score {timings['score_s']:.1f}s update {timings['update_s']:.1f}s "
-        f"sync {timings['sync_s']:.1f}s")
-    tmp = _fresh(out)
-    save_model(model, tok, tmp)
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        f"sync {timings['sync_s']:.1f}s" + (f" ({cfg.training.num_processes} update processes)"
+                                            if cfg.training.num_processes > 1 else ""))
     # Weights, optimizer state and metrics are the whole round state: prompt choice and sampling
     # seeds derive from (seed, round, step), so a resumed run replays the next round exactly.
     _publish_dir(tmp, out, {"params": student.params, "metrics": metrics, "cost": cost.as_dict(),
                             "completed_at": time.time(), "pid": os.getpid(),
                             "rng": {"seed": cfg.seed, "scheme": "(seed*1000+round)*1000+step"}})
     shutil.rmtree(sync_dir, ignore_errors=True)
+    shutil.rmtree(out.with_name(out.name + ".group"), ignore_errors=True)
     return RoundResult(k, ModelRef(str(out), student.params), metrics, cost.as_dict())
 
 

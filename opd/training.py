@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 import random
+from contextlib import nullcontext
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,6 +19,30 @@ from opd.scoring import token_logprobs
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+
+
+def save_optimizer(model, optimizer, path: str | Path) -> None:
+    """Full, parameter-name-keyed optimizer state: the same file whether the student was trained in
+    one process, under DDP or sharded by FSDP, so a resumed round may use any of them.
+    Under torchrun every rank must call this (FSDP gathers); only rank 0 writes."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(state, path)
+
+
+def load_optimizer(model, optimizer, path: str | Path) -> None:
+    """Inverse of ``save_optimizer``; also reads the index-keyed files of single-process runs."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if all(isinstance(k, int) for k in state["state"]):
+        optimizer.load_state_dict(state)
+        return
+    optimizer.zero_grad(set_to_none=True)  # torch initialises empty Adam state only on grad-free params
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def _lr_at(step: int, spec: TrainSpec) -> float:
@@ -63,8 +89,14 @@ LOGIT_LOSSES = ("reverse_kl_full", "reverse_kl_topk", "gkd_jsd")
 def opd_update(model, optimizer, rollouts: list[Rollout], teacher_logprobs: list[list[float]] | None, pad_id: int,
                micro_batch: int, kl_coef: float = 1.0, clip_ratio: float | None = None,
                baseline: str = "none", *, loss: str = "reverse_kl_is", teacher_model=None, topk: int = 20,
-               gkd_beta: float = 0.5, forward_kl_coef: float = 0.0) -> dict[str, float]:
+               gkd_beta: float = 0.5, forward_kl_coef: float = 0.0, rank: int = 0,
+               world: int = 1) -> dict[str, float]:
     """One optimizer step over all rollouts (gradient accumulated over micro-batches).
+
+    Under torchrun (``world`` > 1, ``model`` wrapped in DDP or FSDP) every rank passes the same
+    global rollouts and trains on its contiguous shard. Each micro-batch's loss is weighted by its
+    share of the *global* completion tokens and scaled by ``world`` (DDP and FSDP average gradients
+    over ranks), so the step equals the single-process step; metrics are all-reduced the same way.
 
     ``loss="reverse_kl_is"`` (default) uses ``teacher_logprobs`` (the teacher's logprob of each
     sampled token); ``kl_coef``, ``clip_ratio`` and ``baseline`` apply only to it. The logit losses
@@ -79,37 +111,72 @@ def opd_update(model, optimizer, rollouts: list[Rollout], teacher_logprobs: list
         raise ValueError(f"loss={loss!r} needs teacher_model (its logits on the same batch)")
     if loss == "reverse_kl_is" and teacher_logprobs is None:
         raise ValueError("loss='reverse_kl_is' needs teacher_logprobs")
+    if len(rollouts) % world:
+        raise ValueError(f"{len(rollouts)} rollouts cannot be split evenly over {world} processes: make "
+                         "opd.prompts_per_step * opd.samples_per_prompt a multiple of training.num_processes")
     device = next(model.parameters()).device
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    total_tokens = sum(len(r.completion_ids) for r in rollouts)
+    total_tokens = sum(len(r.completion_ids) for r in rollouts)  # global: every rank sees all rollouts
+    lo, hi = len(rollouts) * rank // world, len(rollouts) * (rank + 1) // world
+    starts = list(range(lo, hi, micro_batch))  # equal shards -> the same number of backward passes per rank
     agg: dict[str, float] = {}
-    for s in range(0, len(rollouts), micro_batch):
-        chunk = rollouts[s : s + micro_batch]
+    for i, s in enumerate(starts):
+        e = min(s + micro_batch, hi)
+        chunk = rollouts[s:e]
         b = pack([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], pad_id).to(device)
         logp_sampler = scatter_completion([r.sampler_logprobs for r in chunk], b)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-        logp_new = token_logprobs_from_logits(logits, b.input_ids[:, 1:])  # == token_logprobs(model, b)
-        if loss == "reverse_kl_is":
-            logp_teacher = scatter_completion(teacher_logprobs[s : s + micro_batch], b)
-            loss_t, m = reverse_kl_is(logp_new, logp_sampler, logp_teacher, b.loss_mask, kl_coef, clip_ratio,
-                                      baseline)
-        else:
-            loss_t, m = _logit_loss(loss, logits, logp_new, logp_sampler, b, teacher_model, topk, gkd_beta,
-                                    forward_kl_coef)
-        with torch.no_grad():
-            m["student_entropy"] = float(entropy_from_logits(logits.detach(), b.loss_mask))
-        del logits  # the graph keeps what backward needs
-        weight = float(b.loss_mask.sum()) / max(1, total_tokens)  # token-weighted mean over the batch
-        (loss_t * weight).backward()
+        with _grad_sync(model, last=i == len(starts) - 1, world=world):
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+            logp_new = token_logprobs_from_logits(logits, b.input_ids[:, 1:])  # == token_logprobs(model, b)
+            if loss == "reverse_kl_is":
+                logp_teacher = scatter_completion(teacher_logprobs[s:e], b)
+                loss_t, m = reverse_kl_is(logp_new, logp_sampler, logp_teacher, b.loss_mask, kl_coef, clip_ratio,
+                                          baseline)
+            else:
+                loss_t, m = _logit_loss(loss, logits, logp_new, logp_sampler, b, teacher_model, topk, gkd_beta,
+                                        forward_kl_coef)
+            with torch.no_grad():
+                m["student_entropy"] = float(entropy_from_logits(logits.detach(), b.loss_mask))
+            del logits  # the graph keeps what backward needs
+            weight = float(b.loss_mask.sum()) / max(1, total_tokens)  # token-weighted mean over the global batch
+            (loss_t * (weight * world)).backward()
         for k, v in m.items():
             if k.endswith("_max"):
                 agg[k] = max(agg.get(k, v), v)
             else:
                 agg[k] = agg.get(k, 0.0) + v * weight
-    agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+    if world > 1:
+        agg = _all_reduce_metrics(agg, device)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    agg["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     optimizer.step()
     return agg
+
+
+def _grad_sync(model, last: bool, world: int):
+    """Reduce gradients across ranks once per step (on the last micro-batch), not per micro-batch."""
+    if world == 1 or last:
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(True)
+        return nullcontext()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        return nullcontext()
+    return model.no_sync()  # DDP
+
+
+def _all_reduce_metrics(agg: dict[str, float], device) -> dict[str, float]:
+    """Token-weighted partial sums add up across ranks; ``*_max`` metrics take the max."""
+    import torch.distributed as dist
+
+    keys = sorted(agg)  # same order on every rank
+    sums = torch.tensor([0.0 if k.endswith("_max") else agg[k] for k in keys], dtype=torch.float64, device=device)
+    maxes = torch.tensor([agg[k] if k.endswith("_max") else -math.inf for k in keys], dtype=torch.float64,
+                         device=device)  # NCCL reduces device tensors only
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+    return {k: float(maxes[i] if k.endswith("_max") else sums[i]) for i, k in enumerate(keys)}
 
 
 def _logit_loss(loss: str, logits, logp_new, logp_sampler, b, teacher_model, topk: int, gkd_beta: float,

@@ -25,11 +25,26 @@ def test_override_sets_nested_value():
     ("opd.temperature=0.7", "opd: Value error, importance ratios need samples"),
     ("student.model.num_heads=8", "head_dim = hidden_size/num_heads = 8"),
     ("registry.model_name=../etc", "registry.model_name: Value error, model name '../etc' is invalid"),
+    ("training.num_processes=3", "256 rollouts per step cannot be split evenly over training.num_processes=3"),
+    ("training.devices=[0, 1]", "training.devices lists 2 GPUs for training.num_processes=1"),
+    ("training.strategy=zero3", "training.strategy: Input should be 'ddp' or 'fsdp'"),
+    ("opd.tensor_parallel_size=0", "opd.tensor_parallel_size: Input should be greater than or equal to 1"),
+    ("teacher.tensor_parallel_size=2", "teacher.tensor_parallel_size applies to teacher.scorer=vllm: set"),
 ])
 def test_bad_values_name_the_field(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config("configs/ci.yaml", [override])
     assert needle in str(e.value)
+
+
+def test_parallelism_settings():
+    cfg = load_config("configs/qwen3-8b-from-32b.yaml")
+    assert cfg.training.num_processes == 4 and cfg.training.strategy == "fsdp"
+    assert cfg.opd.tensor_parallel_size == 2 and set(cfg.training.devices).isdisjoint(range(2))
+    with pytest.raises(ConfigError, match="opd.tensor_parallel_size > 1 needs opd.sampler=vllm"):
+        load_config("configs/ci.yaml", ["opd.tensor_parallel_size=2", "opd.sampler=hf"])
+    with pytest.raises(ConfigError, match="repeats a GPU"):
+        load_config("configs/ci.yaml", ["training.num_processes=2", "training.devices=[1, 1]"])
 
 
 def test_override_needs_key_value():

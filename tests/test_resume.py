@@ -1,4 +1,8 @@
-"""kill -9 during round 2, rerun with the same run key: rounds 1..N each done once, one version."""
+"""kill -9 during round 2, rerun with the same run key: rounds 1..N each done once, one version.
+
+The run updates the student on a 2-process torchrun group (training.num_processes=2), so this also
+proves the group dies with its driver and that a resumed round restores the group's optimizer state.
+"""
 from __future__ import annotations
 
 import json
@@ -19,7 +23,7 @@ def test_kill9_in_round_2_then_resume(stack_env, s3, opd_home, tmp_path):
     bucket = f"opd-resume-{uuid.uuid4().hex[:8]}"
     key = f"resume-{uuid.uuid4().hex[:8]}"
     args = [opd_bin(), "run", "configs/ci.yaml", "--set", f"home={opd_home}", "--set", f"registry.bucket={bucket}",
-            "--set", "opd.rounds=3", "--run-key", key]
+            "--set", "opd.rounds=3", "--set", "training.num_processes=2", "--run-key", key]
     env = {**os.environ, **stack_env}
     run = opd_home / "runs" / key
     with open(tmp_path / "first.log", "w") as log:
@@ -29,8 +33,15 @@ def test_kill9_in_round_2_then_resume(stack_env, s3, opd_home, tmp_path):
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
             assert time.time() < deadline, "round 2 never started"
             time.sleep(0.05)
-        os.killpg(first.pid, signal.SIGKILL)  # the flow process and its vLLM engine, no cleanup
+        os.killpg(first.pid, signal.SIGKILL)  # the flow process, its vLLM engine and update group, no cleanup
         first.wait()
+    group = f"opd.update_group --workdir {run / 'round_002.group'}"
+    for _ in range(100):  # no orphaned rank keeps a stale student in memory
+        if subprocess.run(["pgrep", "-f", group], capture_output=True).returncode == 1:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"update-group processes outlived the killed run: {group}")
     assert (run / "round_001" / "done.json").is_file()
     assert not (run / "round_002" / "done.json").exists()
     round1 = json.loads((run / "round_001" / "done.json").read_text())
@@ -42,6 +53,7 @@ def test_kill9_in_round_2_then_resume(stack_env, s3, opd_home, tmp_path):
     assert done[0] == round1  # round 1 was not redone
     assert done[0]["pid"] == first.pid and done[1]["pid"] != first.pid and done[2]["pid"] == done[1]["pid"]
     assert [d["metrics"]["round"] for d in done] == [1, 2, 3]
+    assert [d["metrics"]["update_processes"] for d in done] == [2, 2, 2]
     assert not (run / "round_004").exists()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert [k for k in keys if k.endswith("manifest.json")] == ["models/addition-student-ci/versions/1/manifest.json"]

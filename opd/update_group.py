@@ -1,0 +1,228 @@
+"""The OPD update step on several processes (torchrun; DDP, or FSDP2 for students too big for one GPU).
+
+The round's driver (``opd.pipeline.opd_round``) keeps the vLLM sampler and the teacher scorer; a
+group launched once per round keeps the student and its optimizer in memory, so a step costs one
+message each way, not a model load. They talk through files in the round's work dir (one
+filesystem: a node, or a pod's volume): the driver writes ``step_<i>.pt`` (rollouts, teacher
+logprobs, learning rate); every rank trains on its shard (``opd_update``'s global token
+weighting makes the step equal to the one-process step); rank 0 writes the new weights to the sync
+dir the sampler reloads from, then ``step_<i>.json`` (metrics). ``stop`` makes the group write the
+final weights and optimizer state and exit. Ranks exit on their own if the driver dies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from opd.sampling.base import Rollout
+
+POLL_S = 0.02
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Everything a rank needs; written once as spec.json."""
+
+    num_processes: int
+    strategy: str  # "ddp" | "fsdp"
+    device: str  # "auto" | "cpu" | "cuda"
+    student_dir: str
+    optimizer_path: str | None  # previous round's state; None = fresh Adam
+    teacher_dir: str | None  # only the logit losses run the teacher inside the update
+    sync_dir: str
+    final_dir: str
+    lr: float
+    pad_id: int
+    micro_batch: int
+    kl_coef: float
+    clip_ratio: float | None
+    baseline: str
+    loss: str
+    topk: int
+    gkd_beta: float
+    forward_kl_coef: float
+    driver_pid: int
+    devices: list[int] | None = None  # CUDA_VISIBLE_DEVICES for the ranks
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".part")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- driver side
+
+class UpdateGroup:
+    """Driver-side handle: start the ranks, feed them steps, collect the final checkpoint."""
+
+    def __init__(self, spec: GroupSpec, workdir: Path):
+        self.spec, self.workdir, self.step_i = spec, Path(workdir), 0
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for f in self.workdir.iterdir():  # a retried round starts its exchange afresh
+            if f.is_file():
+                f.unlink()
+        (self.workdir / "spec.json").write_text(json.dumps(asdict(spec)))
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        if spec.devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.devices))
+        if not _use_cuda(spec.device):
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.num_processes))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.num_processes}",
+               "-m", "opd.update_group", "--workdir", str(self.workdir)]
+        self.log = open(self.workdir / "group.log", "ab")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def _wait(self, path: Path) -> dict:
+        while not path.is_file():
+            if self.proc.poll() is not None:
+                errors = sorted(self.workdir.glob("error_rank*.txt"))
+                cause = errors[0].read_text() if errors else "(no rank recorded an error)"
+                raise RuntimeError(f"the {self.spec.num_processes}-process update group exited with code "
+                                   f"{self.proc.returncode}: {cause}\nits log ({self.workdir / 'group.log'}) "
+                                   f"ends:\n{self.log_tail(2000)}")
+            time.sleep(POLL_S)
+        return json.loads(path.read_text())
+
+    def log_tail(self, n: int = 4000) -> str:
+        self.log.flush()
+        return (self.workdir / "group.log").read_bytes()[-n:].decode(errors="replace")
+
+    def update(self, rollouts: list[Rollout], teacher_logprobs: list[list[float]] | None, lr: float) -> dict:
+        """One optimizer step on the group; returns the step's (all-reduced) metrics."""
+        msg = {"lr": lr, "teacher_logprobs": teacher_logprobs,
+               "rollouts": [[r.prompt_index, r.prompt_ids, r.completion_ids, r.sampler_logprobs, r.finished]
+                            for r in rollouts]}
+        i, self.step_i = self.step_i, self.step_i + 1
+        _write_atomic(self.workdir / f"step_{i}.pt", lambda p: torch.save(msg, p))
+        return self._wait(self.workdir / f"step_{i}.json")
+
+    def finish(self) -> Path:
+        """Ask for the final weights + optimizer state (in ``spec.final_dir``) and wait for exit."""
+        (self.workdir / "stop").write_text("")
+        self._wait(self.workdir / "final.json")
+        self.proc.wait(timeout=600)
+        self.close()
+        return Path(self.spec.final_dir)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+# ---------------------------------------------------------------- rank side
+
+def _use_cuda(pref: str) -> bool:
+    return pref == "cuda" or (pref == "auto" and torch.cuda.is_available())
+
+
+def _wrap(model, strategy: str, device: torch.device):
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:  # one all-gather per decoder layer, as torchtune does
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _save_weights(model, tok, out: Path, rank: int) -> None:
+    """All ranks gather (FSDP needs every rank); rank 0 writes an ordinary HF checkpoint."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        from opd.models import save_model
+
+        save_model(getattr(model, "module", model), tok, out, state_dict=sd)
+
+
+def _wait_for(workdir: Path, name: str, driver_pid: int) -> bool:
+    """True when ``name`` appears, False on ``stop``; exits if the driver is gone."""
+    while True:
+        if (workdir / name).is_file():
+            return True
+        if (workdir / "stop").is_file():
+            return False
+        try:
+            os.kill(driver_pid, 0)
+        except ProcessLookupError:
+            sys.exit("update group: the driver process is gone; exiting")
+        time.sleep(POLL_S)
+
+
+def serve(workdir: Path) -> None:
+    """Run one rank; its exception is also written for the driver, which quotes it."""
+    try:
+        _serve(workdir)
+    except Exception as e:
+        rank = os.environ.get("RANK", "0")
+        (workdir / f"error_rank{rank}.txt").write_text(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+
+
+def _serve(workdir: Path) -> None:
+    import torch.distributed as dist
+
+    from opd.models import load_model, load_tokenizer
+    from opd.training import LOGIT_LOSSES, load_optimizer, make_optimizer, opd_update, save_optimizer
+
+    spec = GroupSpec(**json.loads((workdir / "spec.json").read_text()))
+    cuda = _use_cuda(spec.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    model = _wrap(load_model(spec.student_dir, device), spec.strategy, device)
+    tok = load_tokenizer(spec.student_dir)
+    opt = make_optimizer(model, spec.lr)
+    if spec.optimizer_path:
+        load_optimizer(model, opt, spec.optimizer_path)
+    teacher = load_model(spec.teacher_dir, device) if spec.loss in LOGIT_LOSSES else None
+    i = 0
+    while _wait_for(workdir, f"step_{i}.pt", spec.driver_pid):
+        msg = torch.load(workdir / f"step_{i}.pt", weights_only=True)
+        rollouts = [Rollout(*r) for r in msg["rollouts"]]
+        for g in opt.param_groups:
+            g["lr"] = msg["lr"]
+        metrics = opd_update(model, opt, rollouts, msg["teacher_logprobs"], spec.pad_id, spec.micro_batch,
+                             spec.kl_coef, spec.clip_ratio, spec.baseline, loss=spec.loss, teacher_model=teacher,
+                             topk=spec.topk, gkd_beta=spec.gkd_beta, forward_kl_coef=spec.forward_kl_coef,
+                             rank=rank, world=world)
+        _save_weights(model, tok, Path(spec.sync_dir), rank)
+        if rank == 0:
+            metrics["num_processes"] = world
+            _write_atomic(workdir / f"step_{i}.json", lambda p: p.write_text(json.dumps(metrics)))
+        i += 1
+    _save_weights(model, tok, Path(spec.final_dir), rank)
+    save_optimizer(model, opt, Path(spec.final_dir) / "optimizer.pt")
+    dist.barrier()
+    if rank == 0:
+        _write_atomic(workdir / "final.json", lambda p: p.write_text(json.dumps({"steps": i})))
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="one rank of the OPD update group (launched by torchrun)")
+    ap.add_argument("--workdir", type=Path, required=True)
+    serve(ap.parse_args(argv).workdir)
+
+
+if __name__ == "__main__":
+    main()
