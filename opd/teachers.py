@@ -121,13 +121,14 @@ class HFTeacher:
 class VLLMTeacher:
     def __init__(self, model_dir: str, max_model_len: int = 256, seed: int = 0, dtype: str = "float32",
                  gpu_memory_utilization: float = 0.5, kv_cache_gib: int = 1, enforce_eager: bool = True,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, tensor_parallel_size: int = 1):
         self.model_dir = str(model_dir)
         self.max_model_len = max_model_len
         self.vocab_size = _config_vocab(model_dir)
         self.llm = start_llm(self.model_dir, seed=seed, max_model_len=max_model_len, dtype=dtype,
                              gpu_memory_utilization=gpu_memory_utilization, kv_cache_gib=kv_cache_gib,
-                             enforce_eager=enforce_eager, trust_remote_code=trust_remote_code)
+                             enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
+                             tensor_parallel_size=tensor_parallel_size)
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         from vllm import SamplingParams
@@ -243,7 +244,7 @@ def make_teacher(kind: str, model_dir: str | None = None, *, device: str | None 
                  max_model_len: int = 256, seed: int = 0, endpoint: str | None = None,
                  served_model_name: str | None = None, timeout: float = 300.0,
                  trust_remote_code: bool = False, model=None, pad_id: int | None = None,
-                 gpu_memory_utilization: float = 0.5) -> TeacherScorer:
+                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1) -> TeacherScorer:
     """Chosen by config (teacher.scorer), never silently: an unknown kind is an error.
 
     ``model``/``pad_id`` (hf only): reuse a teacher already loaded in this process."""
@@ -252,7 +253,7 @@ def make_teacher(kind: str, model_dir: str | None = None, *, device: str | None 
                          model=model, pad_id=pad_id)
     if kind == "vllm":
         return VLLMTeacher(model_dir, max_model_len=max_model_len, seed=seed, trust_remote_code=trust_remote_code,
-                           gpu_memory_utilization=gpu_memory_utilization)
+                           gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
     if kind == "remote":
         if not endpoint:
             raise ValueError("teacher.scorer='remote' needs teacher.endpoint (e.g. http://127.0.0.1:8000)")

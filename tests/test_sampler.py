@@ -128,3 +128,35 @@ def test_seeded_samples_are_independent_across_prompts(sampler):
     rollouts = sampler.sample([prompt] * 8, n=1, max_tokens=8, seed=123)
     distinct = {tuple(r.completion_ids) for r in rollouts}
     assert len(distinct) >= 4, distinct
+
+
+def test_tensor_parallel_engine_syncs_in_place(student_dirs):
+    """opd.tensor_parallel_size=2: two vLLM workers (one core each here) hold half the heads each;
+    the in-place reload reaches both, and logprobs still match transformers."""
+    from opd.sampling.vllm_sampler import VLLMSampler
+
+    old, new = student_dirs
+    s = VLLMSampler(old, eos_id=EOS, max_model_len=MAX_LEN, tensor_parallel_size=2)
+    try:
+        before = s.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
+        _check_rollouts(before)
+        assert _max_abs_diff([r.sampler_logprobs for r in before], _hf_logprobs(old, before)) < TOL
+        s.update_weights(new)
+        after = s.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
+        got = [r.sampler_logprobs for r in after]
+        d_new, d_old = _max_abs_diff(got, _hf_logprobs(new, after)), _max_abs_diff(got, _hf_logprobs(old, after))
+        print(f"TP=2 after sync: max |vllm - hf(new)| = {d_new:.3g}, max |vllm - hf(old)| = {d_old:.3g}")
+        assert d_new < TOL and d_old > 100 * TOL
+    finally:
+        s.close()
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ  # the binding does not leak into later engines
+
+
+def test_cpu_thread_binding():
+    from opd.vllm_engine import cpu_thread_binding
+
+    assert cpu_thread_binding(2, [0, 1]) == "0|1"
+    assert cpu_thread_binding(2, list(range(8))) == "0-3|4-7"
+    assert cpu_thread_binding(3, [0, 1, 2, 3, 4, 5, 6]) == "0-1|2-3|4-6"
+    with pytest.raises(ValueError, match="at least 4 CPU cores"):
+        cpu_thread_binding(4, [0, 1])

@@ -117,6 +117,17 @@ def test_vllm_matches_hf(vllm_teacher, hf_scores):
     assert diff < TOL
 
 
+def test_vllm_tensor_parallel_matches_hf(teacher_dir, hf_scores):
+    """teacher.tensor_parallel_size=2: the teacher's heads split over two vLLM workers, same logprobs."""
+    t = VLLMTeacher(teacher_dir, max_model_len=MAX_LEN, tensor_parallel_size=2)
+    try:
+        diff = _max_abs_diff(t.score(PROMPTS, COMPLETIONS), hf_scores)
+    finally:
+        t.close()
+    print(f"TP=2: max |vllm - hf| = {diff:.3g}")
+    assert diff < TOL
+
+
 def test_vllm_rejects_bad_ids_without_killing_engine(vllm_teacher, hf_scores):
     # an id >= vocab_size would kill the engine (vLLM does not check ids with skip_tokenizer_init)
     with pytest.raises(TeacherInputError, match="outside the teacher's vocabulary"):

@@ -14,7 +14,7 @@ from opd.vllm_engine import shutdown_llm, start_llm
 class VLLMSampler:
     def __init__(self, model_dir: str, eos_id: int, max_model_len: int = 256, seed: int = 0,
                  weight_sync: str = "inplace", gpu_memory_utilization: float = 0.5,
-                 kv_cache_gib: int = 1, device: str | None = None):
+                 kv_cache_gib: int = 1, device: str | None = None, tensor_parallel_size: int = 1):
         self.model_dir = str(model_dir)
         self.eos_id = eos_id
         self.max_model_len = max_model_len
@@ -22,11 +22,13 @@ class VLLMSampler:
         self.weight_sync = weight_sync
         self.gpu_memory_utilization = gpu_memory_utilization
         self.kv_cache_gib = kv_cache_gib
+        self.tensor_parallel_size = tensor_parallel_size
         self.llm = self._start()
 
     def _start(self):
         return start_llm(self.model_dir, seed=self.seed, max_model_len=self.max_model_len,
-                         gpu_memory_utilization=self.gpu_memory_utilization, kv_cache_gib=self.kv_cache_gib)
+                         gpu_memory_utilization=self.gpu_memory_utilization, kv_cache_gib=self.kv_cache_gib,
+                         tensor_parallel_size=self.tensor_parallel_size)
 
     def sample(self, prompts: list[list[int]], n: int, max_tokens: int, temperature: float = 1.0,
                top_p: float = 1.0, seed: int | None = None) -> list[Rollout]:
