@@ -45,3 +45,14 @@ def scatter_completion(per_seq: list[list[float]], batch: PackedBatch) -> torch.
         idx = batch.loss_mask[i].nonzero(as_tuple=True)[0]
         out[i, idx] = torch.tensor(vals, dtype=out.dtype)
     return out
+
+
+def scatter_completion_k(per_seq: list[list[list[float]]], batch: PackedBatch, dtype=torch.float32) -> torch.Tensor:
+    """Like ``scatter_completion`` for k values per completion token: a [B, S-1, k] grid."""
+    k = next((len(row[0]) for row in per_seq if row), 1)
+    out = torch.zeros((*batch.loss_mask.shape, k), dtype=dtype)
+    for i, vals in enumerate(per_seq):
+        if vals:
+            idx = batch.loss_mask[i].nonzero(as_tuple=True)[0].cpu()
+            out[i, idx] = torch.tensor(vals, dtype=dtype)
+    return out.to(batch.loss_mask.device)

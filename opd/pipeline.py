@@ -308,13 +308,14 @@ class LocalUpdate:
         if opt_state is not None:
             load_optimizer(self.model, self.opt, opt_state)
 
-    def update(self, rollouts, teacher_lp, lr: float) -> dict:
+    def update(self, rollouts, teacher_lp, lr: float, teacher_topk=None) -> dict:
         o = self.cfg.opd
         for g in self.opt.param_groups:
             g["lr"] = lr
         return opd_update(self.model, self.opt, rollouts, teacher_lp, self.tok.pad_token_id, o.micro_batch, o.kl_coef,
                           o.clip_ratio, o.advantage_baseline, loss=o.loss, teacher_model=self.teacher_model,
-                          topk=o.topk, gkd_beta=o.gkd_beta, forward_kl_coef=o.forward_kl_coef)
+                          topk=o.topk, gkd_beta=o.gkd_beta, forward_kl_coef=o.forward_kl_coef,
+                          teacher_topk=teacher_topk)
 
     def sync_dir(self, path: Path) -> str:
         save_model(self.model, self.tok, path)
@@ -333,7 +334,7 @@ class LocalUpdate:
 class GroupUpdate:
     """The student on a torchrun group of training.num_processes ranks (opd.update_group)."""
 
-    def __init__(self, cfg: RunConfig, student_dir: str, opt_state: Path | None, teacher_dir: str, tok,
+    def __init__(self, cfg: RunConfig, student_dir: str, opt_state: Path | None, teacher_dir: str | None, tok,
                  device, workdir: Path, sync: Path):
         o = cfg.opd
         self.device, self.sync = device, sync
@@ -346,8 +347,8 @@ class GroupUpdate:
                          devices=cfg.training.devices)
         self.group = UpdateGroup(spec, workdir)
 
-    def update(self, rollouts, teacher_lp, lr: float) -> dict:
-        return self.group.update(rollouts, teacher_lp, lr)
+    def update(self, rollouts, teacher_lp, lr: float, teacher_topk=None) -> dict:
+        return self.group.update(rollouts, teacher_lp, lr, teacher_topk)
 
     def sync_dir(self, path: Path) -> str:
         return str(self.sync)  # rank 0 wrote the step's weights there before answering
@@ -374,14 +375,18 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
     d = data.load()
     train_prompts = d["train"]["prompt"]
     teacher_model = load_model(teacher.path, device)
-    scorer = get_teacher(cfg, teacher.path, teacher_model, tok.pad_token_id) if o.loss == "reverse_kl_is" else None
+    # reverse_kl_topk takes a vLLM/remote teacher's top-k (prompt_logprobs=k); with the hf scorer it,
+    # like the other logit losses, runs the teacher inside the update on the same batch.
+    scorer_topk = o.loss == "reverse_kl_topk" and cfg.teacher.scorer != "hf"
+    scorer = (get_teacher(cfg, teacher.path, teacher_model, tok.pad_token_id)
+              if o.loss == "reverse_kl_is" or scorer_topk else None)
     # Round 1 starts Adam afresh: SFT's second moments are tuned to small, converged gradients,
     # and dividing the noisier policy-gradient by them makes the first OPD steps far too large.
     opt_state = Path(student.path) / "optimizer.pt"
     opt_state = opt_state if k > 1 and opt_state.is_file() else None
     sync_dir = out.with_name(out.name + ".sync")
     if cfg.training.num_processes > 1:
-        trainer = GroupUpdate(cfg, student.path, opt_state, teacher.path, tok, device,
+        trainer = GroupUpdate(cfg, student.path, opt_state, None if scorer_topk else teacher.path, tok, device,
                               out.with_name(out.name + ".group"), sync_dir)
     else:
         trainer = LocalUpdate(cfg, student.path, opt_state, teacher_model, tok, device)
@@ -407,14 +412,19 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
             timings["sample_s"] += time.time() - t
 
             t = time.time()
-            teacher_lp = (scorer.score([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts])
-                          if scorer is not None else None)  # logit losses run the teacher inside the update
+            prompts_ids, comps = [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts]
+            teacher_lp = teacher_topk = None  # logit losses run the teacher inside the update
+            if scorer_topk:
+                teacher_topk = scorer.score_topk(prompts_ids, comps, o.topk)
+            elif scorer is not None:
+                teacher_lp = scorer.score(prompts_ids, comps)
             timings["score_s"] += time.time() - t
 
             t = time.time()
             global_step = (k - 1) * o.steps_per_round + step
             # linear warmup: Adam's first steps are sign-like, so keep them small
-            steps.append(trainer.update(rollouts, teacher_lp, o.lr * min(1.0, (global_step + 1) / max(1, o.warmup_steps))))
+            lr = o.lr * min(1.0, (global_step + 1) / max(1, o.warmup_steps))
+            steps.append(trainer.update(rollouts, teacher_lp, lr, teacher_topk))
             timings["update_s"] += time.time() - t
             tokens = sum(len(r.completion_ids) for r in rollouts)
             seq_tokens = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)

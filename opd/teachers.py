@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,9 +22,23 @@ from opd.errors import PermanentError
 from opd.vllm_engine import shutdown_llm, start_llm
 
 
+@dataclass
+class TopKScores:
+    """The teacher's k most likely next tokens at every completion position (for ``reverse_kl_topk``),
+    with the sampled token's own logprob (for the reverse-KL metric). Per sequence, per token."""
+
+    token_logprobs: list[list[float]]
+    ids: list[list[list[int]]]  # [sequence][t][k], most likely first
+    logprobs: list[list[list[float]]]  # full-vocabulary log-probs of those ids
+
+
 class TeacherScorer(Protocol):
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         """log p(completion[t] | prompt + completion[:t]) for every t, one list per sequence."""
+        ...
+
+    def score_topk(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> TopKScores:
+        """``score`` plus the teacher's top-k (ids, logprobs) at every completion position."""
         ...
 
     def close(self) -> None: ...
@@ -74,6 +89,26 @@ def _pick(prompt_logprobs, seq: list[int], start: int) -> list[float]:
     return out
 
 
+def _pick_topk(prompt_logprobs, seq: list[int], start: int, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """The top-k (by vLLM's rank) ids and logprobs at positions start.. of seq.
+
+    vLLM returns the k most likely tokens (rank 1..k) plus the actual token when it ranks lower."""
+    ids, lps = [], []
+    for j in range(start, len(seq)):
+        top = []
+        for key, e in prompt_logprobs[j].items():
+            rank, lp = (e["rank"], e["logprob"]) if isinstance(e, dict) else (e.rank, e.logprob)
+            if rank is not None and rank <= k:
+                top.append((rank, int(key), float(lp)))
+        if len(top) < k:
+            raise TeacherServerError(f"vLLM returned {len(top)} < {k} top logprobs at position {j}: raise the "
+                                     "engine's max_logprobs or lower opd.topk")
+        top.sort()
+        ids.append([t[1] for t in top[:k]])
+        lps.append([t[2] for t in top[:k]])
+    return ids, lps
+
+
 def _config_vocab(model_dir: str | Path) -> int | None:
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -111,6 +146,29 @@ class HFTeacher:
             return []
         return score_completions(self.model, prompts, completions, self.pad_id, self.micro_batch, self.device)
 
+    def score_topk(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> TopKScores:
+        import torch
+
+        from opd.batching import pack
+        from opd.losses import logsumexp_fp32
+
+        _check_inputs(prompts, completions, self.vocab_size, None, "hf teacher")
+        out = TopKScores([], [], [])
+        with torch.no_grad():
+            for s in range(0, len(prompts), self.micro_batch):
+                b = pack(prompts[s : s + self.micro_batch], completions[s : s + self.micro_batch], self.pad_id)
+                b = b.to(self.device)
+                logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+                norm = logsumexp_fp32(logits)
+                vals, ids = logits.topk(k, dim=-1)
+                lps = vals.float() - norm.unsqueeze(-1)
+                tok = logits.gather(-1, b.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1).float() - norm
+                for i, m in enumerate(b.loss_mask.bool()):
+                    out.token_logprobs.append(tok[i][m].tolist())
+                    out.ids.append(ids[i][m].tolist())
+                    out.logprobs.append(lps[i][m].tolist())
+        return out
+
     def close(self) -> None:
         self.model = None
         gc.collect()
@@ -144,6 +202,22 @@ class VLLMTeacher:
         for i, out in zip(todo, outs):
             result[i] = _pick(out.prompt_logprobs, seqs[i], len(prompts[i]))
         return result
+
+    def score_topk(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> TopKScores:
+        from vllm import SamplingParams
+
+        _check_inputs(prompts, completions, self.vocab_size, self.max_model_len, "vllm teacher")
+        if self.llm is None:
+            raise RuntimeError("VLLMTeacher is closed")
+        out = TopKScores([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts])
+        todo = [i for i, c in enumerate(completions) if c]
+        seqs = {i: list(prompts[i]) + list(completions[i]) for i in todo}
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": seqs[i]} for i in todo], params, use_tqdm=False)
+        for i, o in zip(todo, outs):
+            out.token_logprobs[i] = _pick(o.prompt_logprobs, seqs[i], len(prompts[i]))
+            out.ids[i], out.logprobs[i] = _pick_topk(o.prompt_logprobs, seqs[i], len(prompts[i]), k)
+        return out
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
@@ -214,23 +288,31 @@ class RemoteTeacher:
             raise TeacherServerError(f"teacher server {method} {url} answered non-JSON: {r.text[:200]!r}") from None
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
+        return self._score(prompts, completions, 0).token_logprobs
+
+    def score_topk(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> TopKScores:
+        return self._score(prompts, completions, k)
+
+    def _score(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> TopKScores:
         _check_inputs(prompts, completions, self.vocab_size, self.max_model_len, "remote teacher")
         todo = [i for i, c in enumerate(completions) if c]
-        result: list[list[float]] = [[] for _ in prompts]
+        out = TopKScores([[] for _ in prompts], [[] for _ in prompts], [[] for _ in prompts])
+        unclamp = lambda v: -math.inf if v <= -9999.0 else v  # noqa: E731 - the server clamps -inf to -9999.0
         for s in range(0, len(todo), self.batch_size):
             chunk = todo[s : s + self.batch_size]
             seqs = [list(prompts[i]) + list(completions[i]) for i in chunk]
             # max_tokens=0 is refused without echo, and echo needs the server's tokenizer: generate 1 token.
-            body = {"model": self.model_name, "prompt": seqs, "max_tokens": 1, "prompt_logprobs": 0,
+            body = {"model": self.model_name, "prompt": seqs, "max_tokens": 1, "prompt_logprobs": k,
                     "temperature": 1.0, "n": 1, "add_special_tokens": False}
             choices = sorted(self._request("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])
             if len(choices) != len(seqs):
                 raise TeacherServerError(f"teacher server returned {len(choices)} choices for {len(seqs)} prompts")
             for i, seq, ch in zip(chunk, seqs, choices):
-                lps = _pick(ch.get("prompt_logprobs"), seq, len(prompts[i]))
-                # the server clamps -inf to -9999.0
-                result[i] = [-math.inf if v <= -9999.0 else v for v in lps]
-        return result
+                out.token_logprobs[i] = [unclamp(v) for v in _pick(ch.get("prompt_logprobs"), seq, len(prompts[i]))]
+                if k:
+                    ids, lps = _pick_topk(ch["prompt_logprobs"], seq, len(prompts[i]), k)
+                    out.ids[i], out.logprobs[i] = ids, [[unclamp(v) for v in row] for row in lps]
+        return out
 
     def close(self) -> None:
         client, self.client = getattr(self, "client", None), None

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from opd.batching import pack, scatter_completion
+from opd.batching import pack, scatter_completion, scatter_completion_k
 from opd.config import TrainSpec
 from opd.losses import (entropy_from_logits, gkd_jsd, logsumexp_fp32, masked_mean, reverse_kl_full, reverse_kl_is,
                         reverse_kl_topk, sft_cross_entropy, token_logprobs_from_logits)
@@ -90,7 +90,7 @@ def opd_update(model, optimizer, rollouts: list[Rollout], teacher_logprobs: list
                micro_batch: int, kl_coef: float = 1.0, clip_ratio: float | None = None,
                baseline: str = "none", *, loss: str = "reverse_kl_is", teacher_model=None, topk: int = 20,
                gkd_beta: float = 0.5, forward_kl_coef: float = 0.0, rank: int = 0,
-               world: int = 1) -> dict[str, float]:
+               world: int = 1, teacher_topk=None) -> dict[str, float]:
     """One optimizer step over all rollouts (gradient accumulated over micro-batches).
 
     Under torchrun (``world`` > 1, ``model`` wrapped in DDP or FSDP) every rank passes the same
@@ -107,8 +107,11 @@ def opd_update(model, optimizer, rollouts: list[Rollout], teacher_logprobs: list
     """
     if loss != "reverse_kl_is" and loss not in LOGIT_LOSSES:
         raise ValueError(f"loss={loss!r}: choose 'reverse_kl_is' or one of {LOGIT_LOSSES}")
-    if loss in LOGIT_LOSSES and teacher_model is None:
-        raise ValueError(f"loss={loss!r} needs teacher_model (its logits on the same batch)")
+    if teacher_topk is not None and loss != "reverse_kl_topk":
+        raise ValueError(f"teacher_topk is for loss='reverse_kl_topk', not {loss!r}")
+    if loss in LOGIT_LOSSES and teacher_model is None and teacher_topk is None:
+        raise ValueError(f"loss={loss!r} needs teacher_model (its logits on the same batch)"
+                         + (" or teacher_topk (a scorer's top-k)" if loss == "reverse_kl_topk" else ""))
     if loss == "reverse_kl_is" and teacher_logprobs is None:
         raise ValueError("loss='reverse_kl_is' needs teacher_logprobs")
     if len(rollouts) % world:
@@ -133,6 +136,8 @@ def opd_update(model, optimizer, rollouts: list[Rollout], teacher_logprobs: list
                 logp_teacher = scatter_completion(teacher_logprobs[s:e], b)
                 loss_t, m = reverse_kl_is(logp_new, logp_sampler, logp_teacher, b.loss_mask, kl_coef, clip_ratio,
                                           baseline)
+            elif teacher_topk is not None:  # the scorer's top-k (vLLM prompt_logprobs): no teacher forward here
+                loss_t, m = _topk_loss(logits, logp_new, logp_sampler, b, teacher_topk, s, e, topk, forward_kl_coef)
             else:
                 loss_t, m = _logit_loss(loss, logits, logp_new, logp_sampler, b, teacher_model, topk, gkd_beta,
                                         forward_kl_coef)
@@ -177,6 +182,31 @@ def _all_reduce_metrics(agg: dict[str, float], device) -> dict[str, float]:
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
     return {k: float(maxes[i] if k.endswith("_max") else sums[i]) for i, k in enumerate(keys)}
+
+
+def _topk_loss(logits, logp_new, logp_sampler, b, teacher_topk, s: int, e: int, topk: int,
+               forward_kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """``reverse_kl_topk`` from a scorer's top-k; the reverse-KL metric is the sampled-token estimate
+    (the full teacher distribution is not here)."""
+    mask = b.loss_mask
+    ids = scatter_completion_k(teacher_topk.ids[s:e], b, torch.long)
+    lps = scatter_completion_k(teacher_topk.logprobs[s:e], b)
+    loss_t = reverse_kl_topk(logits, ids, lps, mask, min(topk, ids.shape[-1]), forward_kl_coef)
+    with torch.no_grad():
+        m = mask.bool()
+        logp_teacher = scatter_completion(teacher_topk.token_logprobs[s:e], b)
+        ratio = torch.exp(logp_new.detach() - logp_sampler)
+        z = logits.detach().gather(-1, ids).float()
+        mass = torch.logsumexp(z, dim=-1) - logsumexp_fp32(logits.detach())
+        metrics = {
+            "loss": float(loss_t),
+            "reverse_kl": float(masked_mean(logp_new.detach() - logp_teacher, mask)),
+            "ratio_mean": float(ratio[m].mean()) if m.any() else 1.0,
+            "ratio_max": float(ratio[m].max()) if m.any() else 1.0,
+            "sampler_trainer_absdiff_max": float((logp_new.detach() - logp_sampler)[m].abs().max()) if m.any() else 0.0,
+            "student_topk_mass": float(masked_mean(mass.exp(), mask)),
+        }
+    return loss_t, metrics
 
 
 def _logit_loss(loss: str, logits, logp_new, logp_sampler, b, teacher_model, topk: int, gkd_beta: float,

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from opd.sampling.base import Rollout
+from opd.teachers import TopKScores
 
 POLL_S = 0.02
 
@@ -98,9 +99,11 @@ class UpdateGroup:
         self.log.flush()
         return (self.workdir / "group.log").read_bytes()[-n:].decode(errors="replace")
 
-    def update(self, rollouts: list[Rollout], teacher_logprobs: list[list[float]] | None, lr: float) -> dict:
+    def update(self, rollouts: list[Rollout], teacher_logprobs: list[list[float]] | None, lr: float,
+               teacher_topk=None) -> dict:
         """One optimizer step on the group; returns the step's (all-reduced) metrics."""
         msg = {"lr": lr, "teacher_logprobs": teacher_logprobs,
+               "teacher_topk": None if teacher_topk is None else asdict(teacher_topk),
                "rollouts": [[r.prompt_index, r.prompt_ids, r.completion_ids, r.sampler_logprobs, r.finished]
                             for r in rollouts]}
         i, self.step_i = self.step_i, self.step_i + 1
@@ -194,17 +197,18 @@ def _serve(workdir: Path) -> None:
     opt = make_optimizer(model, spec.lr)
     if spec.optimizer_path:
         load_optimizer(model, opt, spec.optimizer_path)
-    teacher = load_model(spec.teacher_dir, device) if spec.loss in LOGIT_LOSSES else None
+    teacher = load_model(spec.teacher_dir, device) if spec.loss in LOGIT_LOSSES and spec.teacher_dir else None
     i = 0
     while _wait_for(workdir, f"step_{i}.pt", spec.driver_pid):
         msg = torch.load(workdir / f"step_{i}.pt", weights_only=True)
         rollouts = [Rollout(*r) for r in msg["rollouts"]]
+        topk = TopKScores(**msg["teacher_topk"]) if msg["teacher_topk"] is not None else None
         for g in opt.param_groups:
             g["lr"] = msg["lr"]
         metrics = opd_update(model, opt, rollouts, msg["teacher_logprobs"], spec.pad_id, spec.micro_batch,
                              spec.kl_coef, spec.clip_ratio, spec.baseline, loss=spec.loss, teacher_model=teacher,
                              topk=spec.topk, gkd_beta=spec.gkd_beta, forward_kl_coef=spec.forward_kl_coef,
-                             rank=rank, world=world)
+                             rank=rank, world=world, teacher_topk=topk)
         _save_weights(model, tok, Path(spec.sync_dir), rank)
         if rank == 0:
             metrics["num_processes"] = world

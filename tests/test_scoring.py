@@ -1,6 +1,7 @@
 """Teacher scorers (opd.teachers) agree per token: transformers, in-process vLLM, and a vLLM server."""
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import socket
@@ -149,6 +150,66 @@ def test_remote_matches_hf(vllm_server, hf_scores, teacher_dir):
     diff = _max_abs_diff(got, hf_scores)
     print(f"max |remote - hf| = {diff:.3g}")
     assert diff < TOL
+
+
+K = 5
+
+
+def _check_topk(got, ref, who):
+    """Same top-k ids in the same order, logprobs and sampled-token logprobs within TOL."""
+    assert [len(x) for x in got.ids] == [len(c) for c in COMPLETIONS], who
+    assert got.ids == ref.ids, who
+    d = max((abs(a - b) for sa, sb in zip(got.logprobs, ref.logprobs) for ra, rb in zip(sa, sb)
+             for a, b in zip(ra, rb)), default=0.0)
+    assert d < TOL and _max_abs_diff(got.token_logprobs, ref.token_logprobs) < TOL, (who, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def hf_topk(teacher_dir, hf_scores):
+    t = HFTeacher(teacher_dir, device="cpu", micro_batch=4)
+    ref = t.score_topk(PROMPTS, COMPLETIONS, K)
+    t.close()
+    assert _max_abs_diff(ref.token_logprobs, hf_scores) < 1e-6
+    assert all(row == sorted(row, reverse=True) and len(row) == K for seq in ref.logprobs for row in seq)
+    return ref
+
+
+def test_topk_agrees_across_scorers(vllm_teacher, vllm_server, teacher_dir, hf_topk):
+    """prompt_logprobs=k from the engine and from the server give transformers' top-k."""
+    d_vllm = _check_topk(vllm_teacher.score_topk(PROMPTS, COMPLETIONS, K), hf_topk, "vllm")
+    t = make_teacher("remote", teacher_dir, endpoint=vllm_server, micro_batch=4)
+    try:
+        d_remote = _check_topk(t.score_topk(PROMPTS, COMPLETIONS, K), hf_topk, "remote")
+    finally:
+        t.close()
+    print(f"top-{K}: max |vllm - hf| = {d_vllm:.3g}, max |remote - hf| = {d_remote:.3g}")
+
+
+def test_topk_loss_from_scorer_equals_teacher_forward(teacher_dir, hf_topk):
+    """reverse_kl_topk fed a scorer's top-k gives the same loss and update as running the teacher."""
+    from opd.models import load_model
+    from opd.sampling.base import Rollout
+    from opd.scoring import score_completions
+    from opd.training import make_optimizer, opd_update
+
+    keep = [i for i, c in enumerate(COMPLETIONS) if c]
+    student = build_llama(ModelSpec(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=128),
+                          build_char_tokenizer(), max_positions=MAX_LEN, seed=3)
+    lps = score_completions(student, [PROMPTS[i] for i in keep], [COMPLETIONS[i] for i in keep], 0)
+    rollouts = [Rollout(j, PROMPTS[i], COMPLETIONS[i], lp, False) for j, (i, lp) in enumerate(zip(keep, lps))]
+    topk = type(hf_topk)(*[[getattr(hf_topk, f)[i] for i in keep] for f in ("token_logprobs", "ids", "logprobs")])
+    out = []
+    for kw in ({"teacher_model": load_model(teacher_dir)}, {"teacher_topk": topk}):
+        model = copy.deepcopy(student)
+        m = opd_update(model, make_optimizer(model, 1e-2), rollouts, None, 0, micro_batch=3, loss="reverse_kl_topk",
+                       topk=K, **kw)
+        out.append((m, model))
+    (a, ma), (b, mb) = out
+    assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5
+    assert max(float((p - q).abs().max()) for p, q in zip(ma.parameters(), mb.parameters())) < 1e-6
+    assert b["reverse_kl"] == pytest.approx(sum(x - y for sl, tl in zip(lps, topk.token_logprobs)
+                                                 for x, y in zip(sl, tl)) / sum(map(len, lps)), abs=1e-4)
 
 
 def test_remote_errors(vllm_server, teacher_dir):

@@ -13,6 +13,7 @@ from opd.generation import generate
 from opd.models import build_char_tokenizer, build_llama, load_model, save_model
 from opd.sampling.base import Rollout
 from opd.scoring import score_completions
+from opd.teachers import HFTeacher
 from opd.training import load_optimizer, make_optimizer, opd_update, save_optimizer
 from opd.update_group import GroupSpec, UpdateGroup
 
@@ -43,26 +44,33 @@ def setup(tmp_path_factory):
     return root, tok, batches
 
 
+TOPK = 8
+
+
 def _one_process(root, tok, batches, loss):
     model = load_model(root / "student")
     teacher = load_model(root / "teacher")
     opt = make_optimizer(model, LR)
-    metrics = [opd_update(model, opt, r, t, tok.pad_token_id, micro_batch=5, loss=loss, teacher_model=teacher)
-               for r, t in batches]
+    metrics = [opd_update(model, opt, r, t, tok.pad_token_id, micro_batch=5, loss=loss, teacher_model=teacher,
+                          topk=TOPK) for r, t in batches]
     return model, opt, metrics
 
 
-def _group(root, tok, batches, strategy, loss, out):
+def _group(root, tok, batches, strategy, loss, out, scorer_topk=False):
+    """``scorer_topk``: ship the teacher's top-k with each step (as a vLLM teacher does); no teacher on the ranks."""
     spec = GroupSpec(num_processes=2, strategy=strategy, device="cpu", student_dir=str(root / "student"),
-                     optimizer_path=None, teacher_dir=str(root / "teacher"), sync_dir=str(out / "sync"),
-                     final_dir=str(out / "final"), lr=LR, pad_id=tok.pad_token_id, micro_batch=5, kl_coef=1.0,
-                     clip_ratio=None, baseline="none", loss=loss, topk=20, gkd_beta=0.5, forward_kl_coef=0.0,
-                     driver_pid=__import__("os").getpid())
+                     optimizer_path=None, teacher_dir=None if scorer_topk else str(root / "teacher"),
+                     sync_dir=str(out / "sync"), final_dir=str(out / "final"), lr=LR, pad_id=tok.pad_token_id,
+                     micro_batch=5, kl_coef=1.0, clip_ratio=None, baseline="none", loss=loss, topk=TOPK,
+                     gkd_beta=0.5, forward_kl_coef=0.0, driver_pid=__import__("os").getpid())
+    scorer = HFTeacher(str(root / "teacher"), device="cpu") if scorer_topk else None
     group = UpdateGroup(spec, out / "work")
     try:
         metrics = []
         for r, t in batches:
-            metrics.append(group.update(r, t, LR))
+            topk = (scorer.score_topk([x.prompt_ids for x in r], [x.completion_ids for x in r], TOPK)
+                    if scorer else None)
+            metrics.append(group.update(r, t, LR, topk))
             synced = load_model(out / "sync")  # rank 0 wrote this step's weights for the sampler
             metrics[-1]["_sync_weight_sum"] = float(sum(p.detach().double().sum() for p in synced.parameters()))
         final = group.finish()
@@ -71,14 +79,18 @@ def _group(root, tok, batches, strategy, loss, out):
     return load_model(final), final, metrics
 
 
-@pytest.mark.parametrize("strategy,loss", [("ddp", "reverse_kl_is"), ("fsdp", "reverse_kl_full")])
-def test_two_rank_update_matches_one_process(setup, tmp_path, strategy, loss):
+@pytest.mark.parametrize("strategy,loss,scorer_topk", [("ddp", "reverse_kl_is", False),
+                                                       ("fsdp", "reverse_kl_full", False),
+                                                       ("ddp", "reverse_kl_topk", True)])
+def test_two_rank_update_matches_one_process(setup, tmp_path, strategy, loss, scorer_topk):
     root, tok, batches = setup
     ref_model, ref_opt, ref = _one_process(root, tok, batches, loss)
-    model, final, got = _group(root, tok, batches, strategy, loss, tmp_path)
+    model, final, got = _group(root, tok, batches, strategy, loss, tmp_path, scorer_topk)
     assert [m["num_processes"] for m in got] == [2] * STEPS
+    # with a scorer's top-k the KL metric is the sampled-token estimate, not the exact one
+    keys = ("loss", "ratio_max", "student_entropy", "grad_norm") + (() if scorer_topk else ("reverse_kl",))
     for a, b in zip(ref, got):
-        for key in ("loss", "reverse_kl", "ratio_max", "student_entropy", "grad_norm"):
+        for key in keys:
             assert abs(a[key] - b[key]) < 1e-4, (strategy, key, a[key], b[key])
     # the update moved the student, so agreeing weights are not a trivial outcome
     start = load_model(root / "student")
