@@ -58,6 +58,8 @@ class SyntheticTask(_Strict):
     max_digits: int = Field(3, ge=1, le=8)
     n_train: int = Field(4000, ge=16)
     n_eval: int = Field(256, ge=8)
+    # "any": the ground-truth scratchpad adds the terms in a random order (several correct paths)
+    term_order: Literal["given", "any"] = "given"
 
 
 class DataConfig(_Strict):

@@ -128,7 +128,10 @@ def validate_data(cfg: RunConfig, data: ds.DataRef) -> tuple[ValidationReport, d
 # ---------------------------------------------------------------- teacher
 
 def teacher_cache_key(cfg: RunConfig) -> str:
-    spec = {"bootstrap": cfg.teacher.bootstrap.model_dump(mode="json"), "task": cfg.data.synthetic.model_dump(),
+    task = cfg.data.synthetic.model_dump()
+    if task["term_order"] == "given":  # keys of teachers cached before the option existed stay valid
+        del task["term_order"]
+    spec = {"bootstrap": cfg.teacher.bootstrap.model_dump(mode="json"), "task": task,
             "seed": cfg.seed, "max_tokens": cfg.opd.max_tokens, "v": 1}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -37,9 +37,10 @@ class DataRef:
 
 def synthetic(cfg: DataConfig, seed: int) -> DatasetDict:
     s = cfg.synthetic
-    train = task.generate(s.n_train, s.num_terms, s.max_digits, seed=seed, prefix="train")
+    any_order = s.term_order == "any"
+    train = task.generate(s.n_train, s.num_terms, s.max_digits, seed=seed, prefix="train", any_order=any_order)
     ev = task.generate(s.n_eval, s.num_terms, s.max_digits, seed=seed + 1,
-                       exclude={e.prompt for e in train}, prefix="eval")
+                       exclude={e.prompt for e in train}, prefix="eval", any_order=any_order)
     as_rows = lambda xs: {k: [getattr(e, k) for e in xs] for k in ("id", "prompt", "answer", "completion")}  # noqa: E731
     return DatasetDict({"train": Dataset.from_dict(as_rows(train)), "eval": Dataset.from_dict(as_rows(ev))})
 
