@@ -139,6 +139,18 @@ class SFTConfig(_Strict):
     train: TrainSpec
 
 
+class LoraSpec(_Strict):
+    """LoRA on the student during OPD (peft). Each round trains fresh adapters on the round's
+    starting weights and merges them at its end, so checkpoints and the registry hold plain
+    weights; within a round the vLLM sampler gets only the adapters at every step."""
+
+    r: int = Field(16, ge=1, le=512)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+
+
 class OPDConfig(_Strict):
     rounds: int = Field(ge=1)
     steps_per_round: int = Field(1, ge=1)  # on-policy steps: sample, grade, update, sync
@@ -163,6 +175,13 @@ class OPDConfig(_Strict):
     sampler: Literal["vllm", "hf"] = "vllm"
     weight_sync: Literal["inplace", "restart"] = "inplace"
     tensor_parallel_size: int = Field(1, ge=1)  # GPUs the vLLM sampler engine spans
+    lora: LoraSpec | None = None  # None = full fine-tuning
+
+    @model_validator(mode="after")
+    def _lora(self) -> "OPDConfig":
+        if self.lora is not None and self.sampler != "vllm":
+            raise ValueError("opd.lora hands the sampler adapters (vLLM LoRA): set opd.sampler=vllm")
+        return self
 
     @model_validator(mode="after")
     def _tp(self) -> "OPDConfig":
@@ -275,6 +294,9 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _even_shards(self) -> "RunConfig":
+        if self.opd.lora is not None and self.training.strategy == "fsdp" and self.training.num_processes > 1:
+            raise ValueError("opd.lora with training.strategy=fsdp is not supported: LoRA students train "
+                             "replicated, set training.strategy=ddp")
         n, w = self.opd.prompts_per_step * self.opd.samples_per_prompt, self.training.num_processes
         if n % w:
             raise ValueError(f"opd.prompts_per_step * opd.samples_per_prompt = {n} rollouts per step cannot be split "

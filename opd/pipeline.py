@@ -23,6 +23,7 @@ from opd.data.validate import ValidationReport, validate
 from opd.evaluation import EvalResult, accuracy, evaluate
 from opd.generation import generate
 from opd.ledger import PhaseCost
+from opd.lora import apply_lora, merged, save_adapter
 from opd.models import (build_char_tokenizer, build_llama, load_model, load_tokenizer, num_params, pick_device,
                         save_model, set_threads)
 from opd.sampling import Sampler, make_sampler
@@ -265,7 +266,8 @@ def get_sampler(cfg: RunConfig, key: str, model_dir: str, eos_id: int, weights_v
         s = make_sampler(cfg.opd.sampler, model_dir, eos_id, seed=cfg.seed,
                          max_model_len=cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
                          weight_sync=cfg.opd.weight_sync, device=cfg.device,
-                         tensor_parallel_size=cfg.opd.tensor_parallel_size)
+                         tensor_parallel_size=cfg.opd.tensor_parallel_size,
+                         **({"lora_rank": cfg.opd.lora.r} if cfg.opd.lora is not None else {}))
         s.current = weights
         _SAMPLERS[key] = s
     elif s.current != weights:
@@ -307,6 +309,8 @@ class LocalUpdate:
     def __init__(self, cfg: RunConfig, student_dir: str, opt_state: Path | None, teacher_model, tok, device):
         self.cfg, self.tok, self.teacher_model = cfg, tok, teacher_model
         self.model = load_model(student_dir, device)
+        if cfg.opd.lora is not None:
+            self.model = apply_lora(self.model, cfg.opd.lora)
         self.opt = make_optimizer(self.model, cfg.opd.lr)
         if opt_state is not None:
             load_optimizer(self.model, self.opt, opt_state)
@@ -321,11 +325,18 @@ class LocalUpdate:
                           teacher_topk=teacher_topk)
 
     def sync_dir(self, path: Path) -> str:
+        """What the sampler reloads: the adapters under LoRA, else the full weights."""
+        if self.cfg.opd.lora is not None:
+            return str(save_adapter(self.model, path))
         save_model(self.model, self.tok, path)
         return str(path)
 
     def finish(self, out: Path):
-        """Write weights + optimizer state to ``out``; return the trained model (for eval)."""
+        """Write weights (+ optimizer state; LoRA: merged weights) to ``out``; return the trained model."""
+        if self.cfg.opd.lora is not None:  # the next round starts fresh adapters, so no Adam state to keep
+            self.model = merged(self.model)
+            save_model(self.model, self.tok, out)
+            return self.model
         save_model(self.model, self.tok, out)
         save_optimizer(self.model, self.opt, out / "optimizer.pt")
         return self.model
@@ -347,7 +358,7 @@ class GroupUpdate:
                          pad_id=tok.pad_token_id, micro_batch=o.micro_batch, kl_coef=o.kl_coef,
                          clip_ratio=o.clip_ratio, baseline=o.advantage_baseline, loss=o.loss, topk=o.topk,
                          gkd_beta=o.gkd_beta, forward_kl_coef=o.forward_kl_coef, driver_pid=os.getpid(),
-                         devices=cfg.training.devices)
+                         devices=cfg.training.devices, lora=o.lora.model_dump() if o.lora else None)
         self.group = UpdateGroup(spec, workdir)
 
     def update(self, rollouts, teacher_lp, lr: float, teacher_topk=None) -> dict:
@@ -386,7 +397,7 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
     # Round 1 starts Adam afresh: SFT's second moments are tuned to small, converged gradients,
     # and dividing the noisier policy-gradient by them makes the first OPD steps far too large.
     opt_state = Path(student.path) / "optimizer.pt"
-    opt_state = opt_state if k > 1 and opt_state.is_file() else None
+    opt_state = opt_state if k > 1 and opt_state.is_file() and o.lora is None else None
     sync_dir = out.with_name(out.name + ".sync")
     if cfg.training.num_processes > 1:
         trainer = GroupUpdate(cfg, student.path, opt_state, None if scorer_topk else teacher.path, tok, device,
@@ -401,6 +412,10 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
             t = time.time()
             if step == 0:
                 sampler = get_sampler(cfg, sampler_key, student.path, tok.eos_token_id)
+                if o.lora is not None:
+                    sampler.update_adapter(None)  # the round starts from merged weights, no adapters
+            elif o.lora is not None:  # the trainer moved its adapters: the sampler takes only those
+                sampler.update_adapter(trainer.sync_dir(sync_dir))
             else:  # the trainer moved: hand the sampler the new weights (in place, no restart)
                 sampler = get_sampler(cfg, sampler_key, trainer.sync_dir(sync_dir), tok.eos_token_id,
                                       weights_version=step)

@@ -18,7 +18,9 @@ from opd.scoring import token_logprobs
 
 
 def make_optimizer(model, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    """AdamW over the trainable parameters (all of them, or only LoRA adapters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
 
 
 def save_optimizer(model, optimizer, path: str | Path) -> None:

@@ -52,6 +52,7 @@ class GroupSpec:
     forward_kl_coef: float
     driver_pid: int
     devices: list[int] | None = None  # CUDA_VISIBLE_DEVICES for the ranks
+    lora: dict | None = None  # opd.config.LoraSpec fields: train adapters, sync adapters, merge at the end
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -192,7 +193,13 @@ def _serve(workdir: Path) -> None:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    model = _wrap(load_model(spec.student_dir, device), spec.strategy, device)
+    model = load_model(spec.student_dir, device)
+    if spec.lora is not None:
+        from opd.config import LoraSpec
+        from opd.lora import apply_lora
+
+        model = apply_lora(model, LoraSpec(**spec.lora))
+    model = _wrap(model, spec.strategy, device)
     tok = load_tokenizer(spec.student_dir)
     opt = make_optimizer(model, spec.lr)
     if spec.optimizer_path:
@@ -209,13 +216,26 @@ def _serve(workdir: Path) -> None:
                              spec.kl_coef, spec.clip_ratio, spec.baseline, loss=spec.loss, teacher_model=teacher,
                              topk=spec.topk, gkd_beta=spec.gkd_beta, forward_kl_coef=spec.forward_kl_coef,
                              rank=rank, world=world, teacher_topk=topk)
-        _save_weights(model, tok, Path(spec.sync_dir), rank)
+        if spec.lora is not None:  # DDP keeps the adapters identical on every rank
+            if rank == 0:
+                from opd.lora import save_adapter
+
+                save_adapter(model, spec.sync_dir)
+        else:
+            _save_weights(model, tok, Path(spec.sync_dir), rank)
         if rank == 0:
             metrics["num_processes"] = world
             _write_atomic(workdir / f"step_{i}.json", lambda p: p.write_text(json.dumps(metrics)))
         i += 1
-    _save_weights(model, tok, Path(spec.final_dir), rank)
-    save_optimizer(model, opt, Path(spec.final_dir) / "optimizer.pt")
+    if spec.lora is not None:
+        if rank == 0:
+            from opd.lora import merged
+            from opd.models import save_model
+
+            save_model(merged(model), tok, spec.final_dir)
+    else:
+        _save_weights(model, tok, Path(spec.final_dir), rank)
+        save_optimizer(model, opt, Path(spec.final_dir) / "optimizer.pt")
     dist.barrier()
     if rank == 0:
         _write_atomic(workdir / "final.json", lambda p: p.write_text(json.dumps({"steps": i})))

@@ -26,7 +26,8 @@ def cpu_thread_binding(tp: int, cpus: list[int] | None = None) -> str:
 
 def start_llm(model_dir: str, *, seed: int, max_model_len: int, dtype: str = "float32",
               gpu_memory_utilization: float = 0.5, kv_cache_gib: int = 1, enforce_eager: bool = True,
-              trust_remote_code: bool = False, tensor_parallel_size: int = 1):
+              trust_remote_code: bool = False, tensor_parallel_size: int = 1, max_lora_rank: int | None = None):
+    """``max_lora_rank``: enable vLLM LoRA (adapters up to that rank) for a LoRA-trained student."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     import torch
     from vllm import LLM
@@ -39,10 +40,19 @@ def start_llm(model_dir: str, *, seed: int, max_model_len: int, dtype: str = "fl
         return LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
                    max_model_len=max_model_len, enforce_eager=enforce_eager,
                    gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
-                   tensor_parallel_size=tensor_parallel_size)
+                   tensor_parallel_size=tensor_parallel_size,
+                   **({"enable_lora": True, "max_lora_rank": _lora_rank_slot(max_lora_rank)} if max_lora_rank else {}))
     finally:
         if bind:
             del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+
+
+def _lora_rank_slot(r: int) -> int:
+    """vLLM accepts max_lora_rank from a fixed set (8, 16, 32, 64, ...): the smallest that fits ``r``."""
+    for slot in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if r <= slot:
+            return slot
+    raise ValueError(f"LoRA rank {r} is above vLLM's largest max_lora_rank (512)")
 
 
 def shutdown_llm(llm) -> None:

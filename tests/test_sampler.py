@@ -160,3 +160,43 @@ def test_cpu_thread_binding():
     assert cpu_thread_binding(3, [0, 1, 2, 3, 4, 5, 6]) == "0-1|2-3|4-6"
     with pytest.raises(ValueError, match="at least 4 CPU cores"):
         cpu_thread_binding(4, [0, 1])
+
+
+def _peft_student(base_dir, seed, out):
+    """The base student with random LoRA adapters (B != 0, so they change the logprobs)."""
+    from opd.config import LoraSpec
+    from opd.lora import apply_lora, save_adapter
+
+    model = apply_lora(load_model(base_dir), LoraSpec(r=8, alpha=16))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    save_adapter(model, out)
+    model.eval()
+    return model
+
+
+def test_lora_adapters_reach_the_engine_without_a_weight_reload(student_dirs, tmp_path):
+    """opd.lora: per step the sampler gets only adapters (vLLM LoRA); logprobs match peft's."""
+    from opd.sampling.vllm_sampler import VLLMSampler
+
+    old = student_dirs[0]
+    adapters = [_peft_student(old, seed, tmp_path / f"a{seed}") for seed in (1, 2)]
+    s = VLLMSampler(old, eos_id=EOS, max_model_len=MAX_LEN, lora_rank=8)
+    try:
+        for seed, model in zip((1, 2), adapters):
+            s.update_adapter(str(tmp_path / f"a{seed}"))
+            rollouts = s.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
+            _check_rollouts(rollouts)
+            got = [r.sampler_logprobs for r in rollouts]
+            ref = score_completions(model, [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], PAD)
+            d, d_base = _max_abs_diff(got, ref), _max_abs_diff(got, _hf_logprobs(old, rollouts))
+            print(f"adapter {seed}: max |vllm - peft| = {d:.3g}, vs base = {d_base:.3g}")
+            assert d < TOL and d_base > 100 * TOL
+        s.update_adapter(None)  # back to the bare weights
+        base = s.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
+        assert _max_abs_diff([r.sampler_logprobs for r in base], _hf_logprobs(old, base)) < TOL
+    finally:
+        s.close()

@@ -14,7 +14,8 @@ from opd.vllm_engine import shutdown_llm, start_llm
 class VLLMSampler:
     def __init__(self, model_dir: str, eos_id: int, max_model_len: int = 256, seed: int = 0,
                  weight_sync: str = "inplace", gpu_memory_utilization: float = 0.5,
-                 kv_cache_gib: int = 1, device: str | None = None, tensor_parallel_size: int = 1):
+                 kv_cache_gib: int = 1, device: str | None = None, tensor_parallel_size: int = 1,
+                 lora_rank: int | None = None):
         self.model_dir = str(model_dir)
         self.eos_id = eos_id
         self.max_model_len = max_model_len
@@ -23,12 +24,15 @@ class VLLMSampler:
         self.gpu_memory_utilization = gpu_memory_utilization
         self.kv_cache_gib = kv_cache_gib
         self.tensor_parallel_size = tensor_parallel_size
+        self.lora_rank = lora_rank
+        self.lora_request = None  # the adapters sampled with, on top of the engine's weights
+        self._lora_ids = 0
         self.llm = self._start()
 
     def _start(self):
         return start_llm(self.model_dir, seed=self.seed, max_model_len=self.max_model_len,
                          gpu_memory_utilization=self.gpu_memory_utilization, kv_cache_gib=self.kv_cache_gib,
-                         tensor_parallel_size=self.tensor_parallel_size)
+                         tensor_parallel_size=self.tensor_parallel_size, max_lora_rank=self.lora_rank)
 
     def sample(self, prompts: list[list[int]], n: int, max_tokens: int, temperature: float = 1.0,
                top_p: float = 1.0, seed: int | None = None) -> list[Rollout]:
@@ -39,7 +43,8 @@ class VLLMSampler:
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
                                  seed=None if seed is None else seed + i, stop_token_ids=[self.eos_id],
                                  detokenize=False) for i in range(len(prompts))]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                 lora_request=self.lora_request)
         rollouts = []
         for i, out in enumerate(outs):
             for comp in out.outputs:
@@ -49,7 +54,21 @@ class VLLMSampler:
                                         finished=bool(ids) and ids[-1] == self.eos_id))
         return rollouts
 
+    def update_adapter(self, adapter_dir: str | None) -> None:
+        """Sample with these LoRA adapters on top of the engine's weights (None: none). Each call is
+        a new adapter id, so vLLM loads the files afresh rather than serving a cached older step."""
+        if adapter_dir is None:
+            self.lora_request = None
+            return
+        if not self.lora_rank:
+            raise RuntimeError("this sampler was started without LoRA (lora_rank); set opd.lora")
+        from vllm.lora.request import LoRARequest
+
+        self._lora_ids += 1
+        self.lora_request = LoRARequest(f"student-{self._lora_ids}", self._lora_ids, str(adapter_dir))
+
     def update_weights(self, model_dir: str) -> None:
+        self.lora_request = None  # adapters were trained on the old weights
         if self.weight_sync == "restart":
             self.close()
             self.model_dir = str(model_dir)
