@@ -187,14 +187,17 @@ def stack_status(home: Optional[str] = None):
         raise typer.Exit(1)
 
 
-from opd.cli_registry import registry_app  # noqa: E402  (it imports helpers above)
-
-app.add_typer(registry_app, name="registry")
-
-
 def main() -> None:  # pragma: no cover
     app()
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m opd.cli`: this file runs as __main__, a second copy of opd.cli. Hand over to the
+    # package module, so opd.cli_registry imports one fully built opd.cli (no import cycle).
+    from opd.cli import main as _package_main
+
+    _package_main()
+else:
+    from opd.cli_registry import registry_app  # noqa: E402  (it imports helpers above)
+
+    app.add_typer(registry_app, name="registry")

@@ -50,3 +50,13 @@ def test_parallelism_settings():
 def test_override_needs_key_value():
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config("configs/ci.yaml", ["opd.rounds"])
+
+
+def test_cli_runs_as_a_module():
+    """`python -m opd.cli` (spawn-safe entry without the console script) sees every command."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "opd.cli", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "registry" in out.stdout and "run" in out.stdout
