@@ -38,21 +38,15 @@ def completion_values(values: torch.Tensor, batch: PackedBatch) -> list[list[flo
     return out
 
 
-def scatter_completion(per_seq: list[list[float]], batch: PackedBatch) -> torch.Tensor:
-    """Place per-sequence completion values onto the [B, S-1] target grid (zeros elsewhere)."""
-    out = torch.zeros_like(batch.loss_mask)
-    for i, vals in enumerate(per_seq):
-        idx = batch.loss_mask[i].nonzero(as_tuple=True)[0]
-        out[i, idx] = torch.tensor(vals, dtype=out.dtype)
-    return out
+def scatter_completion(per_seq: list[list], batch: PackedBatch, dtype=torch.float32) -> torch.Tensor:
+    """Place per-sequence completion values onto the [B, S-1] target grid (zeros elsewhere).
 
-
-def scatter_completion_k(per_seq: list[list[list[float]]], batch: PackedBatch, dtype=torch.float32) -> torch.Tensor:
-    """Like ``scatter_completion`` for k values per completion token: a [B, S-1, k] grid."""
-    k = next((len(row[0]) for row in per_seq if row), 1)
-    out = torch.zeros((*batch.loss_mask.shape, k), dtype=dtype)
+    A value per token may also be a k-list (the teacher's top-k ids or logprobs): then [B, S-1, k]."""
+    first = next((vals[0] for vals in per_seq if vals), None)
+    tail = (len(first),) if isinstance(first, (list, tuple)) else ()
+    out = torch.zeros((*batch.loss_mask.shape, *tail), dtype=dtype, device=batch.loss_mask.device)
     for i, vals in enumerate(per_seq):
         if vals:
-            idx = batch.loss_mask[i].nonzero(as_tuple=True)[0].cpu()
-            out[i, idx] = torch.tensor(vals, dtype=dtype)
-    return out.to(batch.loss_mask.device)
+            idx = batch.loss_mask[i].nonzero(as_tuple=True)[0]
+            out[i, idx] = torch.tensor(vals, dtype=dtype, device=out.device)
+    return out

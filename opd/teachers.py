@@ -149,7 +149,7 @@ class HFTeacher:
     def score_topk(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> TopKScores:
         import torch
 
-        from opd.batching import pack
+        from opd.batching import completion_values, pack
         from opd.losses import logsumexp_fp32
 
         _check_inputs(prompts, completions, self.vocab_size, None, "hf teacher")
@@ -159,14 +159,12 @@ class HFTeacher:
                 b = pack(prompts[s : s + self.micro_batch], completions[s : s + self.micro_batch], self.pad_id)
                 b = b.to(self.device)
                 logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-                norm = logsumexp_fp32(logits)
+                norm = logsumexp_fp32(logits)  # one normaliser for the sampled token and the top-k
                 vals, ids = logits.topk(k, dim=-1)
-                lps = vals.float() - norm.unsqueeze(-1)
                 tok = logits.gather(-1, b.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1).float() - norm
-                for i, m in enumerate(b.loss_mask.bool()):
-                    out.token_logprobs.append(tok[i][m].tolist())
-                    out.ids.append(ids[i][m].tolist())
-                    out.logprobs.append(lps[i][m].tolist())
+                out.token_logprobs.extend(completion_values(tok, b))
+                out.ids.extend(completion_values(ids, b))
+                out.logprobs.extend(completion_values(vals.float() - norm.unsqueeze(-1), b))
         return out
 
     def close(self) -> None:
@@ -189,21 +187,13 @@ class VLLMTeacher:
                              tensor_parallel_size=tensor_parallel_size)
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
-        from vllm import SamplingParams
-
-        _check_inputs(prompts, completions, self.vocab_size, self.max_model_len, "vllm teacher")
-        if self.llm is None:
-            raise RuntimeError("VLLMTeacher is closed")
-        todo = [i for i, c in enumerate(completions) if c]
-        seqs = {i: list(prompts[i]) + list(completions[i]) for i in todo}
-        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-        outs = self.llm.generate([{"prompt_token_ids": seqs[i]} for i in todo], params, use_tqdm=False)
-        result: list[list[float]] = [[] for _ in prompts]
-        for i, out in zip(todo, outs):
-            result[i] = _pick(out.prompt_logprobs, seqs[i], len(prompts[i]))
-        return result
+        return self._score(prompts, completions, 0).token_logprobs
 
     def score_topk(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> TopKScores:
+        return self._score(prompts, completions, k)
+
+    def _score(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> TopKScores:
+        """One prefill per sequence with ``prompt_logprobs=k`` (0: the actual token only)."""
         from vllm import SamplingParams
 
         _check_inputs(prompts, completions, self.vocab_size, self.max_model_len, "vllm teacher")
@@ -216,7 +206,8 @@ class VLLMTeacher:
         outs = self.llm.generate([{"prompt_token_ids": seqs[i]} for i in todo], params, use_tqdm=False)
         for i, o in zip(todo, outs):
             out.token_logprobs[i] = _pick(o.prompt_logprobs, seqs[i], len(prompts[i]))
-            out.ids[i], out.logprobs[i] = _pick_topk(o.prompt_logprobs, seqs[i], len(prompts[i]), k)
+            if k:
+                out.ids[i], out.logprobs[i] = _pick_topk(o.prompt_logprobs, seqs[i], len(prompts[i]), k)
         return out
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from opd.batching import pack, scatter_completion, scatter_completion_k
+from opd.batching import pack, scatter_completion
 from opd.config import TrainSpec
 from opd.losses import (entropy_from_logits, gkd_jsd, logsumexp_fp32, masked_mean, reverse_kl_full, reverse_kl_is,
                         reverse_kl_topk, sft_cross_entropy, token_logprobs_from_logits)
@@ -186,27 +186,38 @@ def _all_reduce_metrics(agg: dict[str, float], device) -> dict[str, float]:
     return {k: float(maxes[i] if k.endswith("_max") else sums[i]) for i, k in enumerate(keys)}
 
 
+def _sampler_metrics(logp_new, logp_sampler, mask) -> dict[str, float]:
+    """Importance ratios and the sampler/trainer log-prob gap on the completion tokens."""
+    m = mask.bool()
+    diff = logp_new.detach() - logp_sampler
+    ratio = torch.exp(diff)
+    return {"ratio_mean": float(ratio[m].mean()) if m.any() else 1.0,
+            "ratio_max": float(ratio[m].max()) if m.any() else 1.0,
+            "sampler_trainer_absdiff_max": float(diff[m].abs().max()) if m.any() else 0.0}
+
+
+def _student_topk_mass(logits, top_ids, mask) -> float:
+    """Mass the student keeps on the teacher's top-k (verl PR #5041's collapse signal)."""
+    z = logits.detach().gather(-1, top_ids).float()
+    mass = torch.logsumexp(z, dim=-1) - logsumexp_fp32(logits.detach())
+    return float(masked_mean(mass.exp(), mask))
+
+
 def _topk_loss(logits, logp_new, logp_sampler, b, teacher_topk, s: int, e: int, topk: int,
                forward_kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
     """``reverse_kl_topk`` from a scorer's top-k; the reverse-KL metric is the sampled-token estimate
     (the full teacher distribution is not here)."""
     mask = b.loss_mask
-    ids = scatter_completion_k(teacher_topk.ids[s:e], b, torch.long)
-    lps = scatter_completion_k(teacher_topk.logprobs[s:e], b)
+    ids = scatter_completion(teacher_topk.ids[s:e], b, torch.long)
+    lps = scatter_completion(teacher_topk.logprobs[s:e], b)
     loss_t = reverse_kl_topk(logits, ids, lps, mask, min(topk, ids.shape[-1]), forward_kl_coef)
     with torch.no_grad():
-        m = mask.bool()
         logp_teacher = scatter_completion(teacher_topk.token_logprobs[s:e], b)
-        ratio = torch.exp(logp_new.detach() - logp_sampler)
-        z = logits.detach().gather(-1, ids).float()
-        mass = torch.logsumexp(z, dim=-1) - logsumexp_fp32(logits.detach())
         metrics = {
             "loss": float(loss_t),
             "reverse_kl": float(masked_mean(logp_new.detach() - logp_teacher, mask)),
-            "ratio_mean": float(ratio[m].mean()) if m.any() else 1.0,
-            "ratio_max": float(ratio[m].max()) if m.any() else 1.0,
-            "sampler_trainer_absdiff_max": float((logp_new.detach() - logp_sampler)[m].abs().max()) if m.any() else 0.0,
-            "student_topk_mass": float(masked_mean(mass.exp(), mask)),
+            **_sampler_metrics(logp_new, logp_sampler, mask),
+            "student_topk_mass": _student_topk_mass(logits, ids, mask),
         }
     return loss_t, metrics
 
@@ -231,20 +242,14 @@ def _logit_loss(loss: str, logits, logp_new, logp_sampler, b, teacher_model, top
             top_vals, top_ids = t_logits.topk(k, dim=-1)
             top_lp = top_vals.float() - logsumexp_fp32(t_logits).unsqueeze(-1)
         loss_t = reverse_kl_topk(logits, top_ids, top_lp, mask, k, forward_kl_coef)
-        with torch.no_grad():  # mass the student keeps on the teacher's top-k (verl PR #5041's collapse signal)
-            z = logits.detach().gather(-1, top_ids).float()
-            mass = torch.logsumexp(z, dim=-1) - logsumexp_fp32(logits.detach())
-            extra["student_topk_mass"] = float(masked_mean(mass.exp(), mask))
+        with torch.no_grad():
+            extra["student_topk_mass"] = _student_topk_mass(logits, top_ids, mask)
     with torch.no_grad():
-        m = mask.bool()
-        ratio = torch.exp(logp_new.detach() - logp_sampler)
         metrics = {
             "loss": float(loss_t),
             "reverse_kl": float(loss_t) if loss == "reverse_kl_full" and not forward_kl_coef
             else float(reverse_kl_full(logits.detach(), t_logits, mask)),
-            "ratio_mean": float(ratio[m].mean()) if m.any() else 1.0,
-            "ratio_max": float(ratio[m].max()) if m.any() else 1.0,
-            "sampler_trainer_absdiff_max": float((logp_new.detach() - logp_sampler)[m].abs().max()) if m.any() else 0.0,
+            **_sampler_metrics(logp_new, logp_sampler, mask),
             **extra,
         }
     return loss_t, metrics
