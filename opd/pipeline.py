@@ -23,13 +23,13 @@ from opd.data.validate import ValidationReport, validate
 from opd.evaluation import EvalResult, accuracy, evaluate
 from opd.generation import generate
 from opd.ledger import PhaseCost
-from opd.lora import apply_lora, merged, save_adapter
+from opd.lora import apply_lora
 from opd.models import (build_char_tokenizer, build_llama, load_model, load_tokenizer, num_params, pick_device,
                         save_model, set_threads)
 from opd.sampling import Sampler, make_sampler
 from opd.scoring import score_completions
 from opd.teachers import TeacherScorer, make_teacher
-from opd.training import load_optimizer, make_optimizer, opd_update, save_optimizer, sft_train
+from opd.training import load_optimizer, make_optimizer, opd_update, sft_train, write_checkpoint, write_sync
 from opd.update_group import GroupSpec, UpdateGroup
 
 DONE = "done.json"
@@ -325,20 +325,11 @@ class LocalUpdate:
                           teacher_topk=teacher_topk)
 
     def sync_dir(self, path: Path) -> str:
-        """What the sampler reloads: the adapters under LoRA, else the full weights."""
-        if self.cfg.opd.lora is not None:
-            return str(save_adapter(self.model, path))
-        save_model(self.model, self.tok, path)
-        return str(path)
+        return write_sync(self.model, self.tok, path, lora=self.cfg.opd.lora is not None)
 
     def finish(self, out: Path):
-        """Write weights (+ optimizer state; LoRA: merged weights) to ``out``; return the trained model."""
-        if self.cfg.opd.lora is not None:  # the next round starts fresh adapters, so no Adam state to keep
-            self.model = merged(self.model)
-            save_model(self.model, self.tok, out)
-            return self.model
-        save_model(self.model, self.tok, out)
-        save_optimizer(self.model, self.opt, out / "optimizer.pt")
+        """Write the round's checkpoint to ``out``; return the trained model (for eval)."""
+        self.model = write_checkpoint(self.model, self.opt, self.tok, out, lora=self.cfg.opd.lora is not None)
         return self.model
 
     def close(self) -> None:
@@ -351,7 +342,7 @@ class GroupUpdate:
     def __init__(self, cfg: RunConfig, student_dir: str, opt_state: Path | None, teacher_dir: str | None, tok,
                  device, workdir: Path, sync: Path):
         o = cfg.opd
-        self.device, self.sync = device, sync
+        self.device = device
         spec = GroupSpec(num_processes=cfg.training.num_processes, strategy=cfg.training.strategy, device=cfg.device,
                          student_dir=student_dir, optimizer_path=str(opt_state) if opt_state else None,
                          teacher_dir=teacher_dir, sync_dir=str(sync), final_dir=str(workdir / "final"), lr=o.lr,
@@ -365,7 +356,7 @@ class GroupUpdate:
         return self.group.update(rollouts, teacher_lp, lr, teacher_topk)
 
     def sync_dir(self, path: Path) -> str:
-        return str(self.sync)  # rank 0 wrote the step's weights there before answering
+        return self.group.spec.sync_dir  # rank 0 wrote the step's weights there before answering
 
     def finish(self, out: Path):
         final = self.group.finish()

@@ -35,6 +35,52 @@ def save_optimizer(model, optimizer, path: str | Path) -> None:
         torch.save(state, path)
 
 
+def save_student(model, tok, out: str | Path, rank: int = 0) -> None:
+    """An ordinary HF checkpoint of the (possibly DDP/FSDP-wrapped) student. Under torchrun every
+    rank calls it (FSDP gathers the full state dict); rank 0 writes."""
+    import torch.distributed as dist
+
+    from opd.models import save_model
+
+    if not dist.is_initialized():
+        save_model(model, tok, out)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        save_model(getattr(model, "module", model), tok, out, state_dict=sd)
+
+
+def write_sync(model, tok, out: str | Path, lora: bool, rank: int = 0) -> str:
+    """What the sampler reloads after a step: the adapters under LoRA, else the full weights."""
+    if lora:
+        if rank == 0:  # DDP keeps the adapters identical on every rank
+            from opd.lora import save_adapter
+
+            save_adapter(model, out)
+    else:
+        save_student(model, tok, out, rank)
+    return str(out)
+
+
+def write_checkpoint(model, optimizer, tok, out: str | Path, lora: bool, rank: int = 0):
+    """A round's end: plain weights + optimizer state, or under LoRA the merged weights and no Adam
+    state (the next round starts fresh adapters). Returns the plain model (rank 0)."""
+    if lora:
+        if rank != 0:
+            return None
+        from opd.lora import merged
+        from opd.models import save_model
+
+        model = merged(model)  # a plain, unwrapped module on this rank alone: no gather
+        save_model(model, tok, out)
+        return model
+    save_student(model, tok, out, rank)
+    save_optimizer(model, optimizer, Path(out) / "optimizer.pt")
+    return model
+
+
 def load_optimizer(model, optimizer, path: str | Path) -> None:
     """Inverse of ``save_optimizer``; also reads the index-keyed files of single-process runs."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

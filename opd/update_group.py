@@ -145,17 +145,6 @@ def _wrap(model, strategy: str, device: torch.device):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _save_weights(model, tok, out: Path, rank: int) -> None:
-    """All ranks gather (FSDP needs every rank); rank 0 writes an ordinary HF checkpoint."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        from opd.models import save_model
-
-        save_model(getattr(model, "module", model), tok, out, state_dict=sd)
-
-
 def _wait_for(workdir: Path, name: str, driver_pid: int) -> bool:
     """True when ``name`` appears, False on ``stop``; exits if the driver is gone."""
     while True:
@@ -184,7 +173,7 @@ def _serve(workdir: Path) -> None:
     import torch.distributed as dist
 
     from opd.models import load_model, load_tokenizer
-    from opd.training import LOGIT_LOSSES, load_optimizer, make_optimizer, opd_update, save_optimizer
+    from opd.training import LOGIT_LOSSES, load_optimizer, make_optimizer, opd_update, write_checkpoint, write_sync
 
     spec = GroupSpec(**json.loads((workdir / "spec.json").read_text()))
     cuda = _use_cuda(spec.device)
@@ -216,26 +205,12 @@ def _serve(workdir: Path) -> None:
                              spec.kl_coef, spec.clip_ratio, spec.baseline, loss=spec.loss, teacher_model=teacher,
                              topk=spec.topk, gkd_beta=spec.gkd_beta, forward_kl_coef=spec.forward_kl_coef,
                              rank=rank, world=world, teacher_topk=topk)
-        if spec.lora is not None:  # DDP keeps the adapters identical on every rank
-            if rank == 0:
-                from opd.lora import save_adapter
-
-                save_adapter(model, spec.sync_dir)
-        else:
-            _save_weights(model, tok, Path(spec.sync_dir), rank)
+        write_sync(model, tok, spec.sync_dir, lora=spec.lora is not None, rank=rank)
         if rank == 0:
             metrics["num_processes"] = world
             _write_atomic(workdir / f"step_{i}.json", lambda p: p.write_text(json.dumps(metrics)))
         i += 1
-    if spec.lora is not None:
-        if rank == 0:
-            from opd.lora import merged
-            from opd.models import save_model
-
-            save_model(merged(model), tok, spec.final_dir)
-    else:
-        _save_weights(model, tok, Path(spec.final_dir), rank)
-        save_optimizer(model, opt, Path(spec.final_dir) / "optimizer.pt")
+    write_checkpoint(model, opt, tok, spec.final_dir, lora=spec.lora is not None, rank=rank)
     dist.barrier()
     if rank == 0:
         _write_atomic(workdir / "final.json", lambda p: p.write_text(json.dumps({"steps": i})))
