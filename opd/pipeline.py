@@ -29,7 +29,7 @@ from opd.models import (build_char_tokenizer, build_llama, load_model, load_toke
 from opd.sampling import Sampler, make_sampler
 from opd.scoring import score_completions
 from opd.teachers import TeacherScorer, make_teacher
-from opd.training import load_optimizer, make_optimizer, opd_update, sft_train, write_checkpoint, write_sync
+from opd.training import LOGIT_LOSSES, load_optimizer, make_optimizer, opd_update, sft_train, write_checkpoint, write_sync
 from opd.update_group import GroupSpec, UpdateGroup
 
 DONE = "done.json"
@@ -379,12 +379,16 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
     tok = load_tokenizer(teacher.path)
     d = data.load()
     train_prompts = d["train"]["prompt"]
-    teacher_model = load_model(teacher.path, device)
     # reverse_kl_topk takes a vLLM/remote teacher's top-k (prompt_logprobs=k); with the hf scorer it,
     # like the other logit losses, runs the teacher inside the update on the same batch.
     scorer_topk = o.loss == "reverse_kl_topk" and cfg.teacher.scorer != "hf"
-    scorer = (get_teacher(cfg, teacher.path, teacher_model, tok.pad_token_id)
-              if o.loss == "reverse_kl_is" or scorer_topk else None)
+    use_scorer = o.loss == "reverse_kl_is" or scorer_topk
+    # The teacher's weights load here only if this process runs them: the hf scorer, or a logit
+    # loss in an in-process update. A served teacher (32B in the Qwen config) never loads here.
+    in_update = o.loss in LOGIT_LOSSES and not scorer_topk and cfg.training.num_processes == 1
+    teacher_model = (load_model(teacher.path, device)
+                     if in_update or (use_scorer and cfg.teacher.scorer == "hf") else None)
+    scorer = get_teacher(cfg, teacher.path, teacher_model, tok.pad_token_id) if use_scorer else None
     # Round 1 starts Adam afresh: SFT's second moments are tuned to small, converged gradients,
     # and dividing the noisier policy-gradient by them makes the first OPD steps far too large.
     opt_state = Path(student.path) / "optimizer.pt"
