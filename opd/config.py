@@ -293,10 +293,14 @@ class RunConfig(_Strict):
     deployment: DeploymentConfig = DeploymentConfig()
 
     @model_validator(mode="after")
-    def _even_shards(self) -> "RunConfig":
+    def _lora_strategy(self) -> "RunConfig":
         if self.opd.lora is not None and self.training.strategy == "fsdp" and self.training.num_processes > 1:
             raise ValueError("opd.lora with training.strategy=fsdp is not supported: LoRA students train "
                              "replicated, set training.strategy=ddp")
+        return self
+
+    @model_validator(mode="after")
+    def _even_shards(self) -> "RunConfig":
         n, w = self.opd.prompts_per_step * self.opd.samples_per_prompt, self.training.num_processes
         if n % w:
             raise ValueError(f"opd.prompts_per_step * opd.samples_per_prompt = {n} rollouts per step cannot be split "
