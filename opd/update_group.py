@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from opd.models import pick_device
 from opd.sampling.base import Rollout
 from opd.teachers import TopKScores
 
@@ -78,7 +79,7 @@ class UpdateGroup:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         if spec.devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.devices))
-        if not _use_cuda(spec.device):
+        if pick_device(spec.device).type != "cuda":
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.num_processes))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.num_processes}",
                "-m", "opd.update_group", "--workdir", str(self.workdir)]
@@ -128,10 +129,6 @@ class UpdateGroup:
 
 # ---------------------------------------------------------------- rank side
 
-def _use_cuda(pref: str) -> bool:
-    return pref == "cuda" or (pref == "auto" and torch.cuda.is_available())
-
-
 def _wrap(model, strategy: str, device: torch.device):
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -176,7 +173,7 @@ def _serve(workdir: Path) -> None:
     from opd.training import LOGIT_LOSSES, load_optimizer, make_optimizer, opd_update, write_checkpoint, write_sync
 
     spec = GroupSpec(**json.loads((workdir / "spec.json").read_text()))
-    cuda = _use_cuda(spec.device)
+    cuda = pick_device(spec.device).type == "cuda"
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
