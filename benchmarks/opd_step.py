@@ -65,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--unseeded", action="store_true",
                    help="sample without a per-step seed (opd_round passes one seed per step, which vLLM applies "
                         "to every prompt of the batch alike)")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="pad both models' vocabulary (embedding + LM head) to this size; default: the char "
+                        "tokenizer's 18 tokens. 32000 gives the LM head of a Llama-2-sized vocabulary")
     p.add_argument("--quick", action="store_true", help="CI smoke run: 8 prompts x 2 samples, 2 steps")
     p.add_argument("--skip-trl", action="store_true", help="time ours only")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -81,11 +84,11 @@ class OursStep:
     def __init__(self, a, tok, teacher, student_dir: Path, sync_dir: Path):
         from opd.models import load_model
         from opd.sampling.vllm_sampler import VLLMSampler
-        from opd.training import make_optimizer
+        from opd.trainer import StudentTrainer
 
         self.a, self.tok, self.teacher, self.sync_dir = a, tok, teacher, sync_dir
-        self.model = load_model(student_dir)
-        self.opt = make_optimizer(self.model, LR)
+        self.trainer = StudentTrainer(load_model(student_dir), LR)
+        self.model = self.trainer.model
         self.micro_batch = max(256, a.prompts * a.samples)  # demo micro_batch is 256 = the whole batch
         t = time.perf_counter()
         self.sampler = VLLMSampler(str(student_dir), eos_id=tok.eos_token_id,
@@ -109,10 +112,8 @@ class OursStep:
         else:
             teacher_lp = None  # the teacher runs inside opd_update on the same packed batch
         t2 = time.perf_counter()
-        for g in self.opt.param_groups:
-            g["lr"] = LR
-        m = opd_update(self.model, self.opt, rollouts, teacher_lp, pad, self.micro_batch, loss=a.loss,
-                       teacher_model=self.teacher)
+        m = opd_update(self.trainer, rollouts, teacher_lp, pad, self.micro_batch, loss=a.loss,
+                       teacher_model=self.teacher, lr=LR)
         t3 = time.perf_counter()
         save_model(self.model, self.tok, self.sync_dir)
         self.sampler.update_weights(str(self.sync_dir))
@@ -139,7 +140,7 @@ def make_trl(a, tok, teacher, student, prompts: list[list[int]], completions: li
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from opd.training import make_optimizer
+    from opd.trainer import make_optimizer
 
     class CountingGKDTrainer(GKDTrainer):
         """Only measures: counts the completion tokens each step trains on and times generation."""
@@ -215,11 +216,11 @@ def main(argv=None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="opd-bench-"))
     tok = build_char_tokenizer()
     max_pos = MAX_PROMPT_TOKENS + a.max_tokens
-    teacher = build_llama(ModelSpec(**TEACHER), tok, max_pos, seed=a.seed)
+    teacher = build_llama(ModelSpec(**TEACHER), tok, max_pos, seed=a.seed, vocab_size=a.vocab)
     with torch.no_grad():
         teacher.lm_head.weight.mul_(TEACHER_SHARPEN)
     teacher.eval()
-    student_dir = save_model(build_llama(ModelSpec(**STUDENT), tok, max_pos, seed=a.seed + 1), tok, work / "student0")
+    student_dir = save_model(build_llama(ModelSpec(**STUDENT), tok, max_pos, seed=a.seed + 1, vocab_size=a.vocab), tok, work / "student0")
 
     n_steps = a.warmup + a.steps
     examples = generate(a.prompts * n_steps, NUM_TERMS, MAX_DIGITS, a.seed)
@@ -284,7 +285,7 @@ def main(argv=None) -> dict:
         "trl_error": trl_error,
         "settings": {
             "prompts": a.prompts, "samples": a.samples, "rows_per_step": a.prompts * a.samples,
-            "max_tokens": a.max_tokens, "steps": a.steps, "warmup_steps": a.warmup, "quick": a.quick,
+            "max_tokens": a.max_tokens, "vocab_size": a.vocab or len(tok), "steps": a.steps, "warmup_steps": a.warmup, "quick": a.quick,
             "loss_ours": a.loss, "loss_trl": "generalized JSD, beta=1 (full-vocabulary reverse KL)",
             "sampler_seed": "none" if a.unseeded else "seed + prompt index (as opd_round)",
             "lmbda": 1.0, "temperature": 1.0, "lr": LR, "optimizer": "AdamW(betas=(0.9, 0.98)), clip 1.0",

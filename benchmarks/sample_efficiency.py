@@ -79,19 +79,18 @@ ZERO = {"student_flops": 0.0, "teacher_flops": 0.0, "total_flops": 0.0, "wall_s"
 
 def run_sft_branch(cfg, teacher, warm, ev, seed: int, lr: float, steps: int, every: int, start: dict,
                    log=print) -> list[dict]:
-    import torch
-
     from opd.config import TrainSpec
     from opd.data import task
     from opd.generation import generate
     from opd.ledger import PhaseCost
     from opd.models import load_model, load_tokenizer, num_params
-    from opd.training import make_optimizer, sft_train
+    from opd.trainer import StudentTrainer
+    from opd.training import load_optimizer, sft_train
 
     tok = load_tokenizer(teacher.path)
     t_model, student = load_model(teacher.path), load_model(warm.path)
-    opt = make_optimizer(student, lr)
-    opt.load_state_dict(torch.load(Path(warm.path) / "optimizer.pt"))  # SFT simply goes on
+    trainer = StudentTrainer(student, lr)
+    load_optimizer(student, trainer.torch_optimizer, Path(warm.path) / "optimizer.pt")  # SFT simply goes on
     spec = TrainSpec(steps=steps, batch_size=cfg.sft.train.batch_size, lr=lr, warmup_steps=0)
     syn, held_out = cfg.data.synthetic, set(ev["prompt"])
     curve, cost = [start], dict(ZERO)
@@ -105,8 +104,8 @@ def run_sft_branch(cfg, teacher, warm, ev, seed: int, lr: float, steps: int, eve
                          temperature=cfg.sft.teacher_temperature, seed=seed * 1000 + i)
         tokens = sum(len(p) + len(c) for p, c in zip(prompts, comps))
         phase.teacher(num_params(t_model), tokens)
-        sft_train(student, list(zip(prompts, comps)), spec, tok.pad_token_id, seed, steps=every,
-                  start_step=i * every, optimizer=opt, one_pass=True)
+        sft_train(trainer, list(zip(prompts, comps)), spec, tok.pad_token_id, seed, steps=every,
+                  start_step=i * every, one_pass=True)
         phase.train(num_params(student), tokens)
         phase.wall_s = time.time() - t0
         cost = _cum(cost, phase.as_dict())

@@ -77,6 +77,9 @@ class TrainSpec(_Strict):
     lr: float = Field(gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
+    # rows per forward/backward (gradient accumulation): bounds activation memory, not the step;
+    # None = the whole batch at once
+    micro_batch: int | None = Field(None, ge=1)
 
 
 class TeacherBootstrap(_Strict):
@@ -213,6 +216,9 @@ class TrainingConfig(_Strict):
     # GPU indices the group's ranks own (CUDA_VISIBLE_DEVICES of the group), kept apart from the
     # driver's vLLM sampler; None = ranks take GPUs 0..N-1 and share them with the sampler.
     devices: list[int] | None = None
+    # autocast for every student update (teacher bootstrap, SFT, OPD): bf16 on GPUs that have it;
+    # fp16 (GPU only) adds loss scaling. Weights and Adam state stay fp32; losses upcast to fp32.
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
     @model_validator(mode="after")
     def _devices(self) -> "TrainingConfig":

@@ -1,11 +1,10 @@
-"""Data-parallel SFT steps: every rank takes its shard of the same global batch (DDP via accelerate).
+"""Data-parallel SFT steps through the one update path (opd.trainer.StudentTrainer, on accelerate).
 
 Launch with one process (``python -m opd.distributed``) or several
 (``torchrun --nproc_per_node=2 -m opd.distributed`` / ``accelerate launch --num_processes 2 -m opd.distributed``);
-on CPU the processes talk over gloo. The loss is the token-weighted mean over the *global* batch:
-each rank's summed completion-token NLL is divided by the all-reduced token count and multiplied by
-the world size, so DDP's gradient averaging yields exactly the single-process gradient. Hence the loss
-trajectory does not depend on the number of processes (up to float summation order).
+on CPU the processes talk over gloo. Every rank takes its contiguous rows of the same global batch;
+the loss is the token-weighted mean over the *global* batch, so the loss trajectory does not depend
+on the number of processes or micro-batches (up to float summation order).
 """
 from __future__ import annotations
 
@@ -17,68 +16,18 @@ from pathlib import Path
 
 import torch
 
-from opd.batching import PackedBatch, pack
-from opd.scoring import token_logprobs
-from opd.training import make_optimizer
+from opd.trainer import StudentTrainer
+from opd.training import sft_step
 
 Pair = tuple[list[int], list[int]]
 
 
-def make_accelerator():
-    """An ``accelerate.Accelerator`` on CPU: single process, or MULTI_CPU (gloo) under a launcher."""
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=not torch.cuda.is_available())
-
-
-def shard_rows(batch: PackedBatch, rank: int, world: int) -> PackedBatch:
-    """Rank ``rank``'s contiguous rows of a packed global batch (padding width is the global one)."""
-    n = batch.input_ids.shape[0]
-    if n < world:
-        raise ValueError(f"global batch of {n} rows cannot be split over {world} processes")
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    return PackedBatch(batch.input_ids[lo:hi], batch.attention_mask[lo:hi], batch.loss_mask[lo:hi])
-
-
-def global_token_weighted_loss(logp: torch.Tensor, mask: torch.Tensor, accelerator) -> tuple[torch.Tensor, float]:
-    """(loss to backward on this rank, global mean NLL for logging).
-
-    local loss = world * local_sum / global_tokens: DDP averages gradients over ranks, so the applied
-    gradient is d(global_sum / global_tokens), the single-process token-weighted mean.
-    """
-    local_sum = -(logp * mask).sum()
-    stats = torch.stack([local_sum.detach().double(), mask.sum().double()])
-    if accelerator.num_processes > 1:
-        stats = accelerator.reduce(stats, reduction="sum")
-    global_sum, global_tokens = float(stats[0]), max(1.0, float(stats[1]))
-    loss = local_sum * (accelerator.num_processes / global_tokens)
-    return loss, global_sum / global_tokens
-
-
-def train_sft_steps(model, batches: list[list[Pair]], lr: float, pad_id: int, accelerator=None,
-                    weight_decay: float = 0.0, max_grad_norm: float | None = 1.0) -> list[float]:
-    """One optimizer step per global batch of (prompt_ids, completion_ids); returns the global losses.
-
-    Every rank must pass the same ``batches`` and an identically initialised ``model``. The model is
-    wrapped by ``accelerator.prepare`` (DDP when several processes), and trained in place.
-    """
-    accelerator = accelerator or make_accelerator()
-    opt = make_optimizer(model, lr, weight_decay)
-    model, opt = accelerator.prepare(model, opt)
-    model.train()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    losses: list[float] = []
-    for batch in batches:
-        b = pack([p for p, _ in batch], [c for _, c in batch], pad_id)
-        b = shard_rows(b, rank, world).to(accelerator.device)
-        loss, global_loss = global_token_weighted_loss(token_logprobs(model, b), b.loss_mask, accelerator)
-        opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        if max_grad_norm is not None:
-            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)  # grads are already all-reduced
-        opt.step()
-        losses.append(global_loss)
-    return losses
+def train_sft_steps(model, batches: list[list[Pair]], lr: float, pad_id: int, micro_batch: int | None = None,
+                    mixed_precision: str = "no", weight_decay: float = 0.0) -> tuple[StudentTrainer, list[float]]:
+    """One optimizer step per global batch of (prompt_ids, completion_ids); returns the trainer and the
+    global losses. Every rank must pass the same ``batches`` and an identically initialised ``model``."""
+    trainer = StudentTrainer(model, lr, weight_decay=weight_decay, mixed_precision=mixed_precision)
+    return trainer, [sft_step(trainer, batch, pad_id, micro_batch) for batch in batches]
 
 
 def make_global_batches(tokenizer, steps: int, batch_size: int, seed: int, num_terms: int = 3,
@@ -107,11 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hidden-size", type=int, default=64)
     ap.add_argument("--num-heads", type=int, default=2)
     ap.add_argument("--intermediate-size", type=int, default=128)
+    ap.add_argument("--micro-batch", type=int, default=None, help="rows per forward/backward (gradient accumulation)")
+    ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     ap.add_argument("--out", type=Path, default=None, help="write the losses as JSON (rank 0)")
     args = ap.parse_args(argv)
 
-    accelerator = make_accelerator()
-    world = accelerator.num_processes
+    world = int(os.environ.get("WORLD_SIZE", 1))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     torch.use_deterministic_algorithms(True, warn_only=True)
     tok = build_char_tokenizer()
@@ -119,10 +69,13 @@ def main(argv: list[str] | None = None) -> None:
                      intermediate_size=args.intermediate_size)
     model = build_llama(spec, tok, max_positions=128, seed=args.seed)  # same init on every rank
     batches = make_global_batches(tok, args.steps, args.batch_size, args.seed)
-    losses = train_sft_steps(model, batches, args.lr, tok.pad_token_id, accelerator)
+    trainer, losses = train_sft_steps(model, batches, args.lr, tok.pad_token_id, args.micro_batch,
+                                      args.mixed_precision)
+    accelerator = trainer.accelerator
     if accelerator.is_main_process:
-        rec = {"num_processes": world, "distributed_type": str(accelerator.distributed_type),
-               "backend": accelerator.state.backend, "losses": losses}
+        rec = {"num_processes": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
+               "backend": accelerator.state.backend, "mixed_precision": accelerator.mixed_precision,
+               "micro_batch": args.micro_batch, "losses": losses}
         print(json.dumps(rec))
         if args.out:
             args.out.write_text(json.dumps(rec))

@@ -34,10 +34,15 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
                                    pad_token="<pad>", unk_token="<unk>", padding_side="left")
 
 
-def build_llama(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, max_positions: int, seed: int) -> LlamaForCausalLM:
+def build_llama(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, max_positions: int, seed: int,
+                vocab_size: int | None = None) -> LlamaForCausalLM:
+    """``vocab_size`` above ``len(tokenizer)`` pads the embedding and LM head, as real checkpoints do
+    (Qwen3: 151,936 rows for 151,669 tokens); benchmarks use it to give the tiny models an LLM-sized head."""
     torch.manual_seed(seed)
+    if vocab_size is not None and vocab_size < len(tokenizer):
+        raise ValueError(f"vocab_size={vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers,

@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
 
 from opd.config import RunConfig
 from opd.data import dataset as ds
@@ -29,7 +28,9 @@ from opd.models import (build_char_tokenizer, build_llama, load_model, load_toke
 from opd.sampling import Sampler, make_sampler
 from opd.scoring import score_completions
 from opd.teachers import TeacherScorer, make_teacher
-from opd.training import LOGIT_LOSSES, load_optimizer, make_optimizer, opd_update, sft_train, write_checkpoint, write_sync
+from opd.trainer import StudentTrainer
+from opd.training import (LOGIT_LOSSES, load_optimizer, opd_update, save_optimizer, sft_train, write_checkpoint,
+                          write_sync)
 from opd.update_group import GroupSpec, UpdateGroup
 
 DONE = "done.json"
@@ -132,8 +133,12 @@ def teacher_cache_key(cfg: RunConfig) -> str:
     task = cfg.data.synthetic.model_dump()
     if task["term_order"] == "given":  # keys of teachers cached before the option existed stay valid
         del task["term_order"]
-    spec = {"bootstrap": cfg.teacher.bootstrap.model_dump(mode="json"), "task": task,
-            "seed": cfg.seed, "max_tokens": cfg.opd.max_tokens, "v": 1}
+    boot = cfg.teacher.bootstrap.model_dump(mode="json")
+    if boot["train"]["micro_batch"] is None:  # options added later keep their default out of old keys
+        del boot["train"]["micro_batch"]
+    spec = {"bootstrap": boot, "task": task, "seed": cfg.seed, "max_tokens": cfg.opd.max_tokens, "v": 1}
+    if cfg.training.mixed_precision != "no":  # a bf16-trained teacher is a different teacher
+        spec["mixed_precision"] = cfg.training.mixed_precision
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -172,11 +177,11 @@ def bootstrap_teacher(cfg: RunConfig, data: ds.DataRef, log=print) -> ModelRef:
                         seed=cfg.seed).to(device)
     ev = d["eval"]
     cost = PhaseCost("teacher_bootstrap")
-    opt, step, acc = None, 0, 0.0
+    trainer = _trainer(cfg, model, boot.train.lr, boot.train.weight_decay)
+    step, acc = 0, 0.0
     while step < boot.max_steps:
         chunk = min(boot.eval_every, boot.max_steps - step)
-        opt = sft_train(model, pairs, boot.train, tok.pad_token_id, cfg.seed, steps=chunk, start_step=step,
-                        optimizer=opt)
+        sft_train(trainer, pairs, boot.train, tok.pad_token_id, cfg.seed, steps=chunk, start_step=step)
         step += chunk
         acc = accuracy(model, tok, ev["prompt"], ev["answer"], cfg.opd.max_tokens)
         log(f"teacher step {step}: held-out accuracy {acc:.3f}")
@@ -192,6 +197,12 @@ def bootstrap_teacher(cfg: RunConfig, data: ds.DataRef, log=print) -> ModelRef:
     save_model(model, tok, tmp)
     _publish_dir(tmp, final, {"accuracy": acc, "steps": step, "params": num_params(model), "cost": cost.as_dict()})
     return ModelRef(str(final), num_params(model), {"accuracy": acc}, cost.as_dict())
+
+
+def _trainer(cfg: RunConfig, model, lr: float, weight_decay: float = 0.0) -> StudentTrainer:
+    """The in-process student trainer (teacher bootstrap, SFT, one-process OPD updates)."""
+    return StudentTrainer(model, lr, weight_decay=weight_decay, mixed_precision=cfg.training.mixed_precision,
+                          device=cfg.device)
 
 
 def check_vocab(teacher_tok, student_tok) -> None:
@@ -234,8 +245,9 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
         student = build_llama(cfg.student.model, tok, cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
                               seed=cfg.seed + 1).to(device)
     losses = []
-    opt = sft_train(student, list(zip(prompts, comps)), cfg.sft.train, tok.pad_token_id, cfg.seed,
-                    on_step=lambda s, l: losses.append(l))
+    trainer = _trainer(cfg, student, cfg.sft.train.lr, cfg.sft.train.weight_decay)
+    sft_train(trainer, list(zip(prompts, comps)), cfg.sft.train, tok.pad_token_id, cfg.seed,
+              on_step=lambda s, l: losses.append(l))
     avg_len = seq_tokens / len(prompts)
     cost.train(num_params(student), int(cfg.sft.train.steps * cfg.sft.train.batch_size * avg_len))
     acc = _eval_slice_accuracy(cfg, student, tok, d["eval"])
@@ -244,7 +256,7 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
     log(f"SFT warmup: loss {metrics['final_loss']:.4f}, eval-slice accuracy {acc}")
     tmp = _fresh(out)
     save_model(student, tok, tmp)
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    save_optimizer(student, trainer.torch_optimizer, tmp / "optimizer.pt")
     _publish_dir(tmp, out, {"params": num_params(student), "metrics": metrics, "cost": cost.as_dict(),
                             "data_cost": data_cost.as_dict()})
     return ModelRef(str(out), num_params(student), metrics, cost.as_dict(), data_cost.as_dict())
@@ -308,29 +320,26 @@ class LocalUpdate:
 
     def __init__(self, cfg: RunConfig, student_dir: str, opt_state: Path | None, teacher_model, tok, device):
         self.cfg, self.tok, self.teacher_model = cfg, tok, teacher_model
-        self.model = load_model(student_dir, device)
+        model = load_model(student_dir, device)
         if cfg.opd.lora is not None:
-            self.model = apply_lora(self.model, cfg.opd.lora)
-        self.opt = make_optimizer(self.model, cfg.opd.lr)
+            model = apply_lora(model, cfg.opd.lora)
+        self.trainer = _trainer(cfg, model, cfg.opd.lr)
         if opt_state is not None:
-            load_optimizer(self.model, self.opt, opt_state)
+            load_optimizer(self.trainer.model, self.trainer.torch_optimizer, opt_state)
 
     def update(self, rollouts, teacher_lp, lr: float, teacher_topk=None) -> dict:
         o = self.cfg.opd
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        return opd_update(self.model, self.opt, rollouts, teacher_lp, self.tok.pad_token_id, o.micro_batch, o.kl_coef,
+        return opd_update(self.trainer, rollouts, teacher_lp, self.tok.pad_token_id, o.micro_batch, o.kl_coef,
                           o.clip_ratio, o.advantage_baseline, loss=o.loss, teacher_model=self.teacher_model,
                           topk=o.topk, gkd_beta=o.gkd_beta, forward_kl_coef=o.forward_kl_coef,
-                          teacher_topk=teacher_topk)
+                          teacher_topk=teacher_topk, lr=lr)
 
     def sync_dir(self, path: Path) -> str:
-        return write_sync(self.model, self.tok, path, lora=self.cfg.opd.lora is not None)
+        return write_sync(self.trainer, self.tok, path, lora=self.cfg.opd.lora is not None)
 
     def finish(self, out: Path):
         """Write the round's checkpoint to ``out``; return the trained model (for eval)."""
-        self.model = write_checkpoint(self.model, self.opt, self.tok, out, lora=self.cfg.opd.lora is not None)
-        return self.model
+        return write_checkpoint(self.trainer, self.tok, out, lora=self.cfg.opd.lora is not None)
 
     def close(self) -> None:
         pass
@@ -349,7 +358,8 @@ class GroupUpdate:
                          pad_id=tok.pad_token_id, micro_batch=o.micro_batch, kl_coef=o.kl_coef,
                          clip_ratio=o.clip_ratio, baseline=o.advantage_baseline, loss=o.loss, topk=o.topk,
                          gkd_beta=o.gkd_beta, forward_kl_coef=o.forward_kl_coef, driver_pid=os.getpid(),
-                         devices=cfg.training.devices, lora=o.lora.model_dump() if o.lora else None)
+                         devices=cfg.training.devices, lora=o.lora.model_dump() if o.lora else None,
+                         mixed_precision=cfg.training.mixed_precision)
         self.group = UpdateGroup(spec, workdir)
 
     def update(self, rollouts, teacher_lp, lr: float, teacher_topk=None) -> dict:

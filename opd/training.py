@@ -1,9 +1,10 @@
-"""Student updates: SFT on (prompt, completion) pairs and the OPD policy-gradient step."""
+"""Student updates: SFT on (prompt, completion) pairs and the OPD policy-gradient step, both one
+``StudentTrainer.step`` each (opd.trainer: accelerate, micro-batches, mixed precision); and the
+checkpoints they write."""
 from __future__ import annotations
 
 import math
 import random
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -15,12 +16,7 @@ from opd.losses import (entropy_from_logits, gkd_jsd, logsumexp_fp32, masked_mea
                         reverse_kl_topk, sft_cross_entropy, token_logprobs_from_logits)
 from opd.sampling.base import Rollout
 from opd.scoring import token_logprobs
-
-
-def make_optimizer(model, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (all of them, or only LoRA adapters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+from opd.trainer import StudentTrainer, make_optimizer  # noqa: F401 - make_optimizer: re-exported
 
 
 def save_optimizer(model, optimizer, path: str | Path) -> None:
@@ -52,8 +48,9 @@ def save_student(model, tok, out: str | Path, rank: int = 0) -> None:
         save_model(getattr(model, "module", model), tok, out, state_dict=sd)
 
 
-def write_sync(model, tok, out: str | Path, lora: bool, rank: int = 0) -> str:
+def write_sync(trainer: StudentTrainer, tok, out: str | Path, lora: bool) -> str:
     """What the sampler reloads after a step: the adapters under LoRA, else the full weights."""
+    model, rank = trainer.model, trainer.rank
     if lora:
         if rank == 0:  # DDP keeps the adapters identical on every rank
             from opd.lora import save_adapter
@@ -64,9 +61,10 @@ def write_sync(model, tok, out: str | Path, lora: bool, rank: int = 0) -> str:
     return str(out)
 
 
-def write_checkpoint(model, optimizer, tok, out: str | Path, lora: bool, rank: int = 0):
+def write_checkpoint(trainer: StudentTrainer, tok, out: str | Path, lora: bool):
     """A round's end: plain weights + optimizer state, or under LoRA the merged weights and no Adam
     state (the next round starts fresh adapters). Returns the plain model (rank 0)."""
+    model, rank = trainer.model, trainer.rank
     if lora:
         if rank != 0:
             return None
@@ -77,7 +75,7 @@ def write_checkpoint(model, optimizer, tok, out: str | Path, lora: bool, rank: i
         save_model(model, tok, out)
         return model
     save_student(model, tok, out, rank)
-    save_optimizer(model, optimizer, Path(out) / "optimizer.pt")
+    save_optimizer(model, trainer.torch_optimizer, Path(out) / "optimizer.pt")
     return model
 
 
@@ -101,50 +99,50 @@ def _lr_at(step: int, spec: TrainSpec) -> float:
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def sft_train(model, pairs: list[tuple[list[int], list[int]]], spec: TrainSpec, pad_id: int, seed: int,
-              steps: int | None = None, start_step: int = 0, optimizer=None,
-              on_step: Callable[[int, float], None] | None = None, one_pass: bool = False) -> torch.optim.Optimizer:
+def sft_step(trainer: StudentTrainer, batch: list[tuple[list[int], list[int]]], pad_id: int,
+             micro_batch: int | None = None, lr: float | None = None) -> float:
+    """One SFT step: cross-entropy on the completion tokens of the global ``batch`` (token-weighted
+    mean, accumulated over micro-batches); returns the loss."""
+    total = sum(len(c) for _, c in batch)
+
+    def loss_fn(model, s: int, e: int):
+        b = pack([p for p, _ in batch[s:e]], [c for _, c in batch[s:e]], pad_id).to(trainer.device)
+        loss = sft_cross_entropy(token_logprobs(model, b), b.loss_mask)
+        return loss, int(b.loss_mask.sum()), {"loss": float(loss.detach())}
+
+    return trainer.step(batch, micro_batch or len(batch), loss_fn, total, lr)["loss"]
+
+
+def sft_train(trainer: StudentTrainer, pairs: list[tuple[list[int], list[int]]], spec: TrainSpec, pad_id: int,
+              seed: int, steps: int | None = None, start_step: int = 0,
+              on_step: Callable[[int, float], None] | None = None, one_pass: bool = False) -> StudentTrainer:
     """Cross-entropy on completion tokens; `steps` lets a caller train in chunks (eval in between).
 
     Batches are drawn at random with replacement; ``one_pass`` walks ``pairs`` in order instead, so
     freshly generated data is trained on exactly once (each generated token is paid for once)."""
-    device = next(model.parameters()).device
-    opt = optimizer or make_optimizer(model, spec.lr, spec.weight_decay)
     rng = random.Random(seed + start_step)
-    model.train()
     for step in range(start_step, start_step + (steps or spec.steps)):
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, spec)
         if one_pass:
             i = (step - start_step) * spec.batch_size
             batch = [pairs[(i + j) % len(pairs)] for j in range(spec.batch_size)]
         else:
             batch = [pairs[rng.randrange(len(pairs))] for _ in range(spec.batch_size)]
-        b = pack([p for p, _ in batch], [c for _, c in batch], pad_id).to(device)
-        loss = sft_cross_entropy(token_logprobs(model, b), b.loss_mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = sft_step(trainer, batch, pad_id, spec.micro_batch, _lr_at(step, spec))
         if on_step:
-            on_step(step, float(loss.detach()))
-    return opt
+            on_step(step, loss)
+    return trainer
 
 
 LOGIT_LOSSES = ("reverse_kl_full", "reverse_kl_topk", "gkd_jsd")
 
 
-def opd_update(model, optimizer, rollouts: list[Rollout], teacher_logprobs: list[list[float]] | None, pad_id: int,
-               micro_batch: int, kl_coef: float = 1.0, clip_ratio: float | None = None,
+def opd_update(trainer: StudentTrainer, rollouts: list[Rollout], teacher_logprobs: list[list[float]] | None,
+               pad_id: int, micro_batch: int, kl_coef: float = 1.0, clip_ratio: float | None = None,
                baseline: str = "none", *, loss: str = "reverse_kl_is", teacher_model=None, topk: int = 20,
-               gkd_beta: float = 0.5, forward_kl_coef: float = 0.0, rank: int = 0,
-               world: int = 1, teacher_topk=None) -> dict[str, float]:
-    """One optimizer step over all rollouts (gradient accumulated over micro-batches).
-
-    Under torchrun (``world`` > 1, ``model`` wrapped in DDP or FSDP) every rank passes the same
-    global rollouts and trains on its contiguous shard. Each micro-batch's loss is weighted by its
-    share of the *global* completion tokens and scaled by ``world`` (DDP and FSDP average gradients
-    over ranks), so the step equals the single-process step; metrics are all-reduced the same way.
+               gkd_beta: float = 0.5, forward_kl_coef: float = 0.0, teacher_topk=None,
+               lr: float | None = None) -> dict[str, float]:
+    """One optimizer step over all rollouts (``trainer.step``: micro-batches, and under torchrun each
+    rank its shard of the same global rollouts; metrics are token-weighted over the global batch).
 
     ``loss="reverse_kl_is"`` (default) uses ``teacher_logprobs`` (the teacher's logprob of each
     sampled token); ``kl_coef``, ``clip_ratio`` and ``baseline`` apply only to it. The logit losses
@@ -162,74 +160,28 @@ def opd_update(model, optimizer, rollouts: list[Rollout], teacher_logprobs: list
                          + (" or teacher_topk (a scorer's top-k)" if loss == "reverse_kl_topk" else ""))
     if loss == "reverse_kl_is" and teacher_logprobs is None:
         raise ValueError("loss='reverse_kl_is' needs teacher_logprobs")
-    if len(rollouts) % world:
-        raise ValueError(f"{len(rollouts)} rollouts cannot be split evenly over {world} processes: make "
-                         "opd.prompts_per_step * opd.samples_per_prompt a multiple of training.num_processes")
-    device = next(model.parameters()).device
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    total_tokens = sum(len(r.completion_ids) for r in rollouts)  # global: every rank sees all rollouts
-    lo, hi = len(rollouts) * rank // world, len(rollouts) * (rank + 1) // world
-    starts = list(range(lo, hi, micro_batch))  # equal shards -> the same number of backward passes per rank
-    agg: dict[str, float] = {}
-    for i, s in enumerate(starts):
-        e = min(s + micro_batch, hi)
+
+    def loss_fn(model, s: int, e: int):
         chunk = rollouts[s:e]
-        b = pack([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], pad_id).to(device)
+        b = pack([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], pad_id).to(trainer.device)
         logp_sampler = scatter_completion([r.sampler_logprobs for r in chunk], b)
-        with _grad_sync(model, last=i == len(starts) - 1, world=world):
-            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-            logp_new = token_logprobs_from_logits(logits, b.input_ids[:, 1:])  # == token_logprobs(model, b)
-            if loss == "reverse_kl_is":
-                logp_teacher = scatter_completion(teacher_logprobs[s:e], b)
-                loss_t, m = reverse_kl_is(logp_new, logp_sampler, logp_teacher, b.loss_mask, kl_coef, clip_ratio,
-                                          baseline)
-            elif teacher_topk is not None:  # the scorer's top-k (vLLM prompt_logprobs): no teacher forward here
-                loss_t, m = _topk_loss(logits, logp_new, logp_sampler, b, teacher_topk, s, e, topk, forward_kl_coef)
-            else:
-                loss_t, m = _logit_loss(loss, logits, logp_new, logp_sampler, b, teacher_model, topk, gkd_beta,
-                                        forward_kl_coef)
-            with torch.no_grad():
-                m["student_entropy"] = float(entropy_from_logits(logits.detach(), b.loss_mask))
-            del logits  # the graph keeps what backward needs
-            weight = float(b.loss_mask.sum()) / max(1, total_tokens)  # token-weighted mean over the global batch
-            (loss_t * (weight * world)).backward()
-        for k, v in m.items():
-            if k.endswith("_max"):
-                agg[k] = max(agg.get(k, v), v)
-            else:
-                agg[k] = agg.get(k, 0.0) + v * weight
-    if world > 1:
-        agg = _all_reduce_metrics(agg, device)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    agg["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-    optimizer.step()
-    return agg
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+        logp_new = token_logprobs_from_logits(logits, b.input_ids[:, 1:])  # == token_logprobs(model, b)
+        if loss == "reverse_kl_is":
+            logp_teacher = scatter_completion(teacher_logprobs[s:e], b)
+            loss_t, m = reverse_kl_is(logp_new, logp_sampler, logp_teacher, b.loss_mask, kl_coef, clip_ratio,
+                                      baseline)
+        elif teacher_topk is not None:  # the scorer's top-k (vLLM prompt_logprobs): no teacher forward here
+            loss_t, m = _topk_loss(logits, logp_new, logp_sampler, b, teacher_topk, s, e, topk, forward_kl_coef)
+        else:
+            loss_t, m = _logit_loss(loss, logits, logp_new, logp_sampler, b, teacher_model, topk, gkd_beta,
+                                    forward_kl_coef)
+        with torch.no_grad():
+            m["student_entropy"] = float(entropy_from_logits(logits.detach(), b.loss_mask))
+        return loss_t, int(b.loss_mask.sum()), m
 
-
-def _grad_sync(model, last: bool, world: int):
-    """Reduce gradients across ranks once per step (on the last micro-batch), not per micro-batch."""
-    if world == 1 or last:
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-            model.set_requires_gradient_sync(True)
-        return nullcontext()
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(False)
-        return nullcontext()
-    return model.no_sync()  # DDP
-
-
-def _all_reduce_metrics(agg: dict[str, float], device) -> dict[str, float]:
-    """Token-weighted partial sums add up across ranks; ``*_max`` metrics take the max."""
-    import torch.distributed as dist
-
-    keys = sorted(agg)  # same order on every rank
-    sums = torch.tensor([0.0 if k.endswith("_max") else agg[k] for k in keys], dtype=torch.float64, device=device)
-    maxes = torch.tensor([agg[k] if k.endswith("_max") else -math.inf for k in keys], dtype=torch.float64,
-                         device=device)  # NCCL reduces device tensors only
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-    return {k: float(maxes[i] if k.endswith("_max") else sums[i]) for i, k in enumerate(keys)}
+    total_tokens = sum(len(r.completion_ids) for r in rollouts)  # global: every rank sees all rollouts
+    return trainer.step(rollouts, micro_batch, loss_fn, total_tokens, lr)
 
 
 def _sampler_metrics(logp_new, logp_sampler, mask) -> dict[str, float]:

@@ -54,6 +54,7 @@ class GroupSpec:
     driver_pid: int
     devices: list[int] | None = None  # CUDA_VISIBLE_DEVICES for the ranks
     lora: dict | None = None  # opd.config.LoraSpec fields: train adapters, sync adapters, merge at the end
+    mixed_precision: str = "no"
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -129,19 +130,6 @@ class UpdateGroup:
 
 # ---------------------------------------------------------------- rank side
 
-def _wrap(model, strategy: str, device: torch.device):
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in model.model.layers:  # one all-gather per decoder layer, as torchtune does
-            fully_shard(layer)
-        fully_shard(model)
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
 def _wait_for(workdir: Path, name: str, driver_pid: int) -> bool:
     """True when ``name`` appears, False on ``stop``; exits if the driver is gone."""
     while True:
@@ -170,44 +158,40 @@ def _serve(workdir: Path) -> None:
     import torch.distributed as dist
 
     from opd.models import load_model, load_tokenizer
-    from opd.training import LOGIT_LOSSES, load_optimizer, make_optimizer, opd_update, write_checkpoint, write_sync
+    from opd.trainer import StudentTrainer
+    from opd.training import LOGIT_LOSSES, load_optimizer, opd_update, write_checkpoint, write_sync
 
     spec = GroupSpec(**json.loads((workdir / "spec.json").read_text()))
-    cuda = pick_device(spec.device).type == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    model = load_model(spec.student_dir, device)
+    model = load_model(spec.student_dir)
     if spec.lora is not None:
         from opd.config import LoraSpec
         from opd.lora import apply_lora
 
         model = apply_lora(model, LoraSpec(**spec.lora))
-    model = _wrap(model, spec.strategy, device)
+    # accelerate starts the process group (NCCL on GPUs, gloo on CPU) and picks this rank's device
+    trainer = StudentTrainer(model, spec.lr, mixed_precision=spec.mixed_precision, strategy=spec.strategy,
+                             device=spec.device)
+    rank, world = trainer.rank, trainer.world
     tok = load_tokenizer(spec.student_dir)
-    opt = make_optimizer(model, spec.lr)
     if spec.optimizer_path:
-        load_optimizer(model, opt, spec.optimizer_path)
-    teacher = load_model(spec.teacher_dir, device) if spec.loss in LOGIT_LOSSES and spec.teacher_dir else None
+        load_optimizer(trainer.model, trainer.torch_optimizer, spec.optimizer_path)
+    teacher = (load_model(spec.teacher_dir, trainer.device)
+               if spec.loss in LOGIT_LOSSES and spec.teacher_dir else None)
     i = 0
     while _wait_for(workdir, f"step_{i}.pt", spec.driver_pid):
         msg = torch.load(workdir / f"step_{i}.pt", weights_only=True)
         rollouts = [Rollout(*r) for r in msg["rollouts"]]
         topk = TopKScores(**msg["teacher_topk"]) if msg["teacher_topk"] is not None else None
-        for g in opt.param_groups:
-            g["lr"] = msg["lr"]
-        metrics = opd_update(model, opt, rollouts, msg["teacher_logprobs"], spec.pad_id, spec.micro_batch,
+        metrics = opd_update(trainer, rollouts, msg["teacher_logprobs"], spec.pad_id, spec.micro_batch,
                              spec.kl_coef, spec.clip_ratio, spec.baseline, loss=spec.loss, teacher_model=teacher,
                              topk=spec.topk, gkd_beta=spec.gkd_beta, forward_kl_coef=spec.forward_kl_coef,
-                             rank=rank, world=world, teacher_topk=topk)
-        write_sync(model, tok, spec.sync_dir, lora=spec.lora is not None, rank=rank)
+                             teacher_topk=topk, lr=msg["lr"])
+        write_sync(trainer, tok, spec.sync_dir, lora=spec.lora is not None)
         if rank == 0:
             metrics["num_processes"] = world
             _write_atomic(workdir / f"step_{i}.json", lambda p: p.write_text(json.dumps(metrics)))
         i += 1
-    write_checkpoint(model, opt, tok, spec.final_dir, lora=spec.lora is not None, rank=rank)
+    write_checkpoint(trainer, tok, spec.final_dir, lora=spec.lora is not None)
     dist.barrier()
     if rank == 0:
         _write_atomic(workdir / "final.json", lambda p: p.write_text(json.dumps({"steps": i})))

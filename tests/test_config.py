@@ -28,6 +28,8 @@ def test_override_sets_nested_value():
     ("training.num_processes=3", "256 rollouts per step cannot be split evenly over training.num_processes=3"),
     ("training.devices=[0, 1]", "training.devices lists 2 GPUs for training.num_processes=1"),
     ("training.strategy=zero3", "training.strategy: Input should be 'ddp' or 'fsdp'"),
+    ("training.mixed_precision=fp8", "training.mixed_precision: Input should be 'no', 'bf16' or 'fp16'"),
+    ("sft.train.micro_batch=0", "sft.train.micro_batch: Input should be greater than or equal to 1"),
     ("opd.tensor_parallel_size=0", "opd.tensor_parallel_size: Input should be greater than or equal to 1"),
     ("teacher.tensor_parallel_size=2", "teacher.tensor_parallel_size applies to teacher.scorer=vllm: set"),
 ])
@@ -40,6 +42,7 @@ def test_bad_values_name_the_field(override, needle):
 def test_parallelism_settings():
     cfg = load_config("configs/qwen3-8b-from-32b.yaml")
     assert cfg.training.num_processes == 4 and cfg.training.strategy == "fsdp"
+    assert cfg.training.mixed_precision == "bf16"
     assert cfg.opd.tensor_parallel_size == 2 and set(cfg.training.devices).isdisjoint(range(2))
     with pytest.raises(ConfigError, match="opd.tensor_parallel_size > 1 needs opd.sampler=vllm"):
         load_config("configs/ci.yaml", ["opd.tensor_parallel_size=2", "opd.sampler=hf"])

@@ -10,10 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from opd.batching import pack
-from opd.distributed import make_global_batches, shard_rows
+from opd.distributed import make_global_batches
 from opd.models import build_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,21 +26,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(launcher: list[str], out: Path) -> dict:
+def _run(launcher: list[str], out: Path, *extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     cmd = launcher + ["-m", "opd.distributed", "--steps", str(STEPS), "--batch-size", "8", "--lr", "3e-3",
-                      "--seed", "0", *MODEL_ARGS, "--out", str(out)]
+                      "--seed", "0", *MODEL_ARGS, "--out", str(out), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text())
 
 
 def test_two_gloo_processes_match_one_process(tmp_path):
+    """The same SFT steps on one process (whole batch) and on two ranks that each accumulate
+    gradients over micro-batches of 3 rows (4 rows per rank: micro-batches of 3 and 1)."""
     one = _run([sys.executable], tmp_path / "one.json")
     port = _free_port()
     two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                f"--master_addr=127.0.0.1", f"--master_port={port}"], tmp_path / "two.json")
-    assert one["num_processes"] == 1 and two["num_processes"] == 2
+                f"--master_addr=127.0.0.1", f"--master_port={port}"], tmp_path / "two.json", "--micro-batch", "3")
+    assert one["num_processes"] == 1 and two["num_processes"] == 2 and two["micro_batch"] == 3
     assert two["backend"] == "gloo", two
     a, b = one["losses"], two["losses"]
     assert len(a) == len(b) == STEPS
@@ -53,12 +54,21 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 def test_shards_have_unequal_token_counts():
     """The batches the trajectory test uses give the ranks different token counts, so a per-rank mean
-    (instead of the all-reduced token-weighted mean) would change the loss: the test above can fail."""
+    (instead of the global token-weighted mean) would change the loss: the test above can fail."""
     tok = build_char_tokenizer()
     batches = make_global_batches(tok, STEPS, 8, seed=0)
     b = pack([p for p, _ in batches[0]], [c for _, c in batches[0]], tok.pad_token_id)
-    s0, s1 = shard_rows(b, 0, 2), shard_rows(b, 1, 2)
-    assert s0.input_ids.shape[0] + s1.input_ids.shape[0] == 8
-    assert float(s0.loss_mask.sum()) != float(s1.loss_mask.sum())
-    with pytest.raises(ValueError, match="cannot be split"):
-        shard_rows(b, 0, 9)
+    assert float(b.loss_mask[:4].sum()) != float(b.loss_mask[4:].sum())  # rank 0's rows vs rank 1's
+
+
+def test_bf16_autocast_follows_the_fp32_trajectory(tmp_path):
+    """training.mixed_precision=bf16 runs the forward in bf16 (accelerate autocast; losses upcast to
+    fp32): the loss curve stays near fp32's, yet differs from it, so bf16 really ran."""
+    fp32 = _run([sys.executable], tmp_path / "fp32.json")
+    bf16 = _run([sys.executable], tmp_path / "bf16.json", "--mixed-precision", "bf16")
+    assert bf16["mixed_precision"] == "bf16"
+    a, b = fp32["losses"], bf16["losses"]
+    diff = max(abs(x - y) for x, y in zip(a, b))
+    print(f"fp32: {a}\nbf16: {b}\nmax |diff| = {diff:.3g}")
+    assert 1e-5 < diff < 0.05 * max(a), (a, b)
+    assert b[0] - b[-1] > 0.05, f"bf16 loss did not move: {b}"

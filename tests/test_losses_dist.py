@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from opd.losses import (entropy_from_logits, forward_kl_full, gkd_jsd, reverse_kl_full, reverse_kl_is,
                         reverse_kl_topk)
+from opd.trainer import StudentTrainer
 
 REQUIRED_METRICS = {"loss", "reverse_kl", "ratio_mean", "ratio_max", "sampler_trainer_absdiff_max", "grad_norm",
                     "student_entropy"}
@@ -205,8 +206,9 @@ def test_reverse_kl_is_path_unchanged_and_called_positionally(tiny):
     student, _, tok, rollouts, teacher_lp = tiny
     new, old = copy.deepcopy(student), copy.deepcopy(student)
     opt_new, opt_old = torch.optim.SGD(new.parameters(), lr=0.1), torch.optim.SGD(old.parameters(), lr=0.1)
-    # the pipeline's positional call: (model, opt, rollouts, teacher_lp, pad_id, micro_batch, kl_coef, clip, baseline)
-    m = opd_update(new, opt_new, rollouts, teacher_lp, tok.pad_token_id, 4, 1.0, 5.0, "mean")
+    trainer = StudentTrainer(new, 0.1, optimizer=opt_new)
+    # the pipeline's positional call: (trainer, rollouts, teacher_lp, pad_id, micro_batch, kl_coef, clip, baseline)
+    m = opd_update(trainer, rollouts, teacher_lp, tok.pad_token_id, 4, 1.0, 5.0, "mean")
     assert REQUIRED_METRICS <= m.keys()
     # the previous implementation, inlined
     opt_old.zero_grad(set_to_none=True)
@@ -229,8 +231,8 @@ def test_opd_update_logit_losses_report_metrics(tiny, loss):
 
     student, teacher, tok, rollouts, _ = tiny
     model = copy.deepcopy(student)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    m = opd_update(model, opt, rollouts, None, tok.pad_token_id, 4, loss=loss, teacher_model=teacher, topk=5,
+    trainer = StudentTrainer(model, 0.0, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
+    m = opd_update(trainer, rollouts, None, tok.pad_token_id, 4, loss=loss, teacher_model=teacher, topk=5,
                    forward_kl_coef=0.1)
     assert REQUIRED_METRICS <= m.keys() and all(math.isfinite(v) for v in m.values())
     exact = _exact_reverse_kl(model, teacher, rollouts, tok.pad_token_id)
@@ -241,14 +243,14 @@ def test_opd_update_logit_losses_report_metrics(tiny, loss):
 
 
 def test_reverse_kl_full_training_reduces_exact_reverse_kl(tiny):
-    from opd.training import make_optimizer, opd_update
+    from opd.training import opd_update
 
     student, teacher, tok, rollouts, _ = tiny
     model = copy.deepcopy(student)
-    opt = make_optimizer(model, lr=3e-3)
+    trainer = StudentTrainer(model, lr=3e-3)
     before = _exact_reverse_kl(model, teacher, rollouts, tok.pad_token_id)
     for _ in range(30):
-        opd_update(model, opt, rollouts, None, tok.pad_token_id, 3, loss="reverse_kl_full", teacher_model=teacher)
+        opd_update(trainer, rollouts, None, tok.pad_token_id, 3, loss="reverse_kl_full", teacher_model=teacher)
     after = _exact_reverse_kl(model, teacher, rollouts, tok.pad_token_id)
     assert after < 0.5 * before, (before, after)
 

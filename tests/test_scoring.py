@@ -191,7 +191,8 @@ def test_topk_loss_from_scorer_equals_teacher_forward(teacher_dir, hf_topk):
     from opd.models import load_model
     from opd.sampling.base import Rollout
     from opd.scoring import score_completions
-    from opd.training import make_optimizer, opd_update
+    from opd.trainer import StudentTrainer
+    from opd.training import opd_update
 
     keep = [i for i, c in enumerate(COMPLETIONS) if c]
     student = build_llama(ModelSpec(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=128),
@@ -202,7 +203,7 @@ def test_topk_loss_from_scorer_equals_teacher_forward(teacher_dir, hf_topk):
     out = []
     for kw in ({"teacher_model": load_model(teacher_dir)}, {"teacher_topk": topk}):
         model = copy.deepcopy(student)
-        m = opd_update(model, make_optimizer(model, 1e-2), rollouts, None, 0, micro_batch=3, loss="reverse_kl_topk",
+        m = opd_update(StudentTrainer(model, 1e-2), rollouts, None, 0, micro_batch=3, loss="reverse_kl_topk",
                        topk=K, **kw)
         out.append((m, model))
     (a, ma), (b, mb) = out

@@ -14,6 +14,7 @@ from opd.models import build_char_tokenizer, build_llama, load_model, save_model
 from opd.sampling.base import Rollout
 from opd.scoring import score_completions
 from opd.teachers import HFTeacher
+from opd.trainer import StudentTrainer
 from opd.training import load_optimizer, make_optimizer, opd_update, save_optimizer
 from opd.update_group import GroupSpec, UpdateGroup
 
@@ -50,10 +51,10 @@ TOPK = 8
 def _one_process(root, tok, batches, loss):
     model = load_model(root / "student")
     teacher = load_model(root / "teacher")
-    opt = make_optimizer(model, LR)
-    metrics = [opd_update(model, opt, r, t, tok.pad_token_id, micro_batch=5, loss=loss, teacher_model=teacher,
+    trainer = StudentTrainer(model, LR)
+    metrics = [opd_update(trainer, r, t, tok.pad_token_id, micro_batch=5, loss=loss, teacher_model=teacher,
                           topk=TOPK) for r, t in batches]
-    return model, opt, metrics
+    return model, trainer, metrics
 
 
 def _group(root, tok, batches, strategy, loss, out, scorer_topk=False):
@@ -84,7 +85,7 @@ def _group(root, tok, batches, strategy, loss, out, scorer_topk=False):
                                                        ("ddp", "reverse_kl_topk", True)])
 def test_two_rank_update_matches_one_process(setup, tmp_path, strategy, loss, scorer_topk):
     root, tok, batches = setup
-    ref_model, ref_opt, ref = _one_process(root, tok, batches, loss)
+    ref_model, ref_trainer, ref = _one_process(root, tok, batches, loss)
     model, final, got = _group(root, tok, batches, strategy, loss, tmp_path, scorer_topk)
     assert [m["num_processes"] for m in got] == [2] * STEPS
     # with a scorer's top-k the KL metric is the sampled-token estimate, not the exact one
@@ -100,25 +101,29 @@ def test_two_rank_update_matches_one_process(setup, tmp_path, strategy, loss, sc
     assert moved > 1e-3 and diff < 5e-5  # Adam magnifies float-order noise on near-zero grads
     assert abs(got[-1]["_sync_weight_sum"] - float(sum(p.detach().double().sum() for p in model.parameters()))) < 1e-6
     # the group's optimizer state resumes in one process: the next step matches a never-split run
-    resumed = load_model(final)
-    opt = make_optimizer(resumed, LR)
-    load_optimizer(resumed, opt, final / "optimizer.pt")
+    resumed = StudentTrainer(load_model(final), LR)
+    load_optimizer(resumed.model, resumed.torch_optimizer, final / "optimizer.pt")
     r, t = batches[0]
     teacher = load_model(root / "teacher")
-    a = opd_update(ref_model, ref_opt, r, t, tok.pad_token_id, 5, loss=loss, teacher_model=teacher)
-    b = opd_update(resumed, opt, r, t, tok.pad_token_id, 5, loss=loss, teacher_model=teacher)
+    a = opd_update(ref_trainer, r, t, tok.pad_token_id, 5, loss=loss, teacher_model=teacher)
+    b = opd_update(resumed, r, t, tok.pad_token_id, 5, loss=loss, teacher_model=teacher)
     assert abs(a["loss"] - b["loss"]) < 1e-4
-    assert max(float((p - q).detach().abs().max()) for p, q in zip(ref_model.parameters(), resumed.parameters())) < 1e-5
+    assert max(float((p - q).detach().abs().max())
+               for p, q in zip(ref_model.parameters(), resumed.model.parameters())) < 1e-5
 
 
-def test_group_failure_is_reported_with_its_log(setup, tmp_path):
-    root, tok, batches = setup
-    spec = GroupSpec(num_processes=2, strategy="ddp", device="cpu", student_dir=str(tmp_path / "missing"),
+def _failing_group(tmp_path, tok, student_dir):
+    spec = GroupSpec(num_processes=2, strategy="ddp", device="cpu", student_dir=str(student_dir),
                      optimizer_path=None, teacher_dir=None, sync_dir=str(tmp_path / "sync"),
                      final_dir=str(tmp_path / "final"), lr=LR, pad_id=tok.pad_token_id, micro_batch=5, kl_coef=1.0,
                      clip_ratio=None, baseline="none", loss="reverse_kl_is", topk=20, gkd_beta=0.5,
                      forward_kl_coef=0.0, driver_pid=__import__("os").getpid())
-    group = UpdateGroup(spec, tmp_path / "work")
+    return UpdateGroup(spec, tmp_path / "work")
+
+
+def test_group_failure_is_reported_with_its_log(setup, tmp_path):
+    root, tok, batches = setup
+    group = _failing_group(tmp_path, tok, tmp_path / "missing")
     try:
         with pytest.raises(RuntimeError, match="no model at"):
             group.update(*batches[0], LR)
@@ -126,21 +131,23 @@ def test_group_failure_is_reported_with_its_log(setup, tmp_path):
         group.close()
 
 
-def test_uneven_split_is_refused(setup):
+def test_uneven_split_is_refused(setup, tmp_path):
+    """15 rollouts on 2 ranks: the ranks refuse the step (and say which knobs to change)."""
     root, tok, batches = setup
-    model = load_model(root / "student")
-    with pytest.raises(ValueError, match="multiple of training.num_processes"):
-        opd_update(model, make_optimizer(model, LR), batches[0][0][:15], batches[0][1][:15], tok.pad_token_id, 5,
-                   rank=0, world=2)
+    group = _failing_group(tmp_path, tok, root / "student")
+    try:
+        with pytest.raises(RuntimeError, match="multiple of training.num_processes"):
+            group.update(batches[0][0][:15], batches[0][1][:15], LR)
+    finally:
+        group.close()
 
 
 def test_optimizer_state_roundtrip_in_one_process(tmp_path, setup):
     root, tok, batches = setup
-    model = load_model(root / "student")
-    opt = make_optimizer(model, LR)
-    opd_update(model, opt, *batches[0], tok.pad_token_id, 5)
-    save_optimizer(model, opt, tmp_path / "o.pt")
-    again = make_optimizer(model, LR)
-    load_optimizer(model, again, tmp_path / "o.pt")
-    a, b = opt.state_dict()["state"], again.state_dict()["state"]
+    trainer = StudentTrainer(load_model(root / "student"), LR)
+    opd_update(trainer, *batches[0], tok.pad_token_id, 5)
+    save_optimizer(trainer.model, trainer.torch_optimizer, tmp_path / "o.pt")
+    again = make_optimizer(trainer.model, LR)
+    load_optimizer(trainer.model, again, tmp_path / "o.pt")
+    a, b = trainer.torch_optimizer.state_dict()["state"], again.state_dict()["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"]) for k in a)
