@@ -1,4 +1,10 @@
-"""Pack (prompt, completion) token lists into padded tensors for teacher/student forwards."""
+"""Pack (prompt, completion) token lists into padded tensors for teacher/student forwards.
+
+Only completion tokens are graded and trained on, so a batch keeps a *window* of target
+positions: from the first position any row's completion starts at (``start``) to the end. Models
+run with ``logits_to_keep`` so the LM head (vocabulary-wide: the largest activation of an LLM)
+never runs on the prompt positions before the window.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,24 +16,37 @@ import torch
 class PackedBatch:
     input_ids: torch.Tensor  # [B, S], right-padded
     attention_mask: torch.Tensor  # [B, S]
-    loss_mask: torch.Tensor  # [B, S-1], 1 where the target input_ids[:, t+1] is a completion token
+    loss_mask: torch.Tensor  # [B, S-1-start], 1 where the target input_ids[:, start+t+1] is a completion token
+    start: int = 0  # first target position in the window (the earliest completion start in the batch, minus 1)
 
     def to(self, device) -> "PackedBatch":
-        return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device))
+        return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
+                           self.start)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """The tokens predicted at the window's positions; [B, S-1-start]."""
+        return self.input_ids[:, self.start + 1:]
+
+    def logits(self, model) -> torch.Tensor:
+        """The model's logits at the window's positions, [B, S-1-start, V]: the LM head runs there only."""
+        keep = self.input_ids.shape[1] - self.start
+        return model(input_ids=self.input_ids, attention_mask=self.attention_mask, logits_to_keep=keep).logits[:, :-1]
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> PackedBatch:
     seqs = [p + c for p, c in zip(prompts, completions)]
     width = max(len(s) for s in seqs)
+    start = max(0, min(len(p) for p in prompts) - 1)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    loss = torch.zeros((len(seqs), width - 1), dtype=torch.float32)
+    loss = torch.zeros((len(seqs), width - 1 - start), dtype=torch.float32)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         n = len(p) + len(c)
         ids[i, :n] = torch.tensor(p + c)
         attn[i, :n] = 1
-        loss[i, len(p) - 1 : n - 1] = 1.0
-    return PackedBatch(ids, attn, loss)
+        loss[i, len(p) - 1 - start : n - 1 - start] = 1.0
+    return PackedBatch(ids, attn, loss, start)
 
 
 def completion_values(values: torch.Tensor, batch: PackedBatch) -> list[list[float]]:

@@ -65,10 +65,52 @@ def sft_cross_entropy(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+class _SampledLogprob(torch.autograd.Function):
+    """log softmax(z)[target] per row, and the row's entropy (a no-grad metric), in one fp32 pass per
+    row block. Backward recomputes softmax from the saved normaliser: grad_z = g (onehot - softmax),
+    written straight into one [N, V] buffer. autograd's version of the same maths keeps a gather's
+    zero-filled [N, V] gradient, a logsumexp gradient and their sum: about twice the vocabulary-wide
+    memory traffic, which is most of an OPD update's time at LLM vocabulary sizes."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, targets: torch.Tensor):
+        n = z.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=z.device)
+        ent = torch.empty(n, dtype=torch.float32, device=z.device)
+        for i in range(0, n, CHUNK_ROWS):
+            zf = _f32(z[i : i + CHUNK_ROWS])
+            lse[i : i + CHUNK_ROWS] = m = torch.logsumexp(zf, dim=-1)
+            p = torch.exp(zf - m[:, None])
+            ent[i : i + CHUNK_ROWS] = m - (p * zf).sum(-1)
+        logp = _f32(z.gather(-1, targets[:, None])[:, 0]) - lse
+        ctx.save_for_backward(z, targets, lse)
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _g_ent):
+        z, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(z)
+        for i in range(0, z.shape[0], CHUNK_ROWS):
+            gi = g[i : i + CHUNK_ROWS, None]
+            grad[i : i + CHUNK_ROWS] = torch.exp(_f32(z[i : i + CHUNK_ROWS]) - lse[i : i + CHUNK_ROWS, None]).mul_(-gi)
+        grad.scatter_add_(-1, targets[:, None], g[:, None].to(grad.dtype))
+        return grad, None
+
+
+def sampled_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log softmax(logits)[target], entropy of softmax(logits)) per position, both fp32 [B, T];
+    differentiable in the log-prob, the entropy is a metric. The same values as
+    ``token_logprobs_from_logits`` and ``entropy_from_logits``' per-row entropy."""
+    b, t, v = logits.shape
+    logp, ent = _SampledLogprob.apply(logits.reshape(b * t, v), targets.reshape(b * t))
+    return logp.view(b, t), ent.view(b, t)
+
+
 def token_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per position; the same arithmetic as ``opd.scoring.token_logprobs``."""
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
-    return picked - torch.logsumexp(logits.float(), dim=-1)
+    return picked - logsumexp_fp32(logits)
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:

@@ -8,14 +8,15 @@ from __future__ import annotations
 import torch
 
 from opd.batching import PackedBatch, completion_values, pack
+from opd.losses import sampled_logprobs, token_logprobs_from_logits
 
 
 def token_logprobs(model, batch: PackedBatch) -> torch.Tensor:
     """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for every t; shape [B, S-1]."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    targets = batch.input_ids[:, 1:]
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
-    return picked - torch.logsumexp(logits.float(), dim=-1)
+    logits = batch.logits(model)
+    if torch.is_grad_enabled():  # training (SFT): the fused log-prob with the lean backward
+        return sampled_logprobs(logits, batch.targets)[0]
+    return token_logprobs_from_logits(logits, batch.targets)
 
 
 @torch.no_grad()

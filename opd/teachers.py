@@ -158,10 +158,10 @@ class HFTeacher:
             for s in range(0, len(prompts), self.micro_batch):
                 b = pack(prompts[s : s + self.micro_batch], completions[s : s + self.micro_batch], self.pad_id)
                 b = b.to(self.device)
-                logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+                logits = b.logits(self.model)
                 norm = logsumexp_fp32(logits)  # one normaliser for the sampled token and the top-k
                 vals, ids = logits.topk(k, dim=-1)
-                tok = logits.gather(-1, b.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1).float() - norm
+                tok = logits.gather(-1, b.targets.unsqueeze(-1)).squeeze(-1).float() - norm
                 out.token_logprobs.extend(completion_values(tok, b))
                 out.ids.extend(completion_values(ids, b))
                 out.logprobs.extend(completion_values(vals.float() - norm.unsqueeze(-1), b))

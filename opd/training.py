@@ -12,8 +12,8 @@ import torch
 
 from opd.batching import pack, scatter_completion
 from opd.config import TrainSpec
-from opd.losses import (entropy_from_logits, gkd_jsd, logsumexp_fp32, masked_mean, reverse_kl_full, reverse_kl_is,
-                        reverse_kl_topk, sft_cross_entropy, token_logprobs_from_logits)
+from opd.losses import (gkd_jsd, logsumexp_fp32, masked_mean, reverse_kl_full, reverse_kl_is, reverse_kl_topk,
+                        sampled_logprobs, sft_cross_entropy)
 from opd.sampling.base import Rollout
 from opd.scoring import token_logprobs
 from opd.trainer import StudentTrainer, make_optimizer  # noqa: F401 - make_optimizer: re-exported
@@ -165,8 +165,8 @@ def opd_update(trainer: StudentTrainer, rollouts: list[Rollout], teacher_logprob
         chunk = rollouts[s:e]
         b = pack([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], pad_id).to(trainer.device)
         logp_sampler = scatter_completion([r.sampler_logprobs for r in chunk], b)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-        logp_new = token_logprobs_from_logits(logits, b.input_ids[:, 1:])  # == token_logprobs(model, b)
+        logits = b.logits(model)
+        logp_new, entropy = sampled_logprobs(logits, b.targets)  # logp_new == token_logprobs(model, b)
         if loss == "reverse_kl_is":
             logp_teacher = scatter_completion(teacher_logprobs[s:e], b)
             loss_t, m = reverse_kl_is(logp_new, logp_sampler, logp_teacher, b.loss_mask, kl_coef, clip_ratio,
@@ -176,8 +176,7 @@ def opd_update(trainer: StudentTrainer, rollouts: list[Rollout], teacher_logprob
         else:
             loss_t, m = _logit_loss(loss, logits, logp_new, logp_sampler, b, teacher_model, topk, gkd_beta,
                                     forward_kl_coef)
-        with torch.no_grad():
-            m["student_entropy"] = float(entropy_from_logits(logits.detach(), b.loss_mask))
+        m["student_entropy"] = float(masked_mean(entropy, b.loss_mask))
         return loss_t, int(b.loss_mask.sum()), m
 
     total_tokens = sum(len(r.completion_ids) for r in rollouts)  # global: every rank sees all rollouts
@@ -227,7 +226,7 @@ def _logit_loss(loss: str, logits, logp_new, logp_sampler, b, teacher_model, top
     was_training = teacher_model.training
     teacher_model.eval()
     with torch.no_grad():
-        t_logits = teacher_model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+        t_logits = b.logits(teacher_model)
     teacher_model.train(was_training)
     extra: dict[str, float] = {}
     if loss == "reverse_kl_full":

@@ -193,8 +193,7 @@ def _exact_reverse_kl(student, teacher, rollouts, pad_id):
 
     b = pack([r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts], pad_id)
     with torch.no_grad():
-        s = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
-        t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+        s, t = b.logits(student), b.logits(teacher)
     return reverse_kl_full(s, t, b.loss_mask).item()
 
 

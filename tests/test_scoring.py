@@ -251,4 +251,5 @@ def test_hf_teacher_reuses_loaded_model(teacher_dir, hf_scores):
     model = load_model(teacher_dir)
     t = make_teacher("hf", None, model=model, pad_id=0)
     assert t.model is model
-    assert _max_abs_diff(t.score(PROMPTS, COMPLETIONS), hf_scores) == 0.0
+    # other micro-batches than the fixture's (4): the same maths, BLAS may block it differently
+    assert _max_abs_diff(t.score(PROMPTS, COMPLETIONS), hf_scores) < 1e-5

@@ -37,3 +37,27 @@ def test_fp16_on_cpu_is_refused_by_name():
     tok = build_char_tokenizer()
     with pytest.raises(ValueError, match="training.mixed_precision=fp16 needs a GPU"):
         StudentTrainer(build_llama(SPEC, tok, 64, seed=0), 1e-3, mixed_precision="fp16")
+
+
+def test_lm_head_runs_on_the_completion_window_only():
+    """pack keeps target positions from the earliest completion start on; the window's logits equal the
+    full forward's at those positions, and the prompt rows before it never reach the LM head."""
+    from opd.batching import pack
+    from opd.scoring import token_logprobs
+
+    tok = build_char_tokenizer()
+    model = build_llama(SPEC, tok, 64, seed=0).eval()
+    prompts = [tok("12+345=").input_ids, tok("7+8=").input_ids]
+    comps = [tok("357", add_special_tokens=False).input_ids, tok("15", add_special_tokens=False).input_ids]
+    b = pack(prompts, comps, tok.pad_token_id)
+    assert b.start == min(map(len, prompts)) - 1 > 0
+    with torch.no_grad():
+        full = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
+        window = b.logits(model)
+        logp = token_logprobs(model, b)
+    assert window.shape == (2, full.shape[1] - b.start, len(tok))
+    assert torch.allclose(window, full[:, b.start:], atol=1e-5)
+    ref = torch.log_softmax(full, -1).gather(-1, b.input_ids[:, 1:, None])[..., 0][:, b.start:]
+    mask = b.loss_mask.bool()
+    assert mask.sum() == sum(map(len, comps))
+    assert torch.allclose(logp[mask], ref[mask], atol=1e-5)
