@@ -30,8 +30,9 @@ class PackedBatch:
 
     def logits(self, model) -> torch.Tensor:
         """The model's logits at the window's positions, [B, S-1-start, V]: the LM head runs there only."""
-        keep = self.input_ids.shape[1] - self.start
-        return model(input_ids=self.input_ids, attention_mask=self.attention_mask, logits_to_keep=keep).logits[:, :-1]
+        # the positions as indices (not a count + [:, :-1], whose backward zero-fills a full-vocab gradient)
+        keep = torch.arange(self.start, self.input_ids.shape[1] - 1, device=self.input_ids.device)
+        return model(input_ids=self.input_ids, attention_mask=self.attention_mask, logits_to_keep=keep).logits
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> PackedBatch:

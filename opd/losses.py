@@ -79,9 +79,12 @@ class _SampledLogprob(torch.autograd.Function):
         ent = torch.empty(n, dtype=torch.float32, device=z.device)
         for i in range(0, n, CHUNK_ROWS):
             zf = _f32(z[i : i + CHUNK_ROWS])
-            lse[i : i + CHUNK_ROWS] = m = torch.logsumexp(zf, dim=-1)
-            p = torch.exp(zf - m[:, None])
-            ent[i : i + CHUNK_ROWS] = m - (p * zf).sum(-1)
+            mx = zf.amax(-1, keepdim=True)
+            e = torch.sub(zf, mx).exp_()  # the one vocabulary-wide temporary
+            total = e.sum(-1)
+            lse[i : i + CHUNK_ROWS] = m = mx[:, 0] + total.log()
+            # entropy = lse - E_p[z]; nansum: a -inf logit has p = 0 and contributes 0
+            ent[i : i + CHUNK_ROWS] = m - e.mul_(zf).nansum(-1) / total
         logp = _f32(z.gather(-1, targets[:, None])[:, 0]) - lse
         ctx.save_for_backward(z, targets, lse)
         ctx.mark_non_differentiable(ent)
@@ -92,8 +95,11 @@ class _SampledLogprob(torch.autograd.Function):
         z, targets, lse = ctx.saved_tensors
         grad = torch.empty_like(z)
         for i in range(0, z.shape[0], CHUNK_ROWS):
-            gi = g[i : i + CHUNK_ROWS, None]
-            grad[i : i + CHUNK_ROWS] = torch.exp(_f32(z[i : i + CHUNK_ROWS]) - lse[i : i + CHUNK_ROWS, None]).mul_(-gi)
+            zi, gi, li = z[i : i + CHUNK_ROWS], g[i : i + CHUNK_ROWS, None], lse[i : i + CHUNK_ROWS, None]
+            if z.dtype == torch.float32:  # softmax written in place into the gradient buffer
+                torch.sub(zi, li, out=grad[i : i + CHUNK_ROWS]).exp_().mul_(-gi)
+            else:  # bf16/fp16 logits: fp32 softmax per block, then cast
+                grad[i : i + CHUNK_ROWS] = torch.exp(_f32(zi) - li).mul_(-gi)
         grad.scatter_add_(-1, targets[:, None], g[:, None].to(grad.dtype))
         return grad, None
 
