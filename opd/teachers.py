@@ -109,13 +109,18 @@ def _pick_topk(prompt_logprobs, seq: list[int], start: int, k: int) -> tuple[lis
     return ids, lps
 
 
-def _config_vocab(model_dir: str | Path) -> int | None:
+def _config_int(model_dir: str | Path, key: str) -> int | None:
+    """An integer field of the model's config.json (or of its text_config), None if absent."""
     try:
         cfg = json.loads((Path(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    v = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+    v = cfg.get(key, (cfg.get("text_config") or {}).get(key))
     return int(v) if v is not None else None
+
+
+def _config_vocab(model_dir: str | Path) -> int | None:
+    return _config_int(model_dir, "vocab_size")
 
 
 # ---------------------------------------------------------------- transformers
@@ -181,10 +186,15 @@ class VLLMTeacher:
         self.model_dir = str(model_dir)
         self.max_model_len = max_model_len
         self.vocab_size = _config_vocab(model_dir)
+        # Scoring generates one throwaway token after the sequence, so a sequence as long as the
+        # model's context needs one position more; its output is never read. (A teacher built for
+        # exactly prompt + max_tokens positions, as the demo bootstrap does, hit vLLM's length check.)
+        extra = ({"hf_overrides": {"max_position_embeddings": max_model_len}}
+                 if max_model_len == (_config_int(model_dir, "max_position_embeddings") or 0) + 1 else {})
         self.llm = start_llm(self.model_dir, seed=seed, max_model_len=max_model_len, dtype=dtype,
                              gpu_memory_utilization=gpu_memory_utilization, kv_cache_gib=kv_cache_gib,
                              enforce_eager=enforce_eager, trust_remote_code=trust_remote_code,
-                             tensor_parallel_size=tensor_parallel_size)
+                             tensor_parallel_size=tensor_parallel_size, **extra)
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
         return self._score(prompts, completions, 0).token_logprobs

@@ -26,8 +26,10 @@ def cpu_thread_binding(tp: int, cpus: list[int] | None = None) -> str:
 
 def start_llm(model_dir: str, *, seed: int, max_model_len: int, dtype: str = "float32",
               gpu_memory_utilization: float = 0.5, kv_cache_gib: int = 1, enforce_eager: bool = True,
-              trust_remote_code: bool = False, tensor_parallel_size: int = 1, max_lora_rank: int | None = None):
-    """``max_lora_rank``: enable vLLM LoRA (adapters up to that rank) for a LoRA-trained student."""
+              trust_remote_code: bool = False, tensor_parallel_size: int = 1, max_lora_rank: int | None = None,
+              hf_overrides: dict | None = None):
+    """``max_lora_rank``: enable vLLM LoRA (adapters up to that rank) for a LoRA-trained student;
+    ``hf_overrides``: config fields vLLM should see changed (the model files stay as they are)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     import torch
     from vllm import LLM
@@ -41,6 +43,7 @@ def start_llm(model_dir: str, *, seed: int, max_model_len: int, dtype: str = "fl
                    max_model_len=max_model_len, enforce_eager=enforce_eager,
                    gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
                    tensor_parallel_size=tensor_parallel_size,
+                   **({"hf_overrides": hf_overrides} if hf_overrides else {}),
                    **({"enable_lora": True, "max_lora_rank": _lora_rank_slot(max_lora_rank)} if max_lora_rank else {}))
     finally:
         if bind:

@@ -253,3 +253,22 @@ def test_hf_teacher_reuses_loaded_model(teacher_dir, hf_scores):
     assert t.model is model
     # other micro-batches than the fixture's (4): the same maths, BLAS may block it differently
     assert _max_abs_diff(t.score(PROMPTS, COMPLETIONS), hf_scores) < 1e-5
+
+
+def test_vllm_teacher_scores_a_sequence_as_long_as_its_context(tmp_path):
+    """The demo bootstrap builds its teacher for exactly prompt + max_tokens positions, while vLLM
+    scoring generates one throwaway token after the sequence (max_model_len = that + 1). A
+    full-length sequence must still be graded, and as transformers grades it."""
+    tok = build_char_tokenizer()
+    n = 12
+    model = build_llama(ModelSpec(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=128), tok,
+                        max_positions=n, seed=5)
+    path = save_model(model, tok, tmp_path / "short-context")
+    prompt, completion = [1, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 2]
+    assert len(prompt) + len(completion) == n
+    ref = HFTeacher(str(path), device="cpu").score([prompt], [completion])
+    t = VLLMTeacher(str(path), max_model_len=n + 1)
+    try:
+        assert _max_abs_diff(t.score([prompt], [completion]), ref) < TOL
+    finally:
+        t.close()
