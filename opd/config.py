@@ -168,6 +168,9 @@ class OPDConfig(_Strict):
     clip_ratio: float | None = Field(None, gt=0)
     kl_coef: float = Field(1.0, gt=0)
     advantage_baseline: Literal["none", "mean"] = "none"
+    # reverse_kl_is only: credit each token with the discounted reverse KL of the tokens after it
+    # (reward-to-go); 0 = the reference report's per-token advantage
+    discount: float = Field(0.0, ge=0, le=1)
     # "reverse_kl_is": sampled-token policy gradient (needs only the teacher's sampled-token logprobs);
     # the others are distribution-level losses computed from teacher and student logits (opd.losses).
     loss: Literal["reverse_kl_is", "reverse_kl_full", "reverse_kl_topk", "gkd_jsd"] = "reverse_kl_is"
@@ -188,6 +191,8 @@ class OPDConfig(_Strict):
 
     @model_validator(mode="after")
     def _tp(self) -> "OPDConfig":
+        if self.discount > 0 and self.loss != "reverse_kl_is":
+            raise ValueError(f"opd.discount applies to opd.loss=reverse_kl_is, not {self.loss!r}: set it to 0")
         if self.tensor_parallel_size > 1 and self.sampler != "vllm":
             raise ValueError("opd.tensor_parallel_size > 1 needs opd.sampler=vllm (the hf sampler runs on one device)")
         return self

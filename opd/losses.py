@@ -14,9 +14,23 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def reward_to_go(reward: torch.Tensor, mask: torch.Tensor, discount: float) -> torch.Tensor:
+    """sum_{s >= t} discount^(s-t) reward_s over each row's completion positions; [B, T].
+    ``discount=0`` returns the per-token reward itself."""
+    reward = reward * mask
+    if discount == 0:
+        return reward
+    out = torch.zeros_like(reward)
+    acc = torch.zeros_like(reward[:, 0])
+    for t in range(reward.shape[1] - 1, -1, -1):  # completions are short; T steps of [B] work
+        acc = reward[:, t] + discount * acc
+        out[:, t] = acc
+    return out * mask
+
+
 def reverse_kl_is(logp_new: torch.Tensor, logp_sampler: torch.Tensor, logp_teacher: torch.Tensor,
                   mask: torch.Tensor, kl_coef: float = 1.0, clip_ratio: float | None = None,
-                  baseline: str = "none") -> tuple[torch.Tensor, dict[str, float]]:
+                  baseline: str = "none", discount: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Importance-sampled policy gradient with per-token reverse-KL reward, discount 0.
 
     advantage_t = -kl_coef * (log q_sampler(x_t) - log p_teacher(x_t))   (a constant)
@@ -26,8 +40,11 @@ def reverse_kl_is(logp_new: torch.Tensor, logp_sampler: torch.Tensor, logp_teach
     policy; the ratio corrects for the sampler lagging the trainer by a few updates.
     ``baseline="mean"`` subtracts the batch's mean advantage (a constant, so the estimate stays
     unbiased): without it every sampled token is pushed down at once, a high-variance step.
+    ``discount > 0`` also credits each token with the discounted reverse KL of the tokens after it
+    (reward-to-go), so a step into states the student handles badly is penalised; 0 is the
+    reference report's per-token advantage.
     """
-    advantage = (-kl_coef * (logp_sampler - logp_teacher)).detach()
+    advantage = reward_to_go((-kl_coef * (logp_sampler - logp_teacher)).detach(), mask, discount)
     if baseline == "mean":
         advantage = (advantage - masked_mean(advantage, mask)) * mask
     elif baseline != "none":

@@ -332,7 +332,7 @@ class LocalUpdate:
         return opd_update(self.trainer, rollouts, teacher_lp, self.tok.pad_token_id, o.micro_batch, o.kl_coef,
                           o.clip_ratio, o.advantage_baseline, loss=o.loss, teacher_model=self.teacher_model,
                           topk=o.topk, gkd_beta=o.gkd_beta, forward_kl_coef=o.forward_kl_coef,
-                          teacher_topk=teacher_topk, lr=lr)
+                          teacher_topk=teacher_topk, lr=lr, discount=o.discount)
 
     def sync_dir(self, path: Path) -> str:
         return write_sync(self.trainer, self.tok, path, lora=self.cfg.opd.lora is not None)
@@ -359,7 +359,7 @@ class GroupUpdate:
                          clip_ratio=o.clip_ratio, baseline=o.advantage_baseline, loss=o.loss, topk=o.topk,
                          gkd_beta=o.gkd_beta, forward_kl_coef=o.forward_kl_coef, driver_pid=os.getpid(),
                          devices=cfg.training.devices, lora=o.lora.model_dump() if o.lora else None,
-                         mixed_precision=cfg.training.mixed_precision)
+                         mixed_precision=cfg.training.mixed_precision, discount=o.discount)
         self.group = UpdateGroup(spec, workdir)
 
     def update(self, rollouts, teacher_lp, lr: float, teacher_topk=None) -> dict:

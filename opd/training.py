@@ -140,12 +140,12 @@ def opd_update(trainer: StudentTrainer, rollouts: list[Rollout], teacher_logprob
                pad_id: int, micro_batch: int, kl_coef: float = 1.0, clip_ratio: float | None = None,
                baseline: str = "none", *, loss: str = "reverse_kl_is", teacher_model=None, topk: int = 20,
                gkd_beta: float = 0.5, forward_kl_coef: float = 0.0, teacher_topk=None,
-               lr: float | None = None) -> dict[str, float]:
+               lr: float | None = None, discount: float = 0.0) -> dict[str, float]:
     """One optimizer step over all rollouts (``trainer.step``: micro-batches, and under torchrun each
     rank its shard of the same global rollouts; metrics are token-weighted over the global batch).
 
     ``loss="reverse_kl_is"`` (default) uses ``teacher_logprobs`` (the teacher's logprob of each
-    sampled token); ``kl_coef``, ``clip_ratio`` and ``baseline`` apply only to it. The logit losses
+    sampled token); ``kl_coef``, ``clip_ratio``, ``baseline`` and ``discount`` apply only to it. The logit losses
     (``reverse_kl_full``, ``reverse_kl_topk``, ``gkd_jsd``) run ``teacher_model`` (no grad) on the
     same packed micro-batch and ignore ``teacher_logprobs`` (may be None); their ``reverse_kl``
     metric is the exact mean reverse KL and the ratios compare the trainer's logprobs with the
@@ -170,7 +170,7 @@ def opd_update(trainer: StudentTrainer, rollouts: list[Rollout], teacher_logprob
         if loss == "reverse_kl_is":
             logp_teacher = scatter_completion(teacher_logprobs[s:e], b)
             loss_t, m = reverse_kl_is(logp_new, logp_sampler, logp_teacher, b.loss_mask, kl_coef, clip_ratio,
-                                      baseline)
+                                      baseline, discount)
         elif teacher_topk is not None:  # the scorer's top-k (vLLM prompt_logprobs): no teacher forward here
             loss_t, m = _topk_loss(logits, logp_new, logp_sampler, b, teacher_topk, s, e, topk, forward_kl_coef)
         else:

@@ -55,6 +55,7 @@ class GroupSpec:
     devices: list[int] | None = None  # CUDA_VISIBLE_DEVICES for the ranks
     lora: dict | None = None  # opd.config.LoraSpec fields: train adapters, sync adapters, merge at the end
     mixed_precision: str = "no"
+    discount: float = 0.0
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -185,7 +186,7 @@ def _serve(workdir: Path) -> None:
         metrics = opd_update(trainer, rollouts, msg["teacher_logprobs"], spec.pad_id, spec.micro_batch,
                              spec.kl_coef, spec.clip_ratio, spec.baseline, loss=spec.loss, teacher_model=teacher,
                              topk=spec.topk, gkd_beta=spec.gkd_beta, forward_kl_coef=spec.forward_kl_coef,
-                             teacher_topk=topk, lr=msg["lr"])
+                             teacher_topk=topk, lr=msg["lr"], discount=spec.discount)
         write_sync(trainer, tok, spec.sync_dir, lora=spec.lora is not None)
         if rank == 0:
             metrics["num_processes"] = world

@@ -30,6 +30,7 @@ def test_override_sets_nested_value():
     ("training.strategy=zero3", "training.strategy: Input should be 'ddp' or 'fsdp'"),
     ("training.mixed_precision=fp8", "training.mixed_precision: Input should be 'no', 'bf16' or 'fp16'"),
     ("sft.train.micro_batch=0", "sft.train.micro_batch: Input should be greater than or equal to 1"),
+    ("opd.discount=1.5", "opd.discount: Input should be less than or equal to 1"),
     ("opd.tensor_parallel_size=0", "opd.tensor_parallel_size: Input should be greater than or equal to 1"),
     ("teacher.tensor_parallel_size=2", "teacher.tensor_parallel_size applies to teacher.scorer=vllm: set"),
 ])
@@ -37,6 +38,12 @@ def test_bad_values_name_the_field(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config("configs/ci.yaml", [override])
     assert needle in str(e.value)
+
+
+def test_discount_is_for_the_sampled_token_loss():
+    with pytest.raises(ConfigError, match="opd.discount applies to opd.loss=reverse_kl_is"):
+        load_config("configs/ci.yaml", ["opd.discount=0.9", "opd.loss=reverse_kl_full"])
+    assert load_config("configs/ci.yaml", ["opd.discount=0.9"]).opd.discount == 0.9
 
 
 def test_parallelism_settings():

@@ -79,3 +79,29 @@ def test_sampled_logprobs_upcast_bf16_logits():
     assert z.grad.dtype == torch.bfloat16
     ref = torch.log_softmax(z.float(), -1).gather(-1, tgt[..., None])[..., 0]
     assert torch.allclose(logp, ref, atol=1e-5)
+
+
+def test_reward_to_go_discounts_later_tokens_within_each_completion():
+    from opd.losses import reward_to_go
+
+    r = torch.tensor([[1.0, 2.0, 4.0, 8.0], [5.0, 1.0, 1.0, 9.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])  # prompt tail / padding are 0
+    assert torch.equal(reward_to_go(r, mask, 0.0), r * mask)
+    assert torch.allclose(reward_to_go(r, mask, 0.5), torch.tensor([[0.0, 2 + 2 + 2, 4 + 4, 8.0],
+                                                                   [5 + 0.5, 1.0, 0.0, 0.0]]))
+
+
+def test_discounted_advantage_reaches_earlier_tokens():
+    """With discount 1 the first token's gradient carries the reverse KL of the whole completion."""
+    lp_s = torch.tensor([[-1.0, -1.0, -1.0]])
+    lp_t = torch.tensor([[-1.0, -1.0, -6.0]])  # only the last token is bad for the teacher
+    mask = torch.ones(1, 3)
+    grads = []
+    for discount in (0.0, 1.0):
+        lp_new = lp_s.clone().requires_grad_()
+        loss, _ = reverse_kl_is(lp_new, lp_s, lp_t, mask, discount=discount)
+        loss.backward()
+        grads.append(lp_new.grad)
+    g0, g1 = grads
+    assert g0[0, 0] == 0 and g0[0, 2] > 0  # per-token: only the bad token is pushed down
+    assert torch.allclose(g1, torch.full((1, 3), 5.0 / 3))  # reward-to-go: every token that led there
