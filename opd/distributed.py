@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from opd.trainer import StudentTrainer
+from opd.trainer import MIXED_PRECISION, StudentTrainer
 from opd.training import sft_step
 
 Pair = tuple[list[int], list[int]]
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-heads", type=int, default=2)
     ap.add_argument("--intermediate-size", type=int, default=128)
     ap.add_argument("--micro-batch", type=int, default=None, help="rows per forward/backward (gradient accumulation)")
-    ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    ap.add_argument("--mixed-precision", default="no", choices=MIXED_PRECISION)
     ap.add_argument("--out", type=Path, default=None, help="write the losses as JSON (rank 0)")
     args = ap.parse_args(argv)
 

@@ -31,9 +31,10 @@ def reward_to_go(reward: torch.Tensor, mask: torch.Tensor, discount: float) -> t
 def reverse_kl_is(logp_new: torch.Tensor, logp_sampler: torch.Tensor, logp_teacher: torch.Tensor,
                   mask: torch.Tensor, kl_coef: float = 1.0, clip_ratio: float | None = None,
                   baseline: str = "none", discount: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Importance-sampled policy gradient with per-token reverse-KL reward, discount 0.
+    """Importance-sampled policy gradient with per-token reverse-KL reward (discount 0 by default).
 
-    advantage_t = -kl_coef * (log q_sampler(x_t) - log p_teacher(x_t))   (a constant)
+    advantage_t = -kl_coef * (log q_sampler(x_t) - log p_teacher(x_t))   (a constant; with
+                  ``discount`` > 0, summed over s >= t with weight discount^(s-t))
     loss        = -mean_t[ exp(log pi_theta(x_t) - log q_sampler(x_t)) * advantage_t ]
 
     The gradient is an unbiased estimate of grad KL(pi_theta || p_teacher) at the sampler's

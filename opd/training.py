@@ -16,7 +16,7 @@ from opd.losses import (gkd_jsd, logsumexp_fp32, masked_mean, reverse_kl_full, r
                         sampled_logprobs, sft_cross_entropy)
 from opd.sampling.base import Rollout
 from opd.scoring import token_logprobs
-from opd.trainer import StudentTrainer, make_optimizer  # noqa: F401 - make_optimizer: re-exported
+from opd.trainer import StudentTrainer
 
 
 def save_optimizer(model, optimizer, path: str | Path) -> None:

@@ -14,8 +14,8 @@ from opd.models import build_char_tokenizer, build_llama, load_model, save_model
 from opd.sampling.base import Rollout
 from opd.scoring import score_completions
 from opd.teachers import HFTeacher
-from opd.trainer import StudentTrainer
-from opd.training import load_optimizer, make_optimizer, opd_update, save_optimizer
+from opd.trainer import StudentTrainer, make_optimizer
+from opd.training import load_optimizer, opd_update, save_optimizer
 from opd.update_group import GroupSpec, UpdateGroup
 
 STEPS, PROMPTS, SAMPLES, LR = 3, 8, 2, 3e-3
