@@ -63,7 +63,8 @@ def _eval_point(student, teacher, tok, ev, cfg, step: int, cost: dict) -> dict:
 
     r = evaluate(student, teacher, tok, ev["prompt"], ev["answer"], cfg.opd.max_tokens, EVAL_SEED,
                  kl_samples=cfg.eval.kl_samples_per_prompt)
-    return {"step": step, "accuracy": r.accuracy, "reverse_kl": r.reverse_kl, **cost}
+    return {"step": step, "accuracy": r.accuracy, "sampled_accuracy": r.sampled_accuracy, "reverse_kl": r.reverse_kl,
+            **cost}
 
 
 def _cum(cost: dict, phase: dict) -> dict:
@@ -172,7 +173,10 @@ def compare(curves: dict, seeds: list[int], teacher_acc: float, fixed_target: fl
         upper |= not b_ok
         per_seed[str(s)] = row
     out = {"target_accuracy": target, "best_sft_mean_accuracy": best_sft, "per_seed": per_seed,
-           "ratio_is_lower_bound": lower, "ratio_is_upper_bound": upper}
+           "ratio_is_lower_bound": lower, "ratio_is_upper_bound": upper,
+           # where each branch ends, over seeds: did the branch improve the student at all, and on which metric
+           "end": {b: {k: _spread([curves[b][s][-1].get(k) for s in seeds])
+                       for k in ("accuracy", "sampled_accuracy", "reverse_kl")} for b in ("sft", "opd")}}
     for name in ("student", "total", "wall"):
         sp = _spread([per_seed[str(s)][f"ratio_{name}"] for s in seeds])
         out[f"ratio_{name}"] = sp
@@ -197,11 +201,15 @@ def plot(res: dict, path: Path) -> None:
                 for i, (seed, curve) in enumerate(res["curves"][branch].items()):
                     ax.plot([p[xkey] for p in curve], [p[ykey] for p in curve], "o-", color=color, alpha=0.7,
                             ms=3, lw=1, label=f"{branch.upper()}" if i == 0 else None)
+                    if ykey == "accuracy" and curve[0].get("sampled_accuracy") is not None:
+                        ax.plot([p[xkey] for p in curve], [p.get("sampled_accuracy") for p in curve], "x--",
+                                color=color, alpha=0.5, ms=3, lw=1,
+                                label=f"{branch.upper()} sampled (T=1)" if i == 0 else None)
             if ykey == "accuracy":
                 ax.axhline(res["target_accuracy"], color="gray", ls="--", lw=1, label="target")
                 ax.axhline(res["teacher"]["accuracy"], color="black", ls=":", lw=1, label="teacher")
             ax.set_xlabel(xlabel)
-            ax.set_ylabel(ylabel)
+            ax.set_ylabel(ylabel + (" (o greedy, x sampled)" if ykey == "accuracy" else ""))
             ax.grid(alpha=0.3)
             if row == 0 and col == 0:
                 ax.legend()
@@ -241,6 +249,13 @@ def print_table(res: dict) -> None:
     print(f"ratio SFT/OPD, student + teacher FLOPs: {_fmt_ratio(res['ratio_total'], res)}")
     print(f"ratio SFT/OPD, wall seconds: {_fmt_ratio(res['ratio_wall'], res)}")
     print("'+' = the branch never reached the target: its whole budget is shown (the ratio is then a bound)")
+    w = res["warmup"]
+    for b, e in (res.get("end") or {}).items():
+        h = lambda k: "-" if e[k]["mean"] is None else f"{e[k]['mean']:.3f} ± {e[k]['std']:.3f}"  # noqa: E731
+        print(f"{b.upper()} end of budget (mean ± std over seeds): greedy accuracy {h('accuracy')} "
+              f"(warmup {w['accuracy']:.3f}), sampled accuracy {h('sampled_accuracy')} "
+              f"(warmup {w.get('sampled_accuracy') or float('nan'):.3f}), reverse KL {h('reverse_kl')} "
+              f"(warmup {w['reverse_kl']:.3f})")
 
 
 # ---------------------------------------------------------------- main
@@ -326,9 +341,11 @@ def main(argv=None) -> int:
         "seeds": a.seeds,
         "teacher": {"params": teacher.params, "accuracy": teacher_acc},
         "student": {"params": warm.params},
-        "warmup": {"accuracy": start["accuracy"], "reverse_kl": start["reverse_kl"], "cost": warm.cost,
+        "warmup": {"accuracy": start["accuracy"], "sampled_accuracy": start["sampled_accuracy"],
+                   "reverse_kl": start["reverse_kl"], "cost": warm.cost,
                    "sft_steps": cfg.sft.train.steps},
-        "eval": {"examples": n, "kl_samples_per_prompt": cfg.eval.kl_samples_per_prompt, "decoding": "greedy"},
+        "eval": {"examples": n, "kl_samples_per_prompt": cfg.eval.kl_samples_per_prompt, "decoding": "greedy",
+                 "sampled_accuracy": "share of the temperature-1 KL samples the verifier accepts (not the target)"},
         "budgets": {"sft_steps": a.sft_steps, "opd_steps": a.opd_steps, "evals": a.evals,
                     "sft_batch": cfg.sft.train.batch_size, "sft_teacher_temperature": cfg.sft.teacher_temperature,
                     "opd_prompts_per_step": cfg.opd.prompts_per_step,

@@ -14,6 +14,9 @@ class EvalResult:
     accuracy: float
     reverse_kl: float  # mean over tokens of log q_student - log p_teacher, on the student's samples
     n: int
+    # share of correct temperature-1 samples (the KL samples, verified): the policy OPD trains,
+    # and the mean-over-samples metric reasoning evals quote; greedy ``accuracy`` can move differently
+    sampled_accuracy: float | None = None
     # the work it took, for the cost ledger: tokens the evaluated model processed (greedy answers,
     # KL samples, their re-scoring) and tokens the teacher graded
     model_tokens: int = 0
@@ -22,6 +25,7 @@ class EvalResult:
 
     def as_dict(self) -> dict[str, float]:
         return {"accuracy": self.accuracy, "reverse_kl": self.reverse_kl, "n": self.n,
+                "sampled_accuracy": self.sampled_accuracy,
                 "model_tokens": self.model_tokens, "teacher_tokens": self.teacher_tokens, "wall_s": self.wall_s}
 
 
@@ -45,8 +49,10 @@ def reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int,
 
 
 def _reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int, seed: int,
-                micro_batch: int = 64, samples_per_prompt: int = 4, teacher_scorer=None) -> tuple[float, int]:
-    """Monte-Carlo reverse KL on the student's own samples (temperature 1), per token.
+                micro_batch: int = 64, samples_per_prompt: int = 4, teacher_scorer=None,
+                answers: list[str] | None = None) -> tuple[float, int, float | None]:
+    """Monte-Carlo reverse KL on the student's own samples (temperature 1), per token; with
+    ``answers``, also the share of those samples the verifier accepts.
 
     Several samples per prompt: the per-token values are heavy-tailed (one wrong digit the
     teacher is sure about costs ~10 nats), so one sample per prompt is too noisy to gate on.
@@ -60,7 +66,12 @@ def _reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int
          else score_completions(teacher, ids, comps, tokenizer.pad_token_id, micro_batch,
                                 device=next(teacher.parameters()).device))
     diffs = [a - b for qs, ps in zip(q, p) for a, b in zip(qs, ps)]
-    return sum(diffs) / max(1, len(diffs)), sum(len(i) + len(c) for i, c in zip(ids, comps))
+    sampled = None
+    if answers is not None:
+        texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
+        refs = [a for a in answers for _ in range(samples_per_prompt)]
+        sampled = sum(is_correct(t, a) for t, a in zip(texts, refs)) / max(1, len(refs))
+    return sum(diffs) / max(1, len(diffs)), sum(len(i) + len(c) for i, c in zip(ids, comps)), sampled
 
 
 def evaluate(student, teacher, tokenizer, prompts, answers, max_tokens, seed, kl_samples: int = 4,
@@ -68,8 +79,8 @@ def evaluate(student, teacher, tokenizer, prompts, answers, max_tokens, seed, kl
     t0 = time.time()
     acc, greedy_tokens = _greedy(student, tokenizer, prompts, answers, max_tokens)
     if student is teacher:
-        return EvalResult(acc, 0.0, len(prompts), greedy_tokens, 0, time.time() - t0)
-    kl, kl_tokens = _reverse_kl(student, teacher, tokenizer, prompts, max_tokens, seed,
-                                samples_per_prompt=kl_samples, teacher_scorer=teacher_scorer)
+        return EvalResult(acc, 0.0, len(prompts), None, greedy_tokens, 0, time.time() - t0)
+    kl, kl_tokens, sampled = _reverse_kl(student, teacher, tokenizer, prompts, max_tokens, seed,
+                                         samples_per_prompt=kl_samples, teacher_scorer=teacher_scorer, answers=answers)
     # KL samples are generated, then re-scored by the student: each of their tokens is processed twice
-    return EvalResult(acc, kl, len(prompts), greedy_tokens + 2 * kl_tokens, kl_tokens, time.time() - t0)
+    return EvalResult(acc, kl, len(prompts), sampled, greedy_tokens + 2 * kl_tokens, kl_tokens, time.time() - t0)

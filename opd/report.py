@@ -1,7 +1,7 @@
 """Run reports: a markdown + HTML page with plots, from a run's lineage.
 
 A lineage is the dict the distill flow registers with a model version (and that a version's
-``manifest.json`` holds): ``metrics`` {teacher, sft_student, opd_student: {accuracy, reverse_kl, n}},
+``manifest.json`` holds): ``metrics`` {teacher, sft_student, opd_student: {accuracy, sampled_accuracy, reverse_kl, n}},
 ``gates`` {passed, checks}, ``rounds`` [per-round metrics], ``cost`` [per-phase ledger rows],
 ``run_key``, ``flow_run_id``.  `lineage_from_run_dir` rebuilds one from a run directory's
 ``done.json`` files (a run that never got registered); `lineage_from_registry` reads a manifest.
@@ -315,8 +315,9 @@ def blocks(lineage: dict, compact: bool = False) -> list[tuple]:
             kl = _num(m.get("reverse_kl"))
             rel = f"{100 * (kl - sft_kl) / sft_kl:+.0f}%" if kl is not None and sft_kl and name != "teacher" \
                 and name != "sft_student" else "–"
-            rows.append([label, m.get("accuracy"), kl, rel, m.get("n")])
-        out.append(_table(["model", "accuracy", "mean reverse KL / token", "KL vs SFT", "n"], rows))
+            rows.append([label, m.get("accuracy"), m.get("sampled_accuracy"), kl, rel, m.get("n")])
+        out.append(_table(["model", "accuracy (greedy)", "accuracy (sampled, T=1)", "mean reverse KL / token",
+                           "KL vs SFT", "n"], rows))
     else:
         out.append(("p", "No held-out evaluation recorded (the run has not reached `evaluate`, or it was "
                          "never registered: report the registered version, `opd report MODEL:N`)."))

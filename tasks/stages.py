@@ -86,9 +86,11 @@ def evaluate(cfg: RunConfig, data: DataRef, teacher: P.ModelRef, sft: P.ModelRef
         results["incumbent"]["version"] = incumbent.version
     create_table_artifact(
         key="evaluation",
-        table=[{"model": k, "accuracy": round(v["accuracy"], 4), "reverse_kl": round(v["reverse_kl"], 4),
-                "n": v["n"]} for k, v in results.items()],
-        description="Held-out accuracy and mean per-token reverse KL to the teacher")
+        table=[{"model": k, "accuracy": round(v["accuracy"], 4),
+                "sampled_accuracy": None if v.get("sampled_accuracy") is None else round(v["sampled_accuracy"], 4),
+                "reverse_kl": round(v["reverse_kl"], 4), "n": v["n"]} for k, v in results.items()],
+        description="Held-out accuracy (greedy; sampled at T=1 on the KL samples) and mean per-token reverse KL "
+                    "to the teacher")
     return results
 
 
