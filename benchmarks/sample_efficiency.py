@@ -1,6 +1,6 @@
 """Compute to a target accuracy: more SFT vs OPD, both from one SFT-warmup checkpoint of the demo student.
 
-    python benchmarks/sample_efficiency.py            # full: 3 seeds, LR search, ~45-60 min on 2 cores
+    python benchmarks/sample_efficiency.py            # full: 3 seeds, LR search, ~30 min on 2 cores
     python benchmarks/sample_efficiency.py --quick    # CI smoke run: 1 seed, small budget, < 10 min
 
 Branch A (SFT): keeps training the warmup checkpoint (its Adam state too) on *fresh* problems the
@@ -39,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override key=value")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--sft-steps", type=int, default=3000, help="SFT branch budget in optimizer steps")
-    p.add_argument("--opd-steps", type=int, default=150, help="OPD branch budget in optimizer steps")
+    p.add_argument("--sft-steps", type=int, default=1500, help="SFT branch budget in optimizer steps")
+    p.add_argument("--opd-steps", type=int, default=300, help="OPD branch budget in optimizer steps")
     p.add_argument("--evals", type=int, default=6, help="eval points per branch (after the branch point)")
     p.add_argument("--sft-lrs", type=float, nargs="+", default=None,
                    help="SFT LR grid (default: sft.train.lr x {0.3, 1, 3})")
