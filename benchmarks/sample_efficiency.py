@@ -228,7 +228,8 @@ def _fmt_ratio(sp: dict, res: dict) -> str:
     return f"{prefix}{sp['mean']:.1f}x (seeds {sp['min']:.1f}-{sp['max']:.1f}, std {sp['std']:.1f})"
 
 
-def print_table(res: dict) -> None:
+def print_table(res: dict, path: Path | None = None) -> None:
+    """Print the table and summary lines; with ``path``, also save them there as plain text."""
     from rich.console import Console
     from rich.table import Table
 
@@ -244,18 +245,22 @@ def print_table(res: dict) -> None:
                   g(row["ratio_student"]), f(row["sft_total"], row["sft_reached"]),
                   f(row["opd_total"], row["opd_reached"]), g(row["ratio_total"]),
                   f(row["sft_wall"], row["sft_reached"]), f(row["opd_wall"], row["opd_reached"]), g(row["ratio_wall"]))
-    Console(width=200).print(t)
-    print(f"ratio SFT/OPD, student FLOPs: {_fmt_ratio(res['ratio_student'], res)}")
-    print(f"ratio SFT/OPD, student + teacher FLOPs: {_fmt_ratio(res['ratio_total'], res)}")
-    print(f"ratio SFT/OPD, wall seconds: {_fmt_ratio(res['ratio_wall'], res)}")
-    print("'+' = the branch never reached the target: its whole budget is shown (the ratio is then a bound)")
+    con = Console(width=200, record=True, highlight=False)
+    con.print(t)
+    print_ = con.print
+    print_(f"ratio SFT/OPD, student FLOPs: {_fmt_ratio(res['ratio_student'], res)}")
+    print_(f"ratio SFT/OPD, student + teacher FLOPs: {_fmt_ratio(res['ratio_total'], res)}")
+    print_(f"ratio SFT/OPD, wall seconds: {_fmt_ratio(res['ratio_wall'], res)}")
+    print_("'+' = the branch never reached the target: its whole budget is shown (the ratio is then a bound)")
     w = res["warmup"]
     for b, e in (res.get("end") or {}).items():
         h = lambda k: "-" if e[k]["mean"] is None else f"{e[k]['mean']:.3f} ± {e[k]['std']:.3f}"  # noqa: E731
-        print(f"{b.upper()} end of budget (mean ± std over seeds): greedy accuracy {h('accuracy')} "
-              f"(warmup {w['accuracy']:.3f}), sampled accuracy {h('sampled_accuracy')} "
-              f"(warmup {w.get('sampled_accuracy') or float('nan'):.3f}), reverse KL {h('reverse_kl')} "
-              f"(warmup {w['reverse_kl']:.3f})")
+        print_(f"{b.upper()} end of budget (mean ± std over seeds): greedy accuracy {h('accuracy')} "
+               f"(warmup {w['accuracy']:.3f}), sampled accuracy {h('sampled_accuracy')} "
+               f"(warmup {w.get('sampled_accuracy') or float('nan'):.3f}), reverse KL {h('reverse_kl')} "
+               f"(warmup {w['reverse_kl']:.3f})")
+    if path is not None:
+        path.write_text(con.export_text())
 
 
 # ---------------------------------------------------------------- main
@@ -265,7 +270,7 @@ def main(argv=None) -> int:
     if a.replot:
         res = json.loads(Path(a.out).read_text())
         plot(res, Path(a.out).with_suffix(".png"))
-        print_table(res)
+        print_table(res, Path(a.out).with_suffix(".txt"))
         return 0
     from opd.config import load_config
     from opd.models import load_model, load_tokenizer, set_threads
@@ -366,8 +371,8 @@ def main(argv=None) -> int:
     plot(res, png)
     res["plot"] = png.name
     out.write_text(json.dumps(res, indent=2))
-    print_table(res)
-    print(f"wrote {out} and {png} in {res['wall_s_total']:.0f}s")
+    print_table(res, out.with_suffix(".txt"))
+    print(f"wrote {out}, {png} and the table ({out.with_suffix('.txt').name}) in {res['wall_s_total']:.0f}s")
     return 0
 
 

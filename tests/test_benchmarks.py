@@ -44,7 +44,10 @@ def test_sample_efficiency_quick(tmp_path, opd_home):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert (tmp_path / "se.png").stat().st_size > 10_000
+    assert "SFT student FLOPs" in (tmp_path / "se.txt").read_text()
     assert res["seeds"] == [0] and res["quick"] is True
+    for branch in ("sft", "opd"):  # where each branch ended, greedy and sampled, over seeds
+        assert 0 <= res["end"][branch]["sampled_accuracy"]["mean"] <= 1
     for key in ("ratio_sft_over_opd", "ratio_is_lower_bound", "target_accuracy", "curves", "lr_search"):
         assert key in res, key
     assert 0 < res["target_accuracy"] <= res["teacher"]["accuracy"]
