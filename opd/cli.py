@@ -73,11 +73,14 @@ def run(config: Path, set_: list[str] = typer.Option([], "--set", help="override
     out = state.result()
     table = Table(title="Held-out evaluation")
     table.add_column("model")
-    table.add_column("accuracy", justify="right")
+    table.add_column("accuracy (greedy)", justify="right")
+    table.add_column("accuracy (sampled, T=1)", justify="right")
     table.add_column("mean reverse KL / token", justify="right")
     labels = {"teacher": "teacher", "sft_student": "student after SFT", "opd_student": "student after OPD"}
     for k, v in out["results"].items():
-        table.add_row(labels.get(k, k), f"{v['accuracy']:.3f}", f"{v['reverse_kl']:.4f}")
+        sampled = v.get("sampled_accuracy")
+        table.add_row(labels.get(k, k), f"{v['accuracy']:.3f}", "-" if sampled is None else f"{sampled:.3f}",
+                      f"{v['reverse_kl']:.4f}")
     console.print(table)
     reg = out["registry"]
     console.print(f"Registered: {reg['uri']}  ({reg['model']}:{reg['version']})")

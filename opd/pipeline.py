@@ -542,11 +542,15 @@ def register(cfg: RunConfig, final: ModelRef, rdir: Path, lineage: dict) -> dict
     staged = _fresh(rdir / "publish")
     for f in src.iterdir():
         if f.is_file() and f.name not in PUBLISHED_FILES_EXCLUDE:
-            shutil.copy2(f, staged / f.name)
+            try:  # a hard link: staging a 16 GB checkpoint should not double its disk use
+                os.link(f, staged / f.name)
+            except OSError:
+                shutil.copy2(f, staged / f.name)
     s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
     # the run key as claim token: a retry after a crash reuses (or returns) this run's version
     pub = publish(s3, cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, staged, lineage,
                   claim_token=lineage.get("run_key"))
     out = {"model": pub.model, "version": pub.version, "uri": pub.uri}
     marker.write_text(json.dumps(out))
+    shutil.rmtree(staged, ignore_errors=True)  # the registry holds it now; the run keeps final.path
     return out

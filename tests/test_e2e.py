@@ -49,6 +49,10 @@ def test_distill_flow_end_to_end(stack, stack_env, s3, opd_home, tmp_path):
     res = man["metrics"]
     assert res["opd_student"]["reverse_kl"] < res["sft_student"]["reverse_kl"], res
     assert res["teacher"]["accuracy"] >= 0.8
+    assert all(0 <= res[k]["sampled_accuracy"] <= 1 for k in ("sft_student", "opd_student")), res
+    # published from a staging copy that is gone once the registry holds the version
+    rdir = Path(opd_home) / "runs" / man["run_key"]
+    assert (rdir / "registered.json").is_file() and not (rdir / "publish.tmp").exists()
     # the cost ledger is in the registered lineage: every phase, with the work it did
     phases = [c["phase"] for c in man["cost"]]
     assert phases[-1] == "eval" and {"sft_data", "sft", "opd_round_1"} <= set(phases), phases
