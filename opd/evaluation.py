@@ -29,12 +29,16 @@ class EvalResult:
                 "model_tokens": self.model_tokens, "teacher_tokens": self.teacher_tokens, "wall_s": self.wall_s}
 
 
+def _share_correct(tokenizer, comps: list[list[int]], answers: list[str]) -> float:
+    """The share of completions the task's verifier accepts; ``answers`` pairs with ``comps``."""
+    texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
+    return sum(is_correct(t, a) for t, a in zip(texts, answers)) / max(1, len(answers))
+
+
 def _greedy(model, tokenizer, prompts: list[str], answers: list[str], max_tokens: int) -> tuple[float, int]:
     ids = [tokenizer(p).input_ids for p in prompts]
     comps = generate(model, ids, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens, temperature=0.0)
-    texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
-    acc = sum(is_correct(t, a) for t, a in zip(texts, answers)) / max(1, len(answers))
-    return acc, sum(len(p) + len(c) for p, c in zip(ids, comps))
+    return _share_correct(tokenizer, comps, answers), sum(len(p) + len(c) for p, c in zip(ids, comps))
 
 
 def accuracy(model, tokenizer, prompts: list[str], answers: list[str], max_tokens: int) -> float:
@@ -66,11 +70,8 @@ def _reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int
          else score_completions(teacher, ids, comps, tokenizer.pad_token_id, micro_batch,
                                 device=next(teacher.parameters()).device))
     diffs = [a - b for qs, ps in zip(q, p) for a, b in zip(qs, ps)]
-    sampled = None
-    if answers is not None:
-        texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
-        refs = [a for a in answers for _ in range(samples_per_prompt)]
-        sampled = sum(is_correct(t, a) for t, a in zip(texts, refs)) / max(1, len(refs))
+    sampled = (None if answers is None else
+               _share_correct(tokenizer, comps, [a for a in answers for _ in range(samples_per_prompt)]))
     return sum(diffs) / max(1, len(diffs)), sum(len(i) + len(c) for i, c in zip(ids, comps)), sampled
 
 
