@@ -257,7 +257,8 @@ def print_table(res: dict, path: Path | None = None) -> None:
         h = lambda k: "-" if e[k]["mean"] is None else f"{e[k]['mean']:.3f} ± {e[k]['std']:.3f}"  # noqa: E731
         print_(f"{b.upper()} end of budget (mean ± std over seeds): greedy accuracy {h('accuracy')} "
                f"(warmup {w['accuracy']:.3f}), sampled accuracy {h('sampled_accuracy')} "
-               f"(warmup {w.get('sampled_accuracy') or float('nan'):.3f}), reverse KL {h('reverse_kl')} "
+               f"(warmup {'-' if w.get('sampled_accuracy') is None else format(w['sampled_accuracy'], '.3f')}), "
+               f"reverse KL {h('reverse_kl')} "
                f"(warmup {w['reverse_kl']:.3f})")
     if path is not None:
         path.write_text(con.export_text())
