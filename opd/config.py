@@ -318,6 +318,13 @@ class RunConfig(_Strict):
                              f"evenly over training.num_processes={w}: make it a multiple of {w}")
         return self
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        from opd.paths import check_name
+
+        return check_name(v, "name")
+
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 

@@ -23,6 +23,7 @@ from opd.evaluation import EvalResult, accuracy, evaluate
 from opd.generation import generate
 from opd.ledger import PhaseCost
 from opd.lora import apply_lora
+from opd.paths import check_name, within
 from opd.models import (build_char_tokenizer, build_llama, load_model, load_tokenizer, num_params, pick_device,
                         save_model, set_threads)
 from opd.sampling import Sampler, make_sampler
@@ -54,7 +55,8 @@ class RoundResult:
 
 
 def run_dir(cfg: RunConfig, run_key: str) -> Path:
-    return Path(cfg.home) / "runs" / run_key
+    """<home>/runs/<run_key>; the key is checked before any path is built from it."""
+    return within(Path(cfg.home) / "runs", check_name(run_key, "--run-key"), field="--run-key")
 
 
 def _publish_dir(tmp: Path, final: Path, meta: dict) -> None:
