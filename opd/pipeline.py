@@ -30,8 +30,8 @@ from opd.sampling import Sampler, make_sampler
 from opd.scoring import score_completions
 from opd.teachers import TeacherScorer, make_teacher
 from opd.trainer import StudentTrainer
-from opd.training import (LOGIT_LOSSES, load_optimizer, opd_update, save_optimizer, sft_train, write_checkpoint,
-                          write_sync)
+from opd.training import (LOGIT_LOSSES, NonFiniteWeights, check_finite_weights, load_optimizer, opd_update,
+                          save_optimizer, sft_train, write_checkpoint, write_sync)
 from opd.update_group import GroupSpec, UpdateGroup
 
 DONE = "done.json"
@@ -60,7 +60,14 @@ def run_dir(cfg: RunConfig, run_key: str) -> Path:
 
 
 def _publish_dir(tmp: Path, final: Path, meta: dict) -> None:
-    """Write DONE last and rename into place: a directory with DONE is complete."""
+    """Write DONE last and rename into place: a directory with DONE is complete.
+
+    Weights with NaN/inf are never published: the temp dir is removed and the stage fails for good."""
+    try:
+        check_finite_weights(tmp, final.name)
+    except NonFiniteWeights:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / DONE).write_text(json.dumps(meta, indent=2, default=str))
     if final.exists():
         shutil.rmtree(final)
@@ -201,10 +208,12 @@ def bootstrap_teacher(cfg: RunConfig, data: ds.DataRef, log=print) -> ModelRef:
     return ModelRef(str(final), num_params(model), {"accuracy": acc}, cost.as_dict())
 
 
-def _trainer(cfg: RunConfig, model, lr: float, weight_decay: float = 0.0) -> StudentTrainer:
-    """The in-process student trainer (teacher bootstrap, SFT, one-process OPD updates)."""
+def _trainer(cfg: RunConfig, model, lr: float, weight_decay: float = 0.0, stage: str = "training",
+             lr_field: str = "the learning rate") -> StudentTrainer:
+    """The in-process student trainer (teacher bootstrap, SFT, one-process OPD updates); ``stage`` and
+    ``lr_field`` name the stage and its learning-rate field if a step goes non-finite."""
     return StudentTrainer(model, lr, weight_decay=weight_decay, mixed_precision=cfg.training.mixed_precision,
-                          device=cfg.device)
+                          device=cfg.device, stage=stage, lr_field=lr_field)
 
 
 def check_vocab(teacher_tok, student_tok) -> None:
@@ -247,7 +256,7 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
         student = build_llama(cfg.student.model, tok, cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
                               seed=cfg.seed + 1).to(device)
     losses = []
-    trainer = _trainer(cfg, student, cfg.sft.train.lr, cfg.sft.train.weight_decay)
+    trainer = _trainer(cfg, student, cfg.sft.train.lr, cfg.sft.train.weight_decay, "SFT warmup", "sft.train.lr")
     sft_train(trainer, list(zip(prompts, comps)), cfg.sft.train, tok.pad_token_id, cfg.seed,
               on_step=lambda s, l: losses.append(l))
     avg_len = seq_tokens / len(prompts)
@@ -325,7 +334,7 @@ class LocalUpdate:
         model = load_model(student_dir, device)
         if cfg.opd.lora is not None:
             model = apply_lora(model, cfg.opd.lora)
-        self.trainer = _trainer(cfg, model, cfg.opd.lr)
+        self.trainer = _trainer(cfg, model, cfg.opd.lr, stage="OPD update", lr_field="opd.lr")
         if opt_state is not None:
             load_optimizer(self.trainer.model, self.trainer.torch_optimizer, opt_state)
 

@@ -22,7 +22,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from opd.errors import PermanentError
+
 MIXED_PRECISION = ("no", "bf16", "fp16")
+
+STEP_LOSS = "_step_loss"  # the step's token-weighted loss, checked for finiteness, not reported
 
 # loss_fn(model, start, end) -> (token-mean loss of rows[start:end], their token count, metrics)
 LossFn = Callable[[torch.nn.Module, int, int], tuple[torch.Tensor, int, dict[str, float]]]
@@ -69,12 +73,21 @@ def wrap_student(model, strategy: str, device: torch.device):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+class NonFiniteUpdate(PermanentError):
+    """A step whose loss or gradient norm is NaN/inf: applying it would corrupt the weights, and
+    rerunning it replays the same numbers, so it is refused and never retried."""
+
+
 class StudentTrainer:
     """The student, its AdamW and the accelerator; ``step`` is the only place a gradient is applied."""
 
     def __init__(self, model, lr: float, *, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
-                 mixed_precision: str = "no", strategy: str = "ddp", device: str = "auto", optimizer=None):
-        """``optimizer``: one already built over ``model``'s parameters (one process only); default AdamW."""
+                 mixed_precision: str = "no", strategy: str = "ddp", device: str = "auto", optimizer=None,
+                 stage: str = "training", lr_field: str = "the learning rate"):
+        """``optimizer``: one already built over ``model``'s parameters (one process only); default AdamW.
+        ``stage`` and ``lr_field`` name the stage and its config field in a non-finite step's error."""
+        self.stage, self.lr_field, self.steps_done = stage, lr_field, 0
+        self.mixed_precision = mixed_precision
         self.accelerator = acc = make_accelerator(mixed_precision, device)
         self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
         model = model.to(self.device)
@@ -107,7 +120,7 @@ class StudentTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         lo, hi = len(rows) * self.rank // self.world, len(rows) * (self.rank + 1) // self.world
         starts = list(range(lo, hi, micro_batch))  # equal shards -> the same number of backward passes per rank
-        agg: dict[str, float] = {}
+        agg: dict[str, float] = {STEP_LOSS: 0.0}
         for i, s in enumerate(starts):
             e = min(s + micro_batch, hi)
             with self._grad_sync(last=i == len(starts) - 1):
@@ -115,14 +128,35 @@ class StudentTrainer:
                     loss, tokens, metrics = loss_fn(self.model, s, e)
                 weight = tokens / max(1, total_tokens)
                 self.accelerator.backward(loss * (weight * self.world))
+            agg[STEP_LOSS] += float(loss.detach()) * weight
             for k, v in metrics.items():
                 agg[k] = max(agg.get(k, v), v) if k.endswith("_max") else agg.get(k, 0.0) + v * weight
         if self.world > 1:
             agg = _all_reduce_metrics(agg, self.device)
         norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         agg["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+        self.steps_done += 1
+        self._refuse_non_finite(agg.pop(STEP_LOSS), agg["grad_norm"])
         self.optimizer.step()
         return agg
+
+    def _refuse_non_finite(self, loss: float, grad_norm: float) -> None:
+        """Raise before ``optimizer.step()``: the weights stay as the last finite step left them.
+
+        Both values are global (all-reduced, or computed from all-reduced gradients), so every rank
+        of a group refuses the same step. Under fp16 an inf gradient norm is the loss scaler's
+        business (it skips the step and lowers the scale); the loss itself must still be finite."""
+        bad = [f"loss is {loss}"] if not math.isfinite(loss) else []
+        if not math.isfinite(grad_norm) and self.mixed_precision != "fp16":
+            bad.append(f"gradient norm is {grad_norm}")
+        if not bad:
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.optimizer.param_groups[0]["lr"]
+        raise NonFiniteUpdate(
+            f"{self.stage} step {self.steps_done}: {' and '.join(bad)} (learning rate {lr:g}); the update was not "
+            f"applied and no checkpoint is written. Lower {self.lr_field}, or look for inf/NaN in the inputs "
+            "(a model with non-finite weights, extreme token log-probs)")
 
     def _grad_sync(self, last: bool):
         """Reduce gradients across ranks once per step (on the last micro-batch), not per micro-batch."""

@@ -12,6 +12,7 @@ import torch
 
 from opd.batching import pack, scatter_completion
 from opd.config import TrainSpec
+from opd.errors import PermanentError
 from opd.losses import (gkd_jsd, logsumexp_fp32, masked_mean, reverse_kl_full, reverse_kl_is, reverse_kl_topk,
                         sampled_logprobs, sft_cross_entropy)
 from opd.sampling.base import Rollout
@@ -77,6 +78,28 @@ def write_checkpoint(trainer: StudentTrainer, tok, out: str | Path, lora: bool):
     save_student(model, tok, out, rank)
     save_optimizer(model, trainer.torch_optimizer, Path(out) / "optimizer.pt")
     return model
+
+
+class NonFiniteWeights(PermanentError):
+    """A checkpoint holding NaN/inf weights: publishing it would let a resume or the registry reuse it."""
+
+
+def check_finite_weights(model_dir: str | Path, stage: str) -> None:
+    """Refuse a checkpoint with any non-finite floating-point weight, naming the first tensor.
+
+    Reads one tensor at a time (safetensors is memory-mapped), so a large checkpoint is scanned
+    without holding a second copy of the model."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                t = sf.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise NonFiniteWeights(
+                        f"{stage}: weight {name!r} in {f.name} has {bad} non-finite value(s) (NaN/inf); the checkpoint "
+                        "is not published. Lower the stage's learning rate, or check the starting model's weights")
 
 
 def load_optimizer(model, optimizer, path: str | Path) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from opd.errors import PermanentError
 from opd.models import pick_device
 from opd.sampling.base import Rollout
 from opd.teachers import TopKScores
@@ -93,6 +94,8 @@ class UpdateGroup:
             if self.proc.poll() is not None:
                 errors = sorted(self.workdir.glob("error_rank*.txt"))
                 cause = errors[0].read_text() if errors else "(no rank recorded an error)"
+                if any(self.workdir.glob("permanent_rank*")):  # bad input or a non-finite step: no retry
+                    raise PermanentError(f"{cause} (on the {self.spec.num_processes}-process update group)")
                 raise RuntimeError(f"the {self.spec.num_processes}-process update group exited with code "
                                    f"{self.proc.returncode}: {cause}\nits log ({self.workdir / 'group.log'}) "
                                    f"ends:\n{self.log_tail(2000)}")
@@ -152,6 +155,8 @@ def serve(workdir: Path) -> None:
     except Exception as e:
         rank = os.environ.get("RANK", "0")
         (workdir / f"error_rank{rank}.txt").write_text(f"rank {rank}: {type(e).__name__}: {e}")
+        if isinstance(e, PermanentError):
+            (workdir / f"permanent_rank{rank}").write_text("")
         raise
 
 
@@ -171,7 +176,7 @@ def _serve(workdir: Path) -> None:
         model = apply_lora(model, LoraSpec(**spec.lora))
     # accelerate starts the process group (NCCL on GPUs, gloo on CPU) and picks this rank's device
     trainer = StudentTrainer(model, spec.lr, mixed_precision=spec.mixed_precision, strategy=spec.strategy,
-                             device=spec.device)
+                             device=spec.device, stage="OPD update", lr_field="opd.lr")
     rank, world = trainer.rank, trainer.world
     tok = load_tokenizer(spec.student_dir)
     if spec.optimizer_path:

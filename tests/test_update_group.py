@@ -151,3 +151,19 @@ def test_optimizer_state_roundtrip_in_one_process(tmp_path, setup):
     load_optimizer(trainer.model, again, tmp_path / "o.pt")
     a, b = trainer.torch_optimizer.state_dict()["state"], again.state_dict()["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[k]["exp_avg_sq"], b[k]["exp_avg_sq"]) for k in a)
+
+
+def test_non_finite_step_fails_the_group_permanently(setup, tmp_path):
+    """lr 1e30 on 2 ranks: step 1 throws the weights far out, step 2's loss is non-finite on every rank.
+    The driver gets a PermanentError (not retried) naming the step and opd.lr; no final checkpoint."""
+    from opd.errors import PermanentError
+
+    root, tok, batches = setup
+    group = _failing_group(tmp_path, tok, root / "student")
+    try:
+        group.update(*batches[0], 1e30)
+        with pytest.raises(PermanentError, match=r"OPD update step 2: loss is (nan|inf).*Lower opd\.lr"):
+            group.update(*batches[1], 1e30)
+    finally:
+        group.close()
+    assert not (tmp_path / "final").exists()
