@@ -5,6 +5,7 @@ import hashlib
 from pathlib import Path
 
 from opd.errors import PermanentError
+from opd.paths import safe_rel, within
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -21,21 +22,32 @@ def s3_keys(s3, uri: str) -> list[str]:
 
 
 def fetch_dir(uri: str, cache_root: Path, s3) -> Path:
-    """Download every object under an s3:// prefix (once; a completed fetch is reused)."""
+    """Download every object under an s3:// prefix (once; a completed fetch is reused).
+
+    The part of each key below the prefix comes from an S3 listing, i.e. it is input: every one
+    passes ``safe_rel`` (the guard `opd registry pull` uses) before anything is created, and each
+    file lands through ``within``; a failed fetch leaves nothing behind."""
+    import shutil
+
     dest = Path(cache_root) / hashlib.sha256(uri.encode()).hexdigest()[:16]
     if (dest / ".fetched").is_file():
         return dest
-    keys = s3_keys(s3, uri)
-    if not keys:
-        raise PermanentError(f"{uri}: no objects under this prefix; check the model path")
     bucket, prefix = split_s3(uri)
+    # a key ending in "/" is a "folder" marker some S3 consoles create: nothing to fetch
+    rels = {k: safe_rel(k[len(prefix) + 1:], f"s3://{bucket}/{k}") for k in s3_keys(s3, uri) if not k.endswith("/")}
+    if not rels:
+        raise PermanentError(f"{uri}: no objects under this prefix; check the model path")
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    for k in keys:
-        target = tmp / k[len(prefix) + 1:]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        s3.download_file(bucket, k, str(target))
-    _verify_manifest(tmp, uri)
+    try:
+        for k, rel in rels.items():
+            target = within(tmp, rel, field=f"s3://{bucket}/{k}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, k, str(target))
+        _verify_manifest(tmp, uri)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / ".fetched").write_text(uri)
     tmp.rename(dest)
     return dest
@@ -44,7 +56,6 @@ def fetch_dir(uri: str, cache_root: Path, s3) -> Path:
 def _verify_manifest(local: Path, uri: str) -> None:
     """A registry version carries manifest.json: refuse to load a file whose sha256 differs."""
     import json
-    import shutil
 
     from opd.registry.store import sha256_file
 
@@ -52,7 +63,6 @@ def _verify_manifest(local: Path, uri: str) -> None:
     if not man.is_file():
         return
     for f in json.loads(man.read_text()).get("files", []):
-        p = local / f["path"]
+        p = within(local, safe_rel(f["path"], f"{uri} manifest path"), field=f"{uri} manifest path")
         if not p.is_file() or sha256_file(p) != f["sha256"] or p.stat().st_size != f["size"]:
-            shutil.rmtree(local, ignore_errors=True)
             raise PermanentError(f"{uri}: {f['path']} does not match the manifest's sha256/size; refusing to load it")

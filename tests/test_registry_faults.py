@@ -13,12 +13,10 @@ import threading
 import time
 import uuid
 
-from boto3.exceptions import S3UploadFailedError
-from botocore.exceptions import BotoCoreError
-
 from conftest import _free_block
 from opd import stack as st
-from opd.registry.client import make_client
+from opd.errors import PermanentError
+from opd.registry.client import RegistryUnavailable, make_client
 from opd.registry.store import gc_orphans, list_versions, publish, pull, verify
 
 PREFIX = "models"
@@ -62,7 +60,9 @@ def test_publish_survives_seaweedfs_dying_mid_upload(stack, tmp_path):
         killed.set()
         th.join(60)
         assert "error" in outcome and "published" not in outcome, outcome
-        assert isinstance(outcome["error"], (BotoCoreError, S3UploadFailedError)), repr(outcome["error"])
+        err = outcome["error"]  # retryable (not permanent), and it names the endpoint that went away
+        assert isinstance(err, RegistryUnavailable) and not isinstance(err, PermanentError), repr(err)
+        assert settings.s3_endpoint in str(err) and "opd stack up" in str(err), str(err)
 
         st.up(settings, timeout=120)  # same home: what was written persists
         s3 = make_client(settings.s3_endpoint)

@@ -29,10 +29,10 @@ from datetime import datetime, timezone
 
 from botocore.exceptions import ClientError
 
-from opd.registry.client import RegistryError
-from opd.registry.names import validate_model_name
+from opd.registry.client import RegistryError, RegistryRefusal
+from opd.registry.names import BadRef, validate_alias_name, validate_model_name
 from opd.registry.store import (MANIFEST, _get_text, _is_precondition_failed, _list_keys, _versions_prefix,
-                                list_versions)
+                                list_versions, require_model)
 
 _SEQ_DIGITS = 10
 
@@ -59,13 +59,6 @@ def current_user() -> str:
         return getpass.getuser()
     except Exception:  # noqa: BLE001 - no login name (containers): still record something
         return "unknown"
-
-
-def validate_alias_name(alias: str) -> str:
-    try:
-        return validate_model_name(alias)
-    except ValueError as e:
-        raise ValueError(str(e).replace("model name", "alias name", 1)) from None
 
 
 def _model_root(prefix: str, model: str) -> str:
@@ -95,13 +88,15 @@ def record_event(s3, bucket: str, prefix: str, model: str, action: str, *, frm=N
 
 
 def audit(s3, bucket: str, prefix: str, model: str) -> list[dict]:
-    """Every audit event of `model`, oldest first."""
+    """Every audit event of `model`, oldest first; RegistryRefusal if the model does not exist at all."""
     validate_model_name(model)
     out = []
     for key in sorted(_list_keys(s3, bucket, f"{_model_root(prefix, model)}audit/")):
         body = _get_text(s3, bucket, key)
         if body is not None:
             out.append(json.loads(body))
+    if not out:
+        require_model(s3, bucket, prefix, model)
     return out
 
 
@@ -158,14 +153,14 @@ def promote(s3, bucket: str, prefix: str, model: str, version: int, alias: str, 
     validate_model_name(model)
     validate_alias_name(alias)
     if not reason or not reason.strip():
-        raise RegistryError("a reason is required to move an alias")
+        raise RegistryRefusal("a reason is required to move an alias")
     version = int(version)
     manifest_key = f"{_versions_prefix(prefix, model)}{version}/{MANIFEST}"
     try:
         s3.head_object(Bucket=bucket, Key=manifest_key)
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound", "NoSuchBucket"):
-            raise RegistryError(f"refusing to point {model}@{alias} at {model}:{version}: that version is not "
+            raise RegistryRefusal(f"refusing to point {model}@{alias} at {model}:{version}: that version is not "
                                 f"published (no manifest)") from None
         raise
     current = read_alias(s3, bucket, prefix, model, alias) if expected is _CURRENT else expected
@@ -218,8 +213,8 @@ def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
         validate_alias_name(alias)
     elif ":" in ref:
         model, v = ref.rsplit(":", 1)
-        if not v.isdigit() or int(v) < 1:
-            raise ValueError(f"bad version in {ref!r}: use MODEL:N with N >= 1")
+        if not (v.isascii() and v.isdigit()) or int(v) < 1:
+            raise BadRef(f"bad version in {ref!r}: use MODEL:N with N >= 1")
         version = int(v)
     else:
         model = ref
@@ -233,13 +228,13 @@ def resolve(s3, bucket: str, prefix: str, ref: str) -> tuple[str, int]:
     if alias is not None:
         st = read_alias(s3, bucket, prefix, model, alias)
         if st is None:
-            raise RegistryError(f"{model} has no alias {alias!r}")
+            raise RegistryRefusal(f"{model} has no alias {alias!r}")
         version = st.version
     published = list_versions(s3, bucket, prefix, model)
     if version is None:
         if not published:
-            raise RegistryError(f"{model} has no published version in s3://{bucket}/{prefix.strip('/')}")
+            raise RegistryRefusal(f"{model} has no published version in s3://{bucket}/{prefix.strip('/')}")
         return model, published[-1]
     if version not in published:
-        raise RegistryError(f"{model}:{version} is not published")
+        raise RegistryRefusal(f"{model}:{version} is not published")
     return model, version

@@ -4,17 +4,52 @@ Credentials come only from the environment / AWS config chain; they are never lo
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
+from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
+from botocore.exceptions import ConnectionError as S3ConnectionError
+
+from opd.errors import PermanentError
 
 LOCAL_ENDPOINT_ENV = "OPD_S3_ENDPOINT"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class RegistryError(RuntimeError):
     """A registry operation that cannot proceed; the message says why and what to check."""
+
+
+class RegistryRefusal(RegistryError, PermanentError):
+    """Retrying cannot help (a missing version or alias, a tampered file, a bad request): fail at once."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The S3 endpoint did not answer (after the client's own retries); a later retry may succeed."""
+
+
+def unreachable(s3, error: Exception) -> str:
+    """Names ``s3``'s endpoint and what to check: the local stack only when the endpoint is loopback."""
+    url = s3.meta.endpoint_url
+    advice = ("is the local stack up? run `opd stack up`" if urlsplit(url).hostname in _LOOPBACK else
+              f"check registry.endpoint_url / {LOCAL_ENDPOINT_ENV} and that the endpoint is up")
+    return f"cannot reach S3 endpoint {url} ({type(error).__name__}); {advice}"
+
+
+@contextlib.contextmanager
+def named_s3_errors(s3, what: str):
+    """Connection failures in the block -> RegistryUnavailable (retryable), missing credentials ->
+    RegistryRefusal; both messages name the endpoint and what to check."""
+    try:
+        yield
+    except (S3ConnectionError, HTTPClientError) as e:
+        raise RegistryUnavailable(f"{what}: {unreachable(s3, e)}") from e
+    except NoCredentialsError:
+        raise RegistryRefusal(f"{what}: no AWS credentials for S3 endpoint {s3.meta.endpoint_url}; set "
+                              "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE") from None
 
 
 def make_client(endpoint_url: str | None = None, region: str = "us-east-1", *, max_attempts: int = 8,
@@ -31,21 +66,20 @@ def make_client(endpoint_url: str | None = None, region: str = "us-east-1", *, m
 
 
 def ensure_bucket(s3, bucket: str) -> None:
-    try:
-        s3.head_bucket(Bucket=bucket)
-        return
-    except EndpointConnectionError as e:
-        raise RegistryError(f"cannot reach S3 endpoint ({e}); is the stack up? run `opd stack up`") from None
-    except ClientError as e:
-        code = e.response.get("Error", {}).get("Code", "")
-        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            raise RegistryError(f"S3 refused access to bucket {bucket!r} ({code}): check AWS credentials") from None
-        if code not in ("404", "NoSuchBucket", "NotFound"):
-            raise RegistryError(f"S3 error on bucket {bucket!r}: {code}") from None
-    try:
-        s3.create_bucket(Bucket=bucket)
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-            raise RegistryError(f"cannot create bucket {bucket!r}: {e.response['Error'].get('Code')}") from None
-    except BotoCoreError as e:
-        raise RegistryError(f"cannot create bucket {bucket!r}: {e}") from None
+    """Create ``bucket`` unless it exists; an unreachable endpoint or refused access is named."""
+    with named_s3_errors(s3, f"bucket {bucket!r}"):
+        try:
+            s3.head_bucket(Bucket=bucket)
+            return
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise RegistryRefusal(f"S3 refused access to bucket {bucket!r} ({code}): check AWS credentials") \
+                    from None
+            if code not in ("404", "NoSuchBucket", "NotFound"):
+                raise RegistryError(f"S3 error on bucket {bucket!r}: {code}") from None
+        try:
+            s3.create_bucket(Bucket=bucket)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise RegistryError(f"cannot create bucket {bucket!r}: {e.response['Error'].get('Code')}") from None

@@ -1,13 +1,33 @@
-"""Model-name rules shared by config validation and the registry."""
-import re
+"""Model and alias name rules shared by config validation, the registry and the CLI.
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+Both kinds of name become one S3 key component and, in the promote flow, part of a run
+directory, so they follow the one path guard (``opd.paths.check_name``) with the registry's
+64-character limit; the message says which kind of name was refused.
+"""
+from opd.errors import PermanentError
+from opd.paths import UnsafePathError, check_name
+
+NAME_MAX = 64
 
 
-def validate_model_name(name: str) -> str:
-    if not name or ".." in name or "/" in name or not _NAME.match(name):
-        raise ValueError(
-            f"model name {name!r} is invalid: use 1-64 characters from [A-Za-z0-9._-], "
-            "starting with a letter or digit, without '..' or '/'"
-        )
-    return name
+class BadRef(PermanentError, ValueError):
+    """A ref that is not MODEL, MODEL:N or MODEL@ALIAS."""
+
+
+def _validate(name: object, kind: str) -> str:
+    try:
+        return check_name(name, f"{kind} name", NAME_MAX)
+    except UnsafePathError:
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 80 else repr(name[:80]) + "..."
+        raise UnsafePathError(f"{kind} name {shown} is invalid: use 1-{NAME_MAX} characters from [A-Za-z0-9._-], "
+                              "starting with a letter or digit, without '..' or '/'") from None
+
+
+def validate_model_name(name: object) -> str:
+    """``name`` if it is a valid model name, else UnsafePathError (a permanent ValueError)."""
+    return _validate(name, "model")
+
+
+def validate_alias_name(alias: object) -> str:
+    """``alias`` if it is a valid alias name (``production``, ``candidate``), else UnsafePathError."""
+    return _validate(alias, "alias")

@@ -31,7 +31,8 @@ from pathlib import Path
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from opd.registry.client import RegistryError, ensure_bucket
+from opd.paths import safe_rel, within
+from opd.registry.client import RegistryError, RegistryRefusal, ensure_bucket, named_s3_errors
 from opd.registry.names import validate_model_name
 
 MANIFEST = "manifest.json"
@@ -116,12 +117,28 @@ def list_models(s3, bucket: str, prefix: str) -> list[str]:
     return sorted(p["Prefix"].rstrip("/").rsplit("/", 1)[-1] for p in res.get("CommonPrefixes", []))
 
 
+def require_model(s3, bucket: str, prefix: str, model: str) -> None:
+    """RegistryRefusal unless `model` has at least one object (a version, a claim, an alias or an event)."""
+    validate_model_name(model)
+    try:
+        found = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix.strip('/')}/{model}/", MaxKeys=1).get("Contents")
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") != "NoSuchBucket":
+            raise
+        found = None
+    if not found:
+        raise RegistryRefusal(f"no model {model!r} in s3://{bucket}/{prefix.strip('/')}/ "
+                              "(`opd registry ls` lists the models there)")
+
+
 def read_manifest(s3, bucket: str, prefix: str, model: str, version: int) -> dict:
     key = f"{_versions_prefix(prefix, model)}{version}/{MANIFEST}"
     try:
         return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     except ClientError as e:
-        raise RegistryError(f"{model}:{version} has no manifest ({e.response['Error'].get('Code')})") from None
+        code = e.response["Error"].get("Code")
+        cls = RegistryRefusal if code in ("NoSuchKey", "404", "NotFound", "NoSuchBucket") else RegistryError
+        raise cls(f"{model}:{version} has no manifest ({code})") from None
 
 
 def _claim_version(s3, bucket: str, prefix: str, model: str, token: str, taken: set[int] | None = None) -> int:
@@ -172,14 +189,21 @@ def publish(s3, bucket: str, prefix: str, model: str, src_dir: str | Path, linea
     whose reply was lost returns that version (if the files are the same; different files under
     the same token are refused).  Without it every call claims a fresh version.
     A ``README.md`` model card is generated unless `src_dir` has one.
+    An endpoint that stops answering midway raises RegistryUnavailable naming it: retry with the
+    same `claim_token` and the claimed version is reused.
     """
+    validate_model_name(model)
+    with named_s3_errors(s3, f"publish {model}"):
+        return _publish(s3, bucket, prefix, model, Path(src_dir), lineage, claim_token)
+
+
+def _publish(s3, bucket: str, prefix: str, model: str, src: Path, lineage: dict,
+             claim_token: str | None) -> Published:
     from opd.registry.card import render_card
 
-    validate_model_name(model)
-    src = Path(src_dir)
     files = sorted(p for p in src.rglob("*") if p.is_file())
     if not files:
-        raise RegistryError(f"nothing to publish in {src}")
+        raise RegistryRefusal(f"nothing to publish in {src}")
     entries = _local_entries(src, files)
     ensure_bucket(s3, bucket)
     vp = _versions_prefix(prefix, model)
@@ -191,8 +215,8 @@ def publish(s3, bucket: str, prefix: str, model: str, src_dir: str | Path, linea
         if n is not None and MANIFEST in objs[n]:
             man = read_manifest(s3, bucket, prefix, model, n)
             if not _same_files(man, entries):
-                raise RegistryError(f"claim token {token!r} already published {model}:{n} with different files; "
-                                    "use a new token for a new version")
+                raise RegistryRefusal(f"claim token {token!r} already published {model}:{n} with different "
+                                      "files; use a new token for a new version")
             return Published(model, n, f"s3://{bucket}/{vp}{n}/", man)
     else:
         token = f"{lineage.get('flow_run_id', 'local')}:{time.time_ns()}:{uuid.uuid4().hex[:8]}"
@@ -260,13 +284,6 @@ def verify(s3, bucket: str, prefix: str, model: str, version: int) -> list[str]:
     return problems
 
 
-def _safe_rel(rel: str) -> str:
-    parts = rel.split("/")
-    if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
-        raise RegistryError(f"manifest lists an unsafe path {rel!r}; refusing to pull")
-    return rel
-
-
 def pull(s3, bucket: str, prefix: str, ref: str, dest_dir: str | Path) -> tuple[str, int, Path]:
     """Download REF (MODEL, MODEL@alias, MODEL:version) into `dest_dir`, all or nothing.
 
@@ -280,7 +297,7 @@ def pull(s3, bucket: str, prefix: str, ref: str, dest_dir: str | Path) -> tuple[
     model, version = resolve(s3, bucket, prefix, ref)
     dest = Path(dest_dir).absolute()
     if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
-        raise RegistryError(f"{dest} already exists and is not an empty directory; choose a new one")
+        raise RegistryRefusal(f"{dest} already exists and is not an empty directory; choose a new one")
     man = read_manifest(s3, bucket, prefix, model, version)
     base = f"{_versions_prefix(prefix, model)}{version}/"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -288,17 +305,17 @@ def pull(s3, bucket: str, prefix: str, ref: str, dest_dir: str | Path) -> tuple[
     tmp.mkdir()
     try:
         for f in man["files"]:
-            rel = _safe_rel(f["path"])
-            local = tmp / rel
+            rel = safe_rel(f["path"], f"{model}:{version} manifest path").as_posix()
+            local = within(tmp, rel, field=f"{model}:{version} manifest path")
             local.parent.mkdir(parents=True, exist_ok=True)
             try:
                 s3.download_file(bucket, base + rel, str(local), Config=TRANSFER)
             except ClientError as e:
-                raise RegistryError(f"{model}:{version}: {rel} is missing in S3 "
+                raise RegistryRefusal(f"{model}:{version}: {rel} is missing in S3 "
                                     f"({e.response.get('Error', {}).get('Code')})") from None
             size = local.stat().st_size
             if size != f["size"] or sha256_file(local) != f["sha256"]:
-                raise RegistryError(f"{model}:{version}: {rel} does not match the manifest (sha256/size); "
+                raise RegistryRefusal(f"{model}:{version}: {rel} does not match the manifest (sha256/size); "
                                     "the stored copy is corrupt or was tampered with; nothing was written")
         if dest.exists():
             dest.rmdir()
