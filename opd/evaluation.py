@@ -1,4 +1,7 @@
-"""Held-out accuracy with the task's verifier, and mean per-token reverse KL to the teacher."""
+"""Held-out accuracy with the task's verifier, and mean per-token reverse KL to the teacher.
+
+``answer`` is optional in user data: rows without one are left out of both accuracies, and an eval
+split with no answers at all reports accuracy None (the reverse KL needs no answers)."""
 from __future__ import annotations
 
 import time
@@ -11,7 +14,7 @@ from opd.scoring import score_completions
 
 @dataclass
 class EvalResult:
-    accuracy: float
+    accuracy: float | None  # None: no eval row has an answer
     reverse_kl: float  # mean over tokens of log q_student - log p_teacher, on the student's samples
     n: int
     # share of correct temperature-1 samples (the KL samples, verified): the policy OPD trains,
@@ -22,26 +25,36 @@ class EvalResult:
     model_tokens: int = 0
     teacher_tokens: int = 0
     wall_s: float = 0.0
+    n_answered: int = 0  # rows with an answer: both accuracies are over these
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | None]:
         return {"accuracy": self.accuracy, "reverse_kl": self.reverse_kl, "n": self.n,
+                "n_answered": self.n_answered,
                 "sampled_accuracy": self.sampled_accuracy,
                 "model_tokens": self.model_tokens, "teacher_tokens": self.teacher_tokens, "wall_s": self.wall_s}
 
 
-def _share_correct(tokenizer, comps: list[list[int]], answers: list[str]) -> float:
-    """The share of completions the task's verifier accepts; ``answers`` pairs with ``comps``."""
-    texts = tokenizer.batch_decode(comps, skip_special_tokens=True)
-    return sum(is_correct(t, a) for t, a in zip(texts, answers)) / max(1, len(answers))
+def _share_correct(tokenizer, comps: list[list[int]], answers: list[str | None]) -> float | None:
+    """The share of completions the task's verifier accepts, over those whose ``answers`` entry (paired
+    with ``comps``) is not None; None when no completion has an answer to check."""
+    pairs = [(c, a) for c, a in zip(comps, answers) if a is not None]
+    if not pairs:
+        return None
+    texts = tokenizer.batch_decode([c for c, _ in pairs], skip_special_tokens=True)
+    return sum(is_correct(t, a) for t, (_, a) in zip(texts, pairs)) / len(pairs)
 
 
-def _greedy(model, tokenizer, prompts: list[str], answers: list[str], max_tokens: int) -> tuple[float, int]:
+def has_answers(answers: list[str | None] | None) -> bool:
+    return answers is not None and any(a is not None for a in answers)
+
+
+def _greedy(model, tokenizer, prompts: list[str], answers: list[str | None], max_tokens: int) -> tuple[float | None, int]:
     ids = [tokenizer(p).input_ids for p in prompts]
     comps = generate(model, ids, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens, temperature=0.0)
     return _share_correct(tokenizer, comps, answers), sum(len(p) + len(c) for p, c in zip(ids, comps))
 
 
-def accuracy(model, tokenizer, prompts: list[str], answers: list[str], max_tokens: int) -> float:
+def accuracy(model, tokenizer, prompts: list[str], answers: list[str | None], max_tokens: int) -> float | None:
     """Greedy decoding: the deterministic answer a user would get."""
     return _greedy(model, tokenizer, prompts, answers, max_tokens)[0]
 
@@ -54,7 +67,7 @@ def reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int,
 
 def _reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int, seed: int,
                 micro_batch: int = 64, samples_per_prompt: int = 4, teacher_scorer=None,
-                answers: list[str] | None = None) -> tuple[float, int, float | None]:
+                answers: list[str | None] | None = None) -> tuple[float, int, float | None]:
     """Monte-Carlo reverse KL on the student's own samples (temperature 1), per token; with
     ``answers``, also the share of those samples the verifier accepts.
 
@@ -75,13 +88,19 @@ def _reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int
     return sum(diffs) / max(1, len(diffs)), sum(len(i) + len(c) for i, c in zip(ids, comps)), sampled
 
 
-def evaluate(student, teacher, tokenizer, prompts, answers, max_tokens, seed, kl_samples: int = 4,
-             teacher_scorer=None) -> EvalResult:
+def evaluate(student, teacher, tokenizer, prompts, answers: list[str | None] | None, max_tokens, seed,
+             kl_samples: int = 4, teacher_scorer=None) -> EvalResult:
+    """Greedy accuracy (skipped, None, without answers), the reverse KL on ``kl_samples`` samples per
+    prompt, and the sampled accuracy of those samples."""
     t0 = time.time()
-    acc, greedy_tokens = _greedy(student, tokenizer, prompts, answers, max_tokens)
+    answered = sum(a is not None for a in answers) if answers is not None else 0
+    acc, greedy_tokens = (_greedy(student, tokenizer, prompts, answers, max_tokens) if has_answers(answers)
+                          else (None, 0))
     if student is teacher:
-        return EvalResult(acc, 0.0, len(prompts), None, greedy_tokens, 0, time.time() - t0)
+        return EvalResult(acc, 0.0, len(prompts), None, greedy_tokens, 0, time.time() - t0, answered)
     kl, kl_tokens, sampled = _reverse_kl(student, teacher, tokenizer, prompts, max_tokens, seed,
-                                         samples_per_prompt=kl_samples, teacher_scorer=teacher_scorer, answers=answers)
+                                         samples_per_prompt=kl_samples, teacher_scorer=teacher_scorer,
+                                         answers=answers if has_answers(answers) else None)
     # KL samples are generated, then re-scored by the student: each of their tokens is processed twice
-    return EvalResult(acc, kl, len(prompts), sampled, greedy_tokens + 2 * kl_tokens, kl_tokens, time.time() - t0)
+    return EvalResult(acc, kl, len(prompts), sampled, greedy_tokens + 2 * kl_tokens, kl_tokens, time.time() - t0,
+                      answered)

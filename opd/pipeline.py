@@ -515,7 +515,8 @@ def evaluate_models(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, student
     tok = load_tokenizer(teacher.path)
     ev = data.load()["eval"]
     n = min(cfg.eval.max_examples, len(ev))
-    prompts, answers = ev["prompt"][:n], ev["answer"][:n]
+    # answer is optional in user data: no column (or no values) -> accuracies None, the KL still measured
+    prompts, answers = ev["prompt"][:n], ev["answer"][:n] if "answer" in ev.column_names else None
     t_model = load_model(teacher.path, device)
     out = {"teacher": {**evaluate(t_model, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed).as_dict(),
                        "params": num_params(t_model)}}
@@ -528,12 +529,55 @@ def evaluate_models(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, student
     return out
 
 
+EVALUATION = "evaluation.json"
+
+
+def _dir_identity(path: str) -> list[list]:
+    """(name, size, mtime) of a model directory's files: a rewritten checkpoint changes it, and it
+    costs no read of the weights (hashing a 16 GB student on every resume would)."""
+    return [[f.name, (st := f.stat()).st_size, st.st_mtime_ns] for f in sorted(Path(path).iterdir()) if f.is_file()]
+
+
+def evaluation_key(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, students: dict[str, str],
+                   incumbent_version: int | None) -> str:
+    """What an evaluation measured: the models' files, the eval data and settings. The incumbent is
+    named by its registry version (immutable, verified on pull), not its freshly pulled files."""
+    spec = {"eval": cfg.eval.model_dump(mode="json", exclude={"gates"}), "max_tokens": cfg.opd.max_tokens,
+            "seed": cfg.seed, "scorer": cfg.teacher.scorer, "data": [data.fingerprint, data.n_eval],
+            "teacher": [teacher.path, _dir_identity(teacher.path)], "incumbent_version": incumbent_version,
+            "students": {k: [p, _dir_identity(p)] for k, p in sorted(students.items()) if k != "incumbent"}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _reuse_evaluation(path: Path, key: str) -> dict | None:
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["results"] if saved.get("key") == key else None
+
+
 def evaluate_all(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, sft: ModelRef, final: ModelRef,
-                 incumbent: str | None = None) -> dict[str, dict]:
+                 incumbent: str | None = None, incumbent_version: int | None = None, rdir: Path | None = None,
+                 log=print) -> dict[str, dict]:
+    """Teacher, SFT and OPD students (and the incumbent) on one eval set. With ``rdir``, the results are
+    kept in ``rdir/evaluation.json`` (written last, renamed into place) under ``evaluation_key``, so a
+    resumed run reuses them instead of evaluating the same models again."""
     students = {"sft_student": sft.path, "opd_student": final.path}
     if incumbent:
         students["incumbent"] = incumbent
-    return evaluate_models(cfg, data, teacher, students)
+    key = evaluation_key(cfg, data, teacher, students, incumbent_version if incumbent else None)
+    out = Path(rdir) / EVALUATION if rdir is not None else None
+    if out is not None and (results := _reuse_evaluation(out, key)) is not None:
+        log(f"evaluation reused from {out} (same models, data and eval settings)")
+        return results
+    results = evaluate_models(cfg, data, teacher, students)
+    if incumbent and incumbent_version is not None:
+        results["incumbent"]["version"] = incumbent_version
+    if out is not None:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({"key": key, "results": results}, indent=2))
+        os.replace(tmp, out)
+    return results
 
 
 # ---------------------------------------------------------------- registry

@@ -81,17 +81,20 @@ def evaluate(cfg: RunConfig, data: DataRef, teacher: P.ModelRef, sft: P.ModelRef
 
     P.close_samplers()  # free the sampler's memory before evaluation loads the models
     incumbent = promotion.pull_alias(cfg, cfg.eval.gates.no_regression_vs, Path(run_dir) / "incumbent")
-    results = P.evaluate_all(cfg, data, teacher, sft, final, incumbent.path if incumbent else None)
-    if incumbent:
-        results["incumbent"]["version"] = incumbent.version
+    results = P.evaluate_all(cfg, data, teacher, sft, final, incumbent.path if incumbent else None,
+                             incumbent.version if incumbent else None, rdir=Path(run_dir), log=_log())
     create_table_artifact(
         key="evaluation",
-        table=[{"model": k, "accuracy": round(v["accuracy"], 4),
-                "sampled_accuracy": None if v.get("sampled_accuracy") is None else round(v["sampled_accuracy"], 4),
-                "reverse_kl": round(v["reverse_kl"], 4), "n": v["n"]} for k, v in results.items()],
-        description="Held-out accuracy (greedy; sampled at T=1 on the KL samples) and mean per-token reverse KL "
-                    "to the teacher")
+        table=[{"model": k, "accuracy": _round(v["accuracy"]), "sampled_accuracy": _round(v.get("sampled_accuracy")),
+                "reverse_kl": _round(v["reverse_kl"]), "n": v["n"]} for k, v in results.items()],
+        description="Held-out accuracy (greedy; sampled at T=1 on the KL samples; empty when the eval split has "
+                    "no answers) and mean per-token reverse KL to the teacher")
     return results
+
+
+def _round(x: float | None) -> float | None:
+    """Table cells: 4 decimals; None (no answers to check) stays None."""
+    return None if x is None else round(x, 4)
 
 
 @task(name="evaluate_candidate", cache_policy=NO_CACHE)
@@ -110,8 +113,8 @@ def evaluate_candidate(cfg: RunConfig, data: DataRef, teacher: P.ModelRef, versi
     if "incumbent" in results:
         results["incumbent"]["version"] = inc.version
     create_table_artifact(key="promotion-evaluation", table=[
-        {"model": k, "version": v.get("version", ""), "accuracy": round(v["accuracy"], 4),
-         "reverse_kl": round(v["reverse_kl"], 4)} for k, v in results.items()],
+        {"model": k, "version": v.get("version", ""), "accuracy": _round(v["accuracy"]),
+         "reverse_kl": _round(v["reverse_kl"])} for k, v in results.items()],
         description=f"{name}:{version} vs {name}@{alias} on the same eval set")
     return results
 

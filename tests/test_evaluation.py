@@ -2,6 +2,7 @@
 temperature-1 samples the reverse KL is measured on, each against its own prompt's answer."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from opd.config import ModelSpec
@@ -32,3 +33,112 @@ def test_sampled_accuracy_scores_each_kl_sample_against_its_prompt():
     assert r.accuracy <= 1 and r.reverse_kl > 0 and r.as_dict()["sampled_accuracy"] == expected
     # the teacher against itself: no samples drawn, so no sampled accuracy to report
     assert evaluate(teacher, teacher, tok, prompts, answers, 12, seed).sampled_accuracy is None
+
+
+def _tiny_pair():
+    tok = build_char_tokenizer()
+    spec = ModelSpec(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=128)
+    return tok, build_llama(spec, tok, 64, seed=0), build_llama(spec, tok, 64, seed=1)
+
+
+def test_eval_without_answers_measures_kl_and_reports_no_accuracy():
+    """``answer`` is optional: no answers -> both accuracies None, the reverse KL as usual; a row without
+    an answer is left out of the accuracy rather than crashing it or counting as wrong."""
+    torch.set_num_threads(1)
+    tok, student, teacher = _tiny_pair()
+    prompts = ["12+34=", "7+8=", "100+1=", "5+5+5="]
+    r = evaluate(student, teacher, tok, prompts, None, 12, 3, kl_samples=2)
+    assert r.accuracy is None and r.sampled_accuracy is None and r.reverse_kl > 0 and r.n == 4
+    assert r.as_dict()["n_answered"] == 0 and r.model_tokens > 0
+    assert evaluate(teacher, teacher, tok, prompts, [None] * 4, 12, 3).accuracy is None
+
+    # answers on every other prompt, taken from its first temperature-1 sample so some samples are right:
+    # the sampled accuracy is over the answered prompts' samples only (unanswered ones are not "wrong")
+    prompts = ["12+34=", "7+8=", "100+1=", "5+5+5=", "9+9=", "3+4=", "1+1=", "20+2="]
+    k, seed = 4, 3
+    ids = [tok(p).input_ids for p in prompts]
+    samples = tok.batch_decode(generate(student, ids, tok.eos_token_id, tok.pad_token_id, 12, temperature=1.0,
+                                        n=k, seed=seed), skip_special_tokens=True)
+    answers = [(extract_answer(samples[i * k]) or "none") if i % 2 == 0 else None for i in range(len(prompts))]
+    checked = [is_correct(s, answers[j // k]) for j, s in enumerate(samples) if answers[j // k] is not None]
+    expected = sum(checked) / len(checked)
+    assert 0 < expected and len(checked) < len(samples)
+    part = evaluate(student, teacher, tok, prompts, answers, 12, seed, kl_samples=k)
+    assert part.sampled_accuracy == expected and part.as_dict()["n_answered"] == 4 and part.accuracy is not None
+    unanswered = evaluate(student, teacher, tok, prompts, None, 12, seed, kl_samples=k)
+    assert part.reverse_kl == unanswered.reverse_kl  # the same samples, whatever the answers
+
+
+def test_gates_that_need_accuracy_are_skipped_by_name_without_answers():
+    from opd.config import GateConfig
+    from opd.errors import PermanentError
+    from opd.gates import AnswersRequired, check, require_answers
+
+    res = {"opd_student": {"accuracy": None, "reverse_kl": 0.5}, "sft_student": {"accuracy": None, "reverse_kl": 0.6},
+           "incumbent": {"accuracy": None, "reverse_kl": 0.7, "version": 1}}
+    g = check(GateConfig(min_accuracy=0.0), res)
+    assert g.passed
+    assert "- SKIP min_accuracy: skipped: no answers in the eval split" in g.message()
+    assert "- SKIP no_regression: skipped: no answers in the eval split" in g.message()
+    assert "- PASS opd_beats_sft_kl" in g.message() and "| min_accuracy | SKIP |" in g.markdown("Gates")
+    # the KL gates still decide
+    assert not check(GateConfig(max_reverse_kl=0.1), res).passed
+    # a positive threshold without answers is a failure (never a silent pass), and refused up front
+    bad = check(GateConfig(min_accuracy=0.5), res)
+    assert not bad.passed and "- FAIL min_accuracy: no answers in the eval split" in bad.message()
+    with pytest.raises(AnswersRequired, match=r"eval.gates.min_accuracy: 0.5 needs answers, but eval.jsonl has no "
+                                              r"'answer' values.*set eval.gates.min_accuracy: 0") as e:
+        require_answers(GateConfig(min_accuracy=0.5), False, "eval.jsonl")
+    assert isinstance(e.value, PermanentError)
+    require_answers(GateConfig(min_accuracy=0.5), True)
+    require_answers(GateConfig(min_accuracy=0.0), False)
+    # with answers, nothing changes
+    ok = check(GateConfig(min_accuracy=0.5), {"opd_student": {"accuracy": 0.6, "reverse_kl": 0.5}}, baseline=None)
+    assert ok.passed and "PASS min_accuracy: accuracy 0.600" in ok.message()
+
+
+def test_evaluation_is_persisted_and_reused_for_the_same_models(tmp_path):
+    """evaluate_all on an eval split without answers, twice with the same models: the second call returns
+    the stored results without evaluating (evaluation.json untouched); a rewritten final checkpoint or
+    other eval settings evaluate again."""
+    import json
+    import time
+
+    from opd import pipeline as P
+    from opd.config import load_config
+    from opd.data import dataset as ds
+    from opd.models import save_model
+
+    torch.set_num_threads(1)
+    tok, student, teacher = _tiny_pair()
+    for name, m in (("teacher", teacher), ("sft", student), ("final", student)):
+        save_model(m, tok, tmp_path / name)
+    cfg = load_config("configs/ci.yaml", [f"home={tmp_path}", "data.synthetic.n_train=32", "data.synthetic.n_eval=8",
+                                          "eval.max_examples=6", "eval.kl_samples_per_prompt=2", "device=cpu"])
+    d = ds.synthetic(cfg.data, cfg.seed)
+    d["eval"] = d["eval"].remove_columns(["answer", "completion"])  # a user eval file without answers
+    data = ds.save(d, tmp_path / "data")
+    ref = lambda n: P.ModelRef(str(tmp_path / n), 1)  # noqa: E731
+    rdir, logs = tmp_path / "run", []
+    rdir.mkdir()
+
+    def run(c=cfg):
+        t = time.perf_counter()
+        out = P.evaluate_all(c, data, ref("teacher"), ref("sft"), ref("final"), rdir=rdir, log=logs.append)
+        return out, time.perf_counter() - t, (rdir / P.EVALUATION).stat().st_mtime_ns
+
+    first, t_first, m_first = run()
+    assert first["teacher"]["accuracy"] is None and first["opd_student"]["sampled_accuracy"] is None
+    assert first["opd_student"]["reverse_kl"] > 0 and first["opd_student"]["n"] == 6
+    assert json.loads((rdir / P.EVALUATION).read_text())["results"] == first and not logs
+
+    again, t_again, m_again = run()
+    assert again == first and m_again == m_first and t_again < t_first / 5, (t_again, t_first)
+    assert logs == [f"evaluation reused from {rdir / P.EVALUATION} (same models, data and eval settings)"]
+
+    save_model(student, tok, tmp_path / "final")  # a redone final round: same values, new files
+    _, _, m_redo = run()
+    assert m_redo != m_first and len(logs) == 1
+    other, _, _ = run(load_config("configs/ci.yaml", [f"home={tmp_path}", "eval.max_examples=4",
+                                                      "eval.kl_samples_per_prompt=2", "device=cpu"]))
+    assert other["opd_student"]["n"] == 4 and len(logs) == 1
