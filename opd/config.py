@@ -5,9 +5,13 @@ Unknown keys and bad values fail with the field's dotted path, before any work s
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
+import re
+import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from opd.errors import PermanentError
@@ -15,22 +19,156 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 VLLM_CPU_HEAD_DIMS = (32, 64, 128)
 
+# Upper bounds: a value past these is a typo (an extra zero, a unit mix-up), not a plan; each is far
+# above any run this code is meant for, and refusing it here beats hanging or filling a disk later.
+MAX_STEPS = 1_000_000  # optimizer steps of one stage
+MAX_BATCH = 65_536  # rows (prompts, rollouts, examples) in one step
+MAX_EXAMPLES = 10_000_000  # rows of a data set
+MAX_CONTEXT = 262_144  # tokens: prompt + completion of the largest context models in use
+MAX_BUILT_CONTEXT = 8_192  # tokens: the positions a model built here (student.model, teacher.bootstrap) gets
+MAX_SECONDS = 7 * 24 * 3600  # timeouts and delays: a week
+MAX_RETRIES = 20
+
+
+def _short(v: object, n: int = 80) -> str:
+    """A value as shown in an error: repr, trimmed (a pasted file or key must not flood the log)."""
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
+# ---------------------------------------------------------------- S3 names and endpoint URLs
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+# prefixes and suffixes AWS reserves for access points, directory buckets and the like
+_BUCKET_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_BUCKET_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+
+
+def check_bucket(name: object, field: str) -> str:
+    """``name`` if it follows the S3 bucket-naming rules, else ValueError naming ``field`` and the rule.
+
+    The rules are AWS's (general purpose buckets); other S3 servers accept a subset of names, so a
+    name valid here works everywhere."""
+    if not isinstance(name, str):
+        raise ValueError(f"{field}: expected a bucket name, got {_short(name)}")
+    rule = None
+    if not 3 <= len(name) <= 63:
+        rule = f"is {len(name)} characters; a bucket name has 3-63"
+    elif not _BUCKET.fullmatch(name):
+        rule = ("may use only lowercase letters, digits, '.' and '-', and must start and end with a "
+                "letter or digit")
+    elif ".." in name or ".-" in name or "-." in name:
+        rule = "must not contain '..', '.-' or '-.'"
+    elif re.fullmatch(r"\d+\.\d+\.\d+\.\d+", name):
+        rule = "must not be formatted as an IP address"
+    elif name.startswith(_BUCKET_RESERVED_PREFIXES):
+        rule = f"must not start with {' / '.join(_BUCKET_RESERVED_PREFIXES)} (reserved by S3)"
+    elif name.endswith(_BUCKET_RESERVED_SUFFIXES):
+        rule = f"must not end with {' / '.join(_BUCKET_RESERVED_SUFFIXES)} (reserved by S3)"
+    if rule:
+        raise ValueError(f"{field}: {_short(name)} is not a valid S3 bucket name: it {rule} "
+                         "(e.g. opd-registry)")
+    return name
+
+
+def check_key_prefix(value: object, field: str) -> str:
+    """An S3 key prefix made of safe names joined by '/': no '..', no leading '/', no empty part."""
+    from opd.paths import check_name, safe_rel
+
+    for part in safe_rel(value, field).parts:
+        check_name(part, field)
+    return value  # type: ignore[return-value]
+
+
+def check_s3_uri(uri: str, field: str) -> str:
+    """An ``s3://bucket/key`` URI: a valid bucket and a key without '..', '.', empty parts or control chars."""
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    check_bucket(bucket, f"{field} (bucket of {_short(uri)})")
+    key = key.rstrip("/")
+    if not key:
+        raise ValueError(f"{field}: {_short(uri)} names no key: use s3://<bucket>/<key>")
+    if any(p in ("", ".", "..") for p in key.split("/")) or any(ord(c) < 32 or c == "\x7f" for c in key):
+        raise ValueError(f"{field}: {_short(uri)}: the key has an empty, '.' or '..' part or a control "
+                         "character; give the object's plain key")
+    return uri
+
+
+# the cloud metadata services: link-local on every cloud, plus AWS's IPv6 address and GCP's name
+_METADATA_IPS = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+_METADATA_HOSTS = {"metadata.google.internal", "metadata.goog", "metadata"}
+
+
+def _host_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``host`` spells, including the legacy IPv4 forms resolvers accept ('2852039166',
+    '0xa9.0xfe.0xa9.0xfe'); None for a DNS name. Never resolves a name."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            ip = ipaddress.ip_address(socket.inet_aton(host))
+        except (OSError, ValueError):
+            return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def check_endpoint(url: object, field: str) -> str:
+    """An http(s) URL of a server: a host, no credentials, not link-local (the cloud metadata service).
+
+    The URL is used for requests that carry credentials (S3 signatures) or data, so a link-local
+    target or a file:// URL is refused before anything connects."""
+    fix = "give the server's http:// or https:// URL, e.g. http://127.0.0.1:8000"
+    if not isinstance(url, str) or not url.strip():
+        raise ValueError(f"{field}: expected a URL, got {_short(url)}: {fix}")
+    if any(c.isspace() or ord(c) < 32 or c == "\x7f" for c in url):
+        raise ValueError(f"{field}: the URL holds whitespace or control characters: {fix}")
+    try:
+        p = urlsplit(url)
+        port = p.port
+    except ValueError as e:
+        raise ValueError(f"{field}: not a valid URL ({e}): {fix}") from None
+    if "://" not in url:
+        raise ValueError(f"{field}: {_short(url)} has no scheme: {fix}")
+    if p.scheme.lower() not in ("http", "https"):
+        shown = f"{p.scheme}://" if p.scheme else _short(url)
+        raise ValueError(f"{field}: {shown} URLs are not allowed: {fix}")
+    if p.username is not None or p.password is not None:  # never echo them: they may be secrets
+        raise ValueError(f"{field}: the URL carries credentials (user:password@host); remove them: credentials "
+                         "come from the environment (AWS chain / the server's own auth), never from a URL")
+    host = (p.hostname or "").rstrip(".").lower()
+    if not host:
+        raise ValueError(f"{field}: {_short(url)} has no host: {fix}")
+    if port == 0:
+        raise ValueError(f"{field}: {_short(url)}: port 0 is not a server port: {fix}")
+    if p.query or p.fragment:
+        raise ValueError(f"{field}: {_short(url)}: drop the '?query' / '#fragment': {fix}")
+    ip = _host_ip(host)
+    if host in _METADATA_HOSTS or (ip is not None and (ip in _METADATA_IPS or ip.is_link_local)):
+        raise ValueError(f"{field}: {_short(url)} is a link-local address (169.254.0.0/16, fe80::/10: the "
+                         "cloud metadata service lives there); refusing to send requests to it: " + fix)
+    if ip is not None and (ip.is_unspecified or ip.is_multicast):
+        raise ValueError(f"{field}: {_short(url)} is not a server address (unspecified or multicast): {fix}")
+    return url
+
 
 class ConfigError(PermanentError, ValueError):
     """A config that cannot run; the message names the field and the fix."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float of every section refuses .inf/.nan (a non-finite lr or
+    # timeout is never a plan, and NaN compares false with every bound)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
     """A Llama-architecture model built from scratch (demo teacher/student)."""
 
     num_layers: int = Field(ge=1, le=64)
-    hidden_size: int = Field(ge=16)
-    num_heads: int = Field(ge=1)
-    intermediate_size: int = Field(ge=16)
+    hidden_size: int = Field(ge=16, le=8192)
+    num_heads: int = Field(ge=1, le=128)
+    intermediate_size: int = Field(ge=16, le=32768)
 
     @model_validator(mode="after")
     def _head_dim(self) -> "ModelSpec":
@@ -56,50 +194,83 @@ class SyntheticTask(_Strict):
 
     num_terms: int = Field(3, ge=2, le=8)
     max_digits: int = Field(3, ge=1, le=8)
-    n_train: int = Field(4000, ge=16)
-    n_eval: int = Field(256, ge=8)
+    n_train: int = Field(4000, ge=16, le=MAX_EXAMPLES)
+    n_eval: int = Field(256, ge=8, le=MAX_EXAMPLES)
     # "any": the ground-truth scratchpad adds the terms in a random order (several correct paths)
     term_order: Literal["given", "any"] = "given"
 
+    @model_validator(mode="after")
+    def _enough_problems(self) -> "SyntheticTask":
+        # every term is a number below 10**max_digits, so there are 10**(max_digits*num_terms)
+        # distinct prompts; drawing more than half of them would take too long (or forever)
+        space = 10 ** (self.max_digits * self.num_terms)
+        if self.n_train + self.n_eval > space // 2:
+            raise ValueError(f"n_train + n_eval = {self.n_train + self.n_eval} distinct problems, but num_terms="
+                             f"{self.num_terms} with max_digits={self.max_digits} has only {space}: lower "
+                             "data.synthetic.n_train/n_eval (at most half of them) or raise max_digits")
+        return self
+
 
 class DataConfig(_Strict):
-    source: str = "synthetic"  # "synthetic", a local JSONL path, or an s3:// URI
-    eval_source: str | None = None  # for a user JSONL; else eval is split off the source
+    source: str = Field("synthetic", min_length=1)  # "synthetic", a local JSONL path, or an s3:// URI
+    eval_source: str | None = Field(None, min_length=1)  # for a user JSONL; else eval is split off the source
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     synthetic: SyntheticTask = SyntheticTask()
-    max_prompt_tokens: int = Field(64, ge=4)
-    min_prompt_tokens: int = Field(1, ge=1)
+    max_prompt_tokens: int = Field(64, ge=4, le=MAX_CONTEXT)
+    min_prompt_tokens: int = Field(1, ge=1, le=MAX_CONTEXT)
+
+    @field_validator("source", "eval_source")
+    @classmethod
+    def _s3_uri(cls, v: str | None, info) -> str | None:
+        if v is not None and v.startswith("s3://"):
+            check_s3_uri(v, f"data.{info.field_name}")
+        return v
+
+    @model_validator(mode="after")
+    def _sources(self) -> "DataConfig":
+        if self.eval_source is not None and self.source == "synthetic":
+            raise ValueError("data.eval_source applies to a JSONL data.source; the synthetic task makes its own "
+                             "eval split: remove data.eval_source or set data.source to your JSONL")
+        if self.min_prompt_tokens > self.max_prompt_tokens:
+            raise ValueError(f"data.min_prompt_tokens={self.min_prompt_tokens} > data.max_prompt_tokens="
+                             f"{self.max_prompt_tokens}: lower the first or raise the second")
+        return self
 
 
 class TrainSpec(_Strict):
-    steps: int = Field(ge=1)
-    batch_size: int = Field(ge=1)
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(0, ge=0)
+    steps: int = Field(ge=1, le=MAX_STEPS)
+    batch_size: int = Field(ge=1, le=MAX_BATCH)
+    lr: float = Field(gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     # rows per forward/backward (gradient accumulation): bounds activation memory, not the step;
     # None = the whole batch at once
-    micro_batch: int | None = Field(None, ge=1)
+    micro_batch: int | None = Field(None, ge=1, le=MAX_BATCH)
 
 
 class TeacherBootstrap(_Strict):
     model: ModelSpec
     train: TrainSpec
     min_accuracy: float = Field(0.9, ge=0, le=1)
-    eval_every: int = Field(250, ge=1)
-    max_steps: int = Field(ge=1)
+    eval_every: int = Field(250, ge=1, le=MAX_STEPS)
+    max_steps: int = Field(ge=1, le=MAX_STEPS)
 
 
 class TeacherConfig(_Strict):
-    path: str | None = None  # local dir or s3:// URI of a trained teacher; None = bootstrap (demo)
+    path: str | None = Field(None, min_length=1)  # local dir or s3:// URI of a trained teacher; None = bootstrap
     bootstrap: TeacherBootstrap | None = None
     trust_remote_code: bool = False
     # how the teacher grades tokens (opd.teachers.make_teacher): in-process transformers, in-process
     # vLLM, or a vLLM OpenAI-compatible server at `endpoint` serving the same teacher
     scorer: Literal["hf", "vllm", "remote"] = "hf"
     endpoint: str | None = None  # e.g. http://127.0.0.1:8000; required for scorer=remote
-    served_model_name: str | None = None  # the server's model id; None = the only one it serves
-    tensor_parallel_size: int = Field(1, ge=1)  # scorer=vllm: GPUs the in-process teacher engine spans
+    served_model_name: str | None = Field(None, min_length=1, max_length=256)  # None = the only model served
+    tensor_parallel_size: int = Field(1, ge=1, le=64)  # scorer=vllm: GPUs the in-process teacher engine spans
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        return check_s3_uri(v, "teacher.path") if v is not None and v.startswith("s3://") else v
 
     @model_validator(mode="after")
     def _tp(self) -> "TeacherConfig":
@@ -120,14 +291,22 @@ class TeacherConfig(_Strict):
         if self.scorer == "remote" and not self.endpoint:
             raise ValueError("teacher.scorer=remote needs teacher.endpoint, the URL of a vLLM server serving the "
                              "teacher (e.g. http://127.0.0.1:8000)")
-        if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
-            raise ValueError(f"teacher.endpoint={self.endpoint!r}: expected an http:// or https:// URL")
         return self
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint_url(cls, v: str | None) -> str | None:
+        return None if v is None else check_endpoint(v, "teacher.endpoint")
 
 
 class StudentConfig(_Strict):
     model: ModelSpec | None = None  # build from scratch (demo) ...
-    path: str | None = None  # ... or start from a pretrained student
+    path: str | None = Field(None, min_length=1)  # ... or start from a pretrained student
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str | None) -> str | None:
+        return check_s3_uri(v, "student.path") if v is not None and v.startswith("s3://") else v
 
     @model_validator(mode="after")
     def _one_source(self) -> "StudentConfig":
@@ -137,8 +316,8 @@ class StudentConfig(_Strict):
 
 
 class SFTConfig(_Strict):
-    num_prompts: int = Field(ge=1)  # train prompts the teacher completes (off-policy data)
-    teacher_temperature: float = Field(1.0, ge=0)
+    num_prompts: int = Field(ge=1, le=MAX_EXAMPLES)  # train prompts the teacher completes (off-policy data)
+    teacher_temperature: float = Field(1.0, ge=0, le=10)
     train: TrainSpec
 
 
@@ -148,25 +327,26 @@ class LoraSpec(_Strict):
     weights; within a round the vLLM sampler gets only the adapters at every step."""
 
     r: int = Field(16, ge=1, le=512)
-    alpha: float = Field(32.0, gt=0)
+    alpha: float = Field(32.0, gt=0, le=4096)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                               "gate_proj", "up_proj", "down_proj"])
+    target_modules: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.]{1,128}$")]] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, max_length=64)
 
 
 class OPDConfig(_Strict):
-    rounds: int = Field(ge=1)
-    steps_per_round: int = Field(1, ge=1)  # on-policy steps: sample, grade, update, sync
-    prompts_per_step: int = Field(ge=1)
-    samples_per_prompt: int = Field(4, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    rounds: int = Field(ge=1, le=10_000)
+    steps_per_round: int = Field(1, ge=1, le=100_000)  # on-policy steps: sample, grade, update, sync
+    prompts_per_step: int = Field(ge=1, le=MAX_BATCH)
+    samples_per_prompt: int = Field(4, ge=1, le=1024)
+    temperature: float = Field(1.0, gt=0, le=10)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_tokens: int = Field(ge=1)
-    lr: float = Field(gt=0)
-    warmup_steps: int = Field(20, ge=0)
-    micro_batch: int = Field(64, ge=1)
-    clip_ratio: float | None = Field(None, gt=0)
-    kl_coef: float = Field(1.0, gt=0)
+    max_tokens: int = Field(ge=1, le=MAX_CONTEXT)
+    lr: float = Field(gt=0, le=1)
+    warmup_steps: int = Field(20, ge=0, le=MAX_STEPS)
+    micro_batch: int = Field(64, ge=1, le=MAX_BATCH)
+    clip_ratio: float | None = Field(None, gt=0, le=1000)
+    kl_coef: float = Field(1.0, gt=0, le=1000)
     advantage_baseline: Literal["none", "mean"] = "none"
     # reverse_kl_is only: credit each token with the discounted reverse KL of the tokens after it
     # (reward-to-go); 0 = the reference report's per-token advantage
@@ -174,13 +354,13 @@ class OPDConfig(_Strict):
     # "reverse_kl_is": sampled-token policy gradient (needs only the teacher's sampled-token logprobs);
     # the others are distribution-level losses computed from teacher and student logits (opd.losses).
     loss: Literal["reverse_kl_is", "reverse_kl_full", "reverse_kl_topk", "gkd_jsd"] = "reverse_kl_is"
-    topk: int = Field(20, ge=1)  # support size for reverse_kl_topk
+    topk: int = Field(20, ge=1, le=1024)  # support size for reverse_kl_topk
     gkd_beta: float = Field(0.5, ge=0, le=1)  # gkd_jsd: 0 = forward KL, 1 = reverse KL (TRL convention)
-    forward_kl_coef: float = Field(0.0, ge=0)  # + coef * KL(teacher || student) for the logit losses
-    eval_slice: int = Field(64, ge=1)
+    forward_kl_coef: float = Field(0.0, ge=0, le=1000)  # + coef * KL(teacher || student) for the logit losses
+    eval_slice: int = Field(64, ge=1, le=MAX_BATCH)
     sampler: Literal["vllm", "hf"] = "vllm"
     weight_sync: Literal["inplace", "restart"] = "inplace"
-    tensor_parallel_size: int = Field(1, ge=1)  # GPUs the vLLM sampler engine spans
+    tensor_parallel_size: int = Field(1, ge=1, le=64)  # GPUs the vLLM sampler engine spans
     lora: LoraSpec | None = None  # None = full fine-tuning
 
     @model_validator(mode="after")
@@ -220,7 +400,7 @@ class TrainingConfig(_Strict):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # GPU indices the group's ranks own (CUDA_VISIBLE_DEVICES of the group), kept apart from the
     # driver's vLLM sampler; None = ranks take GPUs 0..N-1 and share them with the sampler.
-    devices: list[int] | None = None
+    devices: list[Annotated[int, Field(ge=0, le=1023)]] | None = None
     # autocast for every student update (teacher bootstrap, SFT, OPD): bf16 on GPUs that have it;
     # fp16 (GPU only) adds loss scaling. Weights and Adam state stay fp32; losses upcast to fp32.
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
@@ -237,18 +417,25 @@ class TrainingConfig(_Strict):
 
 class GateConfig(_Strict):
     min_accuracy: float = Field(0.0, ge=0, le=1)
-    max_reverse_kl: float | None = Field(None, ge=0)
+    max_reverse_kl: float | None = Field(None, ge=0, le=1e6)
     opd_must_beat_sft_kl: bool = True
     # no regression vs the model at this alias, both evaluated on the same eval set in one run
     no_regression_vs: str | None = "production"
     regression_margin: float = Field(0.02, ge=0, le=1)
     require_approval: bool = False  # promotion pauses for a human approve/reject (UI or API)
-    approval_timeout_s: int = Field(3600, ge=1)
+    approval_timeout_s: int = Field(3600, ge=1, le=30 * 24 * 3600)
+
+    @field_validator("no_regression_vs")
+    @classmethod
+    def _alias(cls, v: str | None) -> str | None:
+        from opd.paths import check_name
+
+        return None if v is None else check_name(v, "eval.gates.no_regression_vs", max_len=64)
 
 
 class EvalConfig(_Strict):
-    max_examples: int = Field(256, ge=1)
-    kl_samples_per_prompt: int = Field(4, ge=1)
+    max_examples: int = Field(256, ge=1, le=1_000_000)
+    kl_samples_per_prompt: int = Field(4, ge=1, le=1024)
     gates: GateConfig = GateConfig()
 
 
@@ -259,6 +446,30 @@ class RegistryConfig(_Strict):
     model_name: str
     region: str = "us-east-1"
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        return None if v is None else check_endpoint(v, "registry.endpoint_url")
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        return check_bucket(v, "registry.bucket")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        return check_key_prefix(v, "registry.prefix")
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, v: str) -> str:
+        # AWS's form (us-east-1, eu-central-2) and the single words other S3 servers use (auto, garage)
+        if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", v) or len(v) > 32:
+            raise ValueError(f"registry.region: {_short(v)} is not a region name: use lowercase letters, digits "
+                             "and single '-' (e.g. us-east-1)")
+        return v
+
     @field_validator("model_name")
     @classmethod
     def _name(cls, v: str) -> str:
@@ -268,10 +479,11 @@ class RegistryConfig(_Strict):
 
 
 class TaskPolicy(_Strict):
-    retries: int = Field(2, ge=0)
-    retry_delay_seconds: float = Field(5, ge=0)
-    timeout_seconds: dict[str, float] = Field(default_factory=dict)
-    default_timeout_seconds: float = Field(3600, gt=0)
+    retries: int = Field(2, ge=0, le=MAX_RETRIES)
+    retry_delay_seconds: float = Field(5, ge=0, le=MAX_SECONDS)
+    timeout_seconds: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")],
+                          Annotated[float, Field(gt=0, le=MAX_SECONDS)]] = Field(default_factory=dict)
+    default_timeout_seconds: float = Field(3600, gt=0, le=MAX_SECONDS)
 
     def timeout(self, task: str) -> float:
         return self.timeout_seconds.get(task, self.default_timeout_seconds)
@@ -285,10 +497,29 @@ class DeploymentConfig(_Strict):
     cron: str | None = None  # e.g. "0 3 * * *"; None = triggered by hand or API only
     timezone: str = "UTC"
 
+    @field_validator("work_pool")
+    @classmethod
+    def _pool(cls, v: str) -> str:
+        from opd.paths import check_name
+
+        return check_name(v, "deployment.work_pool", max_len=64)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"deployment.timezone: {_short(v)} is not an IANA time zone (e.g. UTC, "
+                             "Europe/Berlin)") from None
+        return v
+
 
 class RunConfig(_Strict):
     name: str
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy and vLLM take 32-bit seeds
     home: str = ".opd"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     stack: StackConfig = StackConfig()
@@ -308,6 +539,35 @@ class RunConfig(_Strict):
         if self.opd.lora is not None and self.training.strategy == "fsdp" and self.training.num_processes > 1:
             raise ValueError("opd.lora with training.strategy=fsdp is not supported: LoRA students train "
                              "replicated, set training.strategy=ddp")
+        return self
+
+    @model_validator(mode="after")
+    def _bootstrap_needs_task(self) -> "RunConfig":
+        if self.teacher.path is None and self.data.source != "synthetic":
+            raise ValueError("teacher.bootstrap trains the demo teacher on the synthetic task's ground truth; "
+                             f"data.source={self.data.source!r} is your own data: set teacher.path to a "
+                             "trained teacher")
+        return self
+
+    @model_validator(mode="after")
+    def _built_context(self) -> "RunConfig":
+        # models built here get exactly prompt + completion positions (opd.models.build_llama);
+        # a pretrained model's own context is checked by preflight from its config.json
+        built = [f for f, on in (("student.model", self.student.model is not None),
+                                 ("teacher.bootstrap", self.teacher.path is None)) if on]
+        need = self.data.max_prompt_tokens + self.opd.max_tokens
+        if built and need > MAX_BUILT_CONTEXT:
+            raise ValueError(f"data.max_prompt_tokens + opd.max_tokens = {need} tokens, but {' and '.join(built)} "
+                             f"build models of at most {MAX_BUILT_CONTEXT} positions: lower opd.max_tokens "
+                             "or data.max_prompt_tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _rollouts(self) -> "RunConfig":
+        n = self.opd.prompts_per_step * self.opd.samples_per_prompt
+        if n > MAX_BATCH:
+            raise ValueError(f"opd.prompts_per_step * opd.samples_per_prompt = {n} rollouts per step (at most "
+                             f"{MAX_BATCH}): lower one of them")
         return self
 
     @model_validator(mode="after")
@@ -346,17 +606,24 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set opd.rounds=3")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"--set {key.strip()}: the value is not valid YAML ({first}); quote it, "
+                          "e.g. --set 'tasks.timeout_seconds={sft_warmup: 600}'") from None
 
 
 def _format_error(err: ValidationError) -> str:
+    """One line per problem, each starting with the field's dotted path (named once)."""
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        path = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/demo.yaml for every key)"
-        lines.append(f"  {path}: {msg}")
+        named = not path or msg.startswith((path + ":", path + " ", path + "=", path + "."))
+        lines.append(f"  {msg}" if named else f"  {path}: {msg}")
     return "invalid config:\n" + "\n".join(lines)
 
 
@@ -365,7 +632,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte offset {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
