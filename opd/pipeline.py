@@ -123,7 +123,7 @@ def validate_data(cfg: RunConfig, data: ds.DataRef) -> tuple[ValidationReport, d
     """GX checks; valid data moves into place, invalid data is deleted (a refused run leaves nothing)."""
     d = data.load()
     report = validate(d["train"].to_pandas(), d["eval"].to_pandas(), tokenizer_for(cfg),
-                      cfg.data.min_prompt_tokens, cfg.data.max_prompt_tokens)
+                      cfg.data.min_prompt_tokens, cfg.data.max_prompt_tokens, sources=ds.source_names(cfg.data))
     src = Path(data.dir)
     if not report.success:
         shutil.rmtree(src, ignore_errors=True)

@@ -55,3 +55,27 @@ def test_shown_prompts_are_trimmed(tok):
     tr, ev = _frames([("a", secret + "=", "1"), ("a", "1+1=", "2")], [("e", "5+6=", "11")])
     msg = validate(tr, ev, tok, 1, 16).message()
     assert secret not in msg
+
+
+def test_missing_values_show_as_missing_not_nan(tok):
+    """pandas turns a null into NaN; a person must read <missing>, not 'nan'."""
+    tr = pd.DataFrame({"id": ["a", None], "prompt": [None, "3+4="], "answer": ["3", "7"]})
+    _, ev = _frames([], [("e", "5+6=", "11")])
+    msg = validate(tr, ev, tok, 1, 32).message()
+    assert "row train:1 (id='a', prompt=<missing>)" in msg and "row train:2 (id=<missing>" in msg
+    assert "nan" not in msg.lower().replace("expect_column_values_to_not_be_null", "")
+
+
+def test_rows_are_named_by_their_file_line(tok):
+    """With a `line` column (from the JSONL), failures name file:line, not the position after the shuffle."""
+    tr = pd.DataFrame({"id": ["a", "dup", "dup"], "prompt": ["1+2=", "3+4=", "5+5="], "line": [9, 4, 17]})
+    ev = pd.DataFrame({"id": ["e"], "prompt": ["5+6="], "line": [2]})
+    msg = validate(tr, ev, tok, 1, 32, sources={"train": "data/train.jsonl", "eval": "data/eval.jsonl"}).message()
+    assert "data/train.jsonl:4 (id='dup', prompt='3+4=')" in msg and "data/train.jsonl:17 (id='dup'" in msg
+
+
+def test_rows_without_answers_pass(tok):
+    tr = pd.DataFrame({"id": ["a", "b"], "prompt": ["1+2=", "3+4="]})
+    ev = pd.DataFrame({"id": ["e"], "prompt": ["5+6="]})
+    rep = validate(tr, ev, tok, 1, 32)
+    assert rep.success, rep.message()

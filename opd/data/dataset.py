@@ -1,12 +1,15 @@
 """Datasets as `datasets.DatasetDict` with `train`/`eval` splits, from the synthetic task or a user JSONL.
 
 A user JSONL has one object per line with `id`, `prompt` and optional `answer`; it may sit on
-local disk or at an ``s3://bucket/key`` URI.
+local disk or at an ``s3://bucket/key`` URI. Each row keeps its file line (column ``line``) so every
+later refusal names the line a person can open, not a position after the train/eval shuffle.
+Without answers in a file, its split has no ``answer`` column.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +22,26 @@ from opd.data import task
 
 class DataError(PermanentError, ValueError):
     """Bad input data; the message names the row/field and the fix."""
+
+
+MISSING = "<missing>"
+MAX_SHOWN_ROWS = 5  # rows named in one refusal; the count says how many more
+
+
+def shown(value: object, n: int = 40) -> str:
+    """A value from the data as it may appear in a message: trimmed (prompts may be private) and a
+    missing one (None, or the NaN pandas turns it into) as ``<missing>``, never as 'nan'."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    r = repr(value)
+    return r if len(r) <= n else r[:n] + "…"
+
+
+def source_names(cfg: DataConfig) -> dict[str, str]:
+    """The file each split's ``line`` column refers to (nothing for the synthetic task)."""
+    if cfg.source == "synthetic":
+        return {}
+    return {"train": cfg.source, "eval": cfg.eval_source or cfg.source}
 
 
 @dataclass(frozen=True)
@@ -38,71 +61,132 @@ class DataRef:
 def synthetic(cfg: DataConfig, seed: int) -> DatasetDict:
     s = cfg.synthetic
     any_order = s.term_order == "any"
-    train = task.generate(s.n_train, s.num_terms, s.max_digits, seed=seed, prefix="train", any_order=any_order)
-    ev = task.generate(s.n_eval, s.num_terms, s.max_digits, seed=seed + 1,
-                       exclude={e.prompt for e in train}, prefix="eval", any_order=any_order)
+    try:
+        train = task.generate(s.n_train, s.num_terms, s.max_digits, seed=seed, prefix="train", any_order=any_order)
+        ev = task.generate(s.n_eval, s.num_terms, s.max_digits, seed=seed + 1,
+                           exclude={e.prompt for e in train}, prefix="eval", any_order=any_order)
+    except ValueError as e:
+        raise DataError(f"data.synthetic: {e}: lower data.synthetic.n_train/n_eval or raise max_digits") from None
     as_rows = lambda xs: {k: [getattr(e, k) for e in xs] for k in ("id", "prompt", "answer", "completion")}  # noqa: E731
     return DatasetDict({"train": Dataset.from_dict(as_rows(train)), "eval": Dataset.from_dict(as_rows(ev))})
 
 
+# S3 answers that no retry changes: the object or bucket is not there, or we may not read it
+_S3_PERMANENT = {"NoSuchKey", "NoSuchBucket", "AccessDenied", "404", "403", "InvalidBucketName", "InvalidObjectState"}
+
+
 def _read_bytes(uri: str, s3_client=None) -> bytes:
     if uri.startswith("s3://"):
+        from botocore.exceptions import ClientError
+
         from opd.storage import split_s3
 
         bucket, key = split_s3(uri)
         if s3_client is None:
             raise DataError(f"{uri}: an s3:// source needs an S3 client (registry endpoint)")
-        return s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        try:
+            return s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in _S3_PERMANENT:
+                raise DataError(f"cannot read {uri} ({code}): check data.source / data.eval_source, the bucket, "
+                                "the key and the credentials") from None
+            raise
     p = Path(uri)
     if not p.is_file():
         raise DataError(f"data file not found: {uri} (check data.source)")
     return p.read_bytes()
 
 
-def parse_jsonl(raw: bytes, name: str) -> list[dict]:
-    """Strict JSONL: every line a JSON object; errors give the line number."""
+def _no_constant(c: str):
+    raise ValueError(f"{c} is not JSON")
+
+
+def parse_jsonl(raw: bytes, name: str) -> list[tuple[int, dict]]:
+    """Strict JSONL: every line a JSON object; returns (file line, object) pairs, errors give the line."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading byte-order mark is not part of the first row
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{name}:{line}: not valid UTF-8 (byte offset {e.start}); re-encode the file as UTF-8") from None
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines() would also break at U+2028 and friends inside JSON strings
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{name}:{i}: malformed JSON ({e.msg}); each line must be one JSON object") from None
+            obj = json.loads(line, parse_constant=_no_constant)
+        except ValueError as e:
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise DataError(f"{name}:{i}: malformed JSON ({msg}); each line must be one JSON object") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{name}:{i}: expected a JSON object with 'id' and 'prompt'")
-        rows.append(obj)
+            raise DataError(f"{name}:{i}: expected a JSON object with 'id' and 'prompt', got {shown(obj)}")
+        rows.append((i, obj))
     if not rows:
-        raise DataError(f"{name}: no rows")
+        raise DataError(f"{name}: no rows; each line must be a JSON object with 'id' and 'prompt'")
     return rows
 
 
-def _rows_to_dataset(rows: list[dict]) -> Dataset:
-    cols = {"id": [], "prompt": [], "answer": []}
-    for r in rows:
-        cols["id"].append(None if r.get("id") is None else str(r.get("id")))
-        cols["prompt"].append(r.get("prompt"))
-        cols["answer"].append(None if r.get("answer") is None else str(r.get("answer")))
-    if not any("prompt" in r for r in rows):
-        raise DataError("required column 'prompt' is missing: every row needs 'id' and 'prompt'")
-    if not any("id" in r for r in rows):
-        raise DataError("required column 'id' is missing: every row needs 'id' and 'prompt'")
-    if all(a is None for a in cols["answer"]):
-        del cols["answer"]
+def _string_problem(obj: dict, key: str) -> str | None:
+    """Why ``obj[key]`` is not a usable non-null string, or None."""
+    v = obj.get(key)
+    if v is None:
+        return f"'{key}' is {MISSING}"
+    if not isinstance(v, str):
+        return f"'{key}' must be a string, got {type(v).__name__} {shown(v)}"
+    return None
+
+
+def _answer_problem(obj: dict) -> str | None:
+    v = obj.get("answer")
+    if v is None or isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)):
+        return None
+    return f"'answer' must be a string or an integer, got {type(v).__name__} {shown(v)}"
+
+
+def _refuse(name: str, problems: list[tuple[int, str]], fix: str) -> None:
+    if not problems:
+        return
+    lines = [f"  {name}:{line}: {why}" for line, why in problems[:MAX_SHOWN_ROWS]]
+    more = f"\n  ... and {len(problems) - MAX_SHOWN_ROWS} more row(s)" if len(problems) > MAX_SHOWN_ROWS else ""
+    raise DataError(f"{name}: {len(problems)} bad row(s): {fix}\n" + "\n".join(lines) + more)
+
+
+def rows_to_dataset(rows: list[tuple[int, dict]], name: str) -> Dataset:
+    """Checked rows as a Dataset with columns id, prompt, line[, answer].
+
+    Every row needs a string ``id`` and ``prompt``; ``answer`` (a string or an integer) is
+    optional, but a file gives it on every row or on none."""
+    bad = [(i, why) for i, obj in rows
+           for why in (_string_problem(obj, "id"), _string_problem(obj, "prompt"), _answer_problem(obj)) if why]
+    _refuse(name, bad, "every row needs a string 'id' and a string 'prompt' (and 'answer', if any, a string "
+                       "or an integer)")
+    with_answer = [i for i, obj in rows if obj.get("answer") is not None]
+    if with_answer and len(with_answer) < len(rows):
+        lacking = [(i, f"'answer' is {MISSING}") for i, obj in rows if obj.get("answer") is None]
+        _refuse(name, lacking, f"{len(with_answer)} row(s) have an 'answer' and these lack one: give every row "
+                               "an answer, or none (then accuracy is not measured)")
+    cols = {"id": [obj["id"] for _, obj in rows], "prompt": [obj["prompt"] for _, obj in rows],
+            "line": [i for i, _ in rows]}
+    if with_answer:
+        cols["answer"] = [str(obj["answer"]) for _, obj in rows]
     return Dataset.from_dict(cols)
 
 
+def _load_jsonl(uri: str, s3_client) -> Dataset:
+    return rows_to_dataset(parse_jsonl(_read_bytes(uri, s3_client), uri), uri)
+
+
 def from_jsonl(cfg: DataConfig, seed: int, s3_client=None) -> DatasetDict:
-    train = _rows_to_dataset(parse_jsonl(_read_bytes(cfg.source, s3_client), cfg.source))
+    train = _load_jsonl(cfg.source, s3_client)
     if cfg.eval_source:
-        ev = _rows_to_dataset(parse_jsonl(_read_bytes(cfg.eval_source, s3_client), cfg.eval_source))
-        return DatasetDict({"train": train, "eval": ev})
-    split = train.train_test_split(test_size=cfg.eval_fraction, seed=seed)
+        return DatasetDict({"train": train, "eval": _load_jsonl(cfg.eval_source, s3_client)})
+    n_eval = math.ceil(cfg.eval_fraction * len(train))
+    if len(train) - n_eval < 1:
+        raise DataError(f"{cfg.source}: {len(train)} row(s) cannot be split into train and eval with "
+                        f"data.eval_fraction={cfg.eval_fraction}: add rows, lower data.eval_fraction or set "
+                        "data.eval_source")
+    split = train.train_test_split(test_size=n_eval, seed=seed)
     return DatasetDict({"train": split["train"], "eval": split["test"]})
 
 

@@ -1,7 +1,8 @@
 """Dataset validation with Great Expectations (GX Core 1.x, ephemeral context).
 
 Each failed expectation is reported with up to 3 offending rows (ids and trimmed prompts:
-prompts may be private, so at most 40 characters of each reach logs and artifacts).
+prompts may be private, so at most 40 characters of each reach logs and artifacts). A row is named
+by its file line (``<file>:<line>``) when the data came from a JSONL, else by its split position.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from opd.data.dataset import shown
 from opd.data.task import answer_parses
 
 MAX_SHOWN = 3
@@ -23,8 +25,8 @@ class Failure:
     rows: list[dict] = field(default_factory=list)
 
     def line(self) -> str:
-        shown = "; ".join(f"row {r['row']} (id={r['id']!r}, prompt={r['prompt']!r})" for r in self.rows)
-        return f"- {self.expectation} on '{self.column}': {self.detail}" + (f" — e.g. {shown}" if shown else "")
+        eg = "; ".join(f"{r['row']} (id={r['id']}, prompt={r['prompt']})" for r in self.rows)
+        return f"- {self.expectation} on '{self.column}': {self.detail}" + (f" — e.g. {eg}" if eg else "")
 
 
 @dataclass
@@ -40,36 +42,47 @@ class ValidationReport:
         return "dataset validation failed:\n" + "\n".join(f.line() for f in self.failures)
 
 
-def _trim(s, n=40):
-    s = "" if s is None else str(s)
-    return s if len(s) <= n else s[:n] + "…"
+def _prompts(df: pd.DataFrame) -> set[str]:
+    return {p for p in df["prompt"] if isinstance(p, str)} if "prompt" in df else set()
+
+
+def _answer_ok(a) -> bool:
+    """A missing answer passes (answers are optional); a given one must parse."""
+    if a is None or (isinstance(a, float) and pd.isna(a)):
+        return True
+    return isinstance(a, str) and answer_parses(a)
 
 
 def build_frame(train: pd.DataFrame, ev: pd.DataFrame, tokenizer) -> pd.DataFrame:
-    """One frame with derived columns so every rule is a stock GX expectation."""
+    """One frame with derived columns so every rule is a stock GX expectation.
+
+    ``row`` is the file line when the data carries one (column ``line``), else the 1-based position."""
     frames = []
     for split, df in (("train", train), ("eval", ev)):
         df = df.copy()
         df["split"] = split
-        df["row"] = range(1, len(df) + 1)
+        df["row"] = df["line"].astype(int) if "line" in df else range(1, len(df) + 1)
         frames.append(df)
     df = pd.concat(frames, ignore_index=True)
     for col in ("id", "prompt"):
         if col not in df.columns:
             df[col] = None
     df["prompt_tokens"] = [len(tokenizer(p).input_ids) if isinstance(p, str) else 0 for p in df["prompt"]]
-    eval_prompts = set(ev["prompt"].dropna()) if "prompt" in ev else set()
-    train_prompts = set(train["prompt"].dropna()) if "prompt" in train else set()
-    shared = eval_prompts & train_prompts
-    df["in_both_splits"] = [p in shared for p in df["prompt"]]
+    shared = _prompts(ev) & _prompts(train)
+    df["in_both_splits"] = [isinstance(p, str) and p in shared for p in df["prompt"]]
     if "answer" in df.columns:
-        df["answer_parses"] = [a is None or (isinstance(a, str) and answer_parses(a)) or pd.isna(a) for a in df["answer"]]
-    df["split_id"] = df["split"] + "/" + df["id"].astype(str)
+        df["answer_parses"] = [_answer_ok(a) for a in df["answer"]]
     return df
 
 
+def _row_label(h, sources: dict[str, str]) -> str:
+    src = sources.get(h["split"])
+    return f"{src}:{h['row']}" if src else f"row {h['split']}:{h['row']}"
+
+
 def validate(train: pd.DataFrame, ev: pd.DataFrame, tokenizer, min_tokens: int, max_tokens: int,
-             check_answers: bool = True) -> ValidationReport:
+             check_answers: bool = True, sources: dict[str, str] | None = None) -> ValidationReport:
+    """``sources``: the file each split's ``line`` column refers to (opd.data.dataset.source_names)."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -111,7 +124,7 @@ def validate(train: pd.DataFrame, ev: pd.DataFrame, tokenizer, min_tokens: int, 
                 hit = df.iloc[[item]]
             if len(hit):
                 h = hit.iloc[0]
-                rows.append({"row": f"{h['split']}:{h['row']}", "id": _trim(h["id"]), "prompt": _trim(h["prompt"])})
+                rows.append({"row": _row_label(h, sources or {}), "id": shown(h["id"]), "prompt": shown(h["prompt"])})
         n_bad = res.get("unexpected_count", len(idx))
         detail = {
             "in_both_splits": "prompt appears in both train and eval (leakage); drop it from one split",
