@@ -1,24 +1,27 @@
 """Bad input: a clear error that names the problem, and nothing written or trained.
 
 Each case runs what the flow runs before any training (config validation, preflight,
-prepare_data, GX validation) against the real local S3 and asserts the message and that the
-run directory holds no data, model or checkpoint afterwards.
+prepare_data, GX validation) against the real local S3 and asserts: a PermanentError (the
+Prefect tasks never retry it), the line naming field / file line / value, nothing left in the
+run directory, no bucket or registry object created, and a refusal within seconds.
 """
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from opd import pipeline as P
 from opd import preflight
-from opd.config import ConfigError, load_config
+from opd.config import ModelSpec, load_config
 from opd.errors import PermanentError
 from opd.models import build_char_tokenizer, build_llama, save_model
-from opd.config import ModelSpec
 
 BASE = "configs/ci.yaml"
+MODELS_BUCKET = "opd-bad-input-models"
+REFUSAL_S = 30  # every case is refused before any training: seconds, not minutes
 
 
 def _rows(n=20, start=0, prefix="r"):
@@ -26,7 +29,7 @@ def _rows(n=20, start=0, prefix="r"):
 
 
 def _jsonl(path: Path, rows) -> str:
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
     return str(path)
 
 
@@ -40,55 +43,139 @@ def _pre_training(overrides: list[str], s3, run_dir: Path) -> None:
         raise PermanentError(report.message())
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A student whose tokenizer differs from the teacher's, and one with head_dim 16."""
-    d = tmp_path_factory.mktemp("models")
+def _permuted_char_tokenizer():
+    """The char tokenizer's tokens with two ids swapped: same size, different vocabulary."""
     tok = build_char_tokenizer()
-    teacher = save_model(build_llama(ModelSpec(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=64),
-                                     tok, 32, 0), tok, d / "teacher")
+    data = json.loads(tok.backend_tokenizer.to_str())
+    vocab = data["model"]["vocab"]
+    vocab["0"], vocab["1"] = vocab["1"], vocab["0"]
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), bos_token="<bos>",
+                                   eos_token="<eos>", pad_token="<pad>", unk_token="<unk>", padding_side="left")
+
+
+def _upload(s3, local: Path, prefix: str, skip=(), replace: dict | None = None) -> str:
+    for f in sorted(local.iterdir()):
+        if f.name not in skip:
+            body = (replace or {}).get(f.name, f.read_bytes())
+            s3.put_object(Bucket=MODELS_BUCKET, Key=f"{prefix}/{f.name}", Body=body)
+    return f"s3://{MODELS_BUCKET}/{prefix}"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, stack_env):
+    """Small local and S3 models, each broken in one way (or fine, as the teacher)."""
+    from opd.registry.client import make_client
+
+    d = tmp_path_factory.mktemp("models")
+    spec = ModelSpec(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=64)
+    tok = build_char_tokenizer()
+    teacher = save_model(build_llama(spec, tok, 32, 0), tok, d / "teacher")
     other = build_char_tokenizer()
     other.add_tokens(["<extra>"])
-    student_other_vocab = save_model(build_llama(ModelSpec(num_layers=1, hidden_size=64, num_heads=2,
-                                                           intermediate_size=64), other, 32, 0), other, d / "s_vocab")
-    hd16 = build_llama(ModelSpec(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=64), tok, 32, 0)
+    student_other_vocab = save_model(build_llama(spec, other, 32, 0), other, d / "s_vocab")
+    perm = _permuted_char_tokenizer()
+    student_perm = save_model(build_llama(spec, perm, 32, 0), perm, d / "s_perm")
+    hd16 = build_llama(spec, tok, 32, 0)
     hd16.config.num_attention_heads = 4  # head_dim 16, as a foreign checkpoint would declare it
     hd16.config.num_key_value_heads = 4
     hd16.config.head_dim = 16
     student_hd16 = save_model(hd16, tok, d / "s_hd16")
-    return {"teacher": str(teacher), "student_vocab": str(student_other_vocab), "student_hd16": str(student_hd16)}
+    fake = save_model(build_llama(spec, tok, 32, 0), tok, d / "fake_weights")
+    (fake / "model.safetensors").write_text("these are not weights\n")
+    remote_code = save_model(build_llama(spec, tok, 32, 0), tok, d / "remote_code")
+    conf = json.loads((remote_code / "config.json").read_text())
+    conf["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (remote_code / "config.json").write_text(json.dumps(conf))
+
+    s3 = make_client(stack_env["OPD_S3_ENDPOINT"])
+    s3.create_bucket(Bucket=MODELS_BUCKET)
+    huge_header = (2**40).to_bytes(8, "little") + b"{}"
+    return {"teacher": str(teacher), "student_vocab": str(student_other_vocab), "student_perm": str(student_perm),
+            "student_hd16": str(student_hd16), "fake_weights": str(fake), "remote_code": str(remote_code),
+            "s3_no_weights": _upload(s3, teacher, "no-weights", skip={"model.safetensors"}),
+            "s3_bad_header": _upload(s3, teacher, "bad-header", replace={"model.safetensors": huge_header}),
+            "s3_vocab19": _upload(s3, student_other_vocab, "vocab19"),
+            "s3_empty": f"s3://{MODELS_BUCKET}/nothing-here"}
 
 
-def _cases(tmp: Path, models: dict) -> list[tuple[str, list[str], str]]:
+def _data_cases(tmp: Path, teacher: list[str]) -> list[tuple]:
+    """JSONL problems: each names the file, the file line and the value."""
     good_eval = _jsonl(tmp / "eval.jsonl", _rows(10, 100, "e"))
     bad_json = tmp / "bad.jsonl"
     bad_json.write_text('{"id": "a", "prompt": "1+2="}\n{"id": "b", "prompt": "2+3="}\n{"id": "c", "prompt": \n')
     latin1 = tmp / "latin1.jsonl"
     latin1.write_bytes(b'{"id": "a", "prompt": "1+2="}\n{"id": "b", "prompt": "caf\xe9"}\n')
-    src = lambda name, rows: ["data.source=" + _jsonl(tmp / name, rows), "data.eval_source=" + good_eval]  # noqa: E731
-    no_prompt = [{"id": f"x{i}", "text": "1+1="} for i in range(5)]
-    null_prompt = _rows(5) + [{"id": "nul", "prompt": None}]
-    empty_prompt = _rows(5) + [{"id": "emp", "prompt": ""}]
-    dup = _rows(5) + [{"id": "r1", "prompt": "9+9=", "answer": "18"}]
-    too_long = _rows(5) + [{"id": "long", "prompt": "1" * 40 + "=", "answer": "1"}]
-    overlap = _rows(5) + [{"id": "leak", "prompt": "100+101=", "answer": "201"}]
-    bad_answer = _rows(5) + [{"id": "ans", "prompt": "7+7=", "answer": "fourteen"}]
-    teacher = ["teacher.path=" + models["teacher"]]
+
+    def src(name, rows):
+        return teacher + ["data.source=" + _jsonl(tmp / name, rows), "data.eval_source=" + good_eval]
+
+    def one_bad(name, row):  # five good rows, then the bad one on line 6
+        return src(name, _rows(5) + [row])
+
+    no_answers = [{"id": f"n{i}", "prompt": f"{i}+1="} for i in range(8)]
     return [
-        ("malformed JSONL line", ["data.source=" + str(bad_json), "data.eval_source=" + good_eval],
+        ("malformed JSONL line", teacher + ["data.source=" + str(bad_json), "data.eval_source=" + good_eval],
          "bad.jsonl:3: malformed JSON"),
-        ("non-UTF-8 bytes", ["data.source=" + str(latin1), "data.eval_source=" + good_eval],
+        ("non-UTF-8 bytes", teacher + ["data.source=" + str(latin1), "data.eval_source=" + good_eval],
          "latin1.jsonl:2: not valid UTF-8"),
-        ("missing prompt column", src("noprompt.jsonl", no_prompt), "required column 'prompt' is missing"),
-        ("null prompt", src("null.jsonl", null_prompt), "expect_column_values_to_not_be_null on 'prompt'"),
-        ("empty prompt", src("empty.jsonl", empty_prompt), "expect_column_value_lengths_to_be_between on 'prompt'"),
-        ("duplicate ids", src("dup.jsonl", dup), "expect_column_values_to_be_unique on 'id'"),
-        ("prompt over the token limit", src("long.jsonl", too_long), "id='long'"),
-        ("train/eval overlap", src("overlap.jsonl", overlap), "leakage"),
-        ("answer does not parse", src("answer.jsonl", bad_answer), "answer does not parse as an integer"),
-        ("data file missing", ["data.source=" + str(tmp / "nope.jsonl")], "data.source: file not found"),
-        ("data on a missing S3 bucket", ["data.source=s3://no-such-bucket-opd/x.jsonl"],
+        ("missing prompt column", src("noprompt.jsonl", [{"id": f"x{i}", "text": "1+1="} for i in range(5)]),
+         "noprompt.jsonl:1: 'prompt' is <missing>"),
+        ("null prompt", one_bad("null.jsonl", {"id": "nul", "prompt": None}), "null.jsonl:6: 'prompt' is <missing>"),
+        ("prompt key absent on one row", one_bad("absent.jsonl", {"id": "abs", "question": "1+1="}),
+         "absent.jsonl:6: 'prompt' is <missing>"),
+        ("empty prompt", one_bad("empty.jsonl", {"id": "emp", "prompt": "", "answer": "0"}),
+         "expect_column_value_lengths_to_be_between on 'prompt'"),
+        ("prompt is a number", one_bad("num.jsonl", {"id": "n", "prompt": 42}),
+         "num.jsonl:6: 'prompt' must be a string, got int 42"),
+        ("prompt is a list", one_bad("list.jsonl", {"id": "l", "prompt": [1, 2]}),
+         "list.jsonl:6: 'prompt' must be a string, got list [1, 2]"),
+        ("prompt is an object", one_bad("obj.jsonl", {"id": "o", "prompt": {"text": "1+1="}}),
+         "obj.jsonl:6: 'prompt' must be a string, got dict {'text': '1+1='}"),
+        ("prompt is a boolean", one_bad("bool.jsonl", {"id": "b", "prompt": True}),
+         "bool.jsonl:6: 'prompt' must be a string, got bool True"),
+        ("huge non-string prompt is trimmed", one_bad("huge.jsonl", {"id": "h", "prompt": list(range(5000))}),
+         "huge.jsonl:6: 'prompt' must be a string, got list [0, 1, 2, 3", "4999"),
+        ("id is a number", one_bad("intid.jsonl", {"id": 7, "prompt": "3+3=", "answer": "6"}),
+         "intid.jsonl:6: 'id' must be a string, got int 7"),
+        ("id is missing", one_bad("noid.jsonl", {"prompt": "3+3=", "answer": "6"}), "noid.jsonl:6: 'id' is <missing>"),
+        ("answer is a list", one_bad("ans_list.jsonl", {"id": "a", "prompt": "3+3=", "answer": [6]}),
+         "ans_list.jsonl:6: 'answer' must be a string or an integer, got list [6]"),
+        ("answers given on some rows only", src("partial.jsonl", _rows(3) + no_answers[:2] + _rows(3, 50)),
+         "partial.jsonl:4: 'answer' is <missing>"),
+        ("a line that is a JSON array", one_bad("array.jsonl", '["x", "1+1="]'),
+         "array.jsonl:6: expected a JSON object with 'id' and 'prompt', got ['x', '1+1=']"),
+        ("NaN is not JSON", one_bad("constant.jsonl", '{"id": "z", "prompt": NaN}'),
+         "constant.jsonl:6: malformed JSON (NaN"),
+        ("file with no rows", teacher + ["data.source=" + _jsonl(tmp / "blank.jsonl", ["", "  "])],
+         "blank.jsonl: no rows"),
+        ("one row cannot be split", teacher + ["data.source=" + _jsonl(tmp / "one.jsonl", _rows(1))],
+         "1 row(s) cannot be split into train and eval with data.eval_fraction=0.1"),
+        ("duplicate ids, named by file line", one_bad("dup.jsonl", {"id": "r1", "prompt": "9+9=", "answer": "18"}),
+         f"{tmp / 'dup.jsonl'}:2 (id='r1', prompt='1+2=')"),
+        ("prompt over the token limit", one_bad("long.jsonl", {"id": "long", "prompt": "1" * 40 + "=", "answer": "1"}),
+         f"{tmp / 'long.jsonl'}:6 (id='long'"),
+        ("train/eval overlap", one_bad("overlap.jsonl", {"id": "leak", "prompt": "100+101=", "answer": "201"}),
+         "leakage"),
+        ("answer does not parse", one_bad("answer.jsonl", {"id": "ans", "prompt": "7+7=", "answer": "fourteen"}),
+         f"answer does not parse as an integer — e.g. {tmp / 'answer.jsonl'}:6 (id='ans'"),
+        ("data file missing", teacher + ["data.source=" + str(tmp / "nope.jsonl")], "data.source: file not found"),
+        ("data on a missing S3 bucket", teacher + ["data.source=s3://no-such-bucket-opd/x.jsonl"],
          "data.source: cannot read s3://no-such-bucket-opd/x.jsonl"),
+        ("data on an invalid S3 bucket", teacher + ["data.source=s3://Bad_Bucket/x.jsonl"],
+         "data.source (bucket of 's3://Bad_Bucket/x.jsonl'): 'Bad_Bucket' is not a valid S3 bucket name"),
+        ("own data with the demo teacher bootstrap", ["data.source=" + good_eval],
+         "teacher.bootstrap trains the demo teacher on the synthetic task's ground truth"),
+        ("eval_source beside the synthetic task", ["data.eval_source=" + good_eval],
+         "data.eval_source applies to a JSONL data.source"),
+    ]
+
+
+def _config_cases() -> list[tuple]:
+    """Values the schema refuses: bucket/prefix/URL rules, non-finite floats, sizes past any sane run."""
+    return [
         ("unknown config key", ["opd.learning_rate=1e-4"], "opd.learning_rate: unknown key"),
         ("negative learning rate", ["opd.lr=-0.001"], "opd.lr: Input should be greater than 0"),
         ("rounds = 0", ["opd.rounds=0"], "opd.rounds: Input should be greater than or equal to 1"),
@@ -96,29 +183,160 @@ def _cases(tmp: Path, models: dict) -> list[tuple[str, list[str], str]]:
         ("model name with /", ["registry.model_name=a/b"], "model name 'a/b' is invalid"),
         ("head_dim 16 for the built student", ["student.model.num_heads=4"],
          "head_dim = hidden_size/num_heads = 16; vLLM's CPU attention accepts only (32, 64, 128)"),
-        ("head_dim 16 for a student checkpoint", teacher + ["student.model=null",
-                                                           "student.path=" + models["student_hd16"]],
-         "student.path: head_dim 16; vLLM's CPU attention accepts only"),
-        ("missing teacher path", ["teacher.path=" + str(tmp / "no-teacher")],
-         "teacher.path: no model at"),
-        ("missing student path", ["student.model=null", "student.path=" + str(tmp / "no-student")],
-         "student.path: no model at"),
-        ("teacher/student vocabulary mismatch", teacher + ["student.model=null",
-                                                          "student.path=" + models["student_vocab"]],
-         "teacher and student tokenizers differ"),
+        ("bucket in upper case", ["registry.bucket=ADV1-UPPER"],
+         "registry.bucket: 'ADV1-UPPER' is not a valid S3 bucket name"),
+        ("bucket with ../", ["registry.bucket=../x"], "registry.bucket: '../x' is not a valid S3 bucket name"),
+        ("blank bucket", ["registry.bucket='   '"], "registry.bucket: '   ' is not a valid S3 bucket name"),
+        ("300-character bucket", ["registry.bucket=" + "a" * 300], "it is 300 characters; a bucket name has 3-63"),
+        ("bucket formatted as an IP address", ["registry.bucket=192.168.5.4"], "must not be formatted as an IP"),
+        ("bucket with a reserved prefix", ["registry.bucket=xn--opd"], "must not start with xn--"),
+        ("bucket with a reserved suffix", ["registry.bucket=opd-s3alias"], "must not end with -s3alias"),
+        ("prefix ../..", ["registry.prefix=../.."], "registry.prefix: unsafe path '../..'"),
+        ("absolute prefix", ["registry.prefix=/models"], "registry.prefix: unsafe path '/models'"),
+        ("prefix with an empty part", ["registry.prefix=a//b"], "registry.prefix: unsafe path 'a//b'"),
+        ("prefix with odd characters", ["registry.prefix='a/$(rm)'"], "registry.prefix: '$(rm)' is not a safe name"),
+        ("region with capitals and spaces", ["registry.region='US East'"], "registry.region: 'US East' is not a region"),
+        ("registry endpoint file://", ["registry.endpoint_url=file:///etc/passwd"],
+         "registry.endpoint_url: file:// URLs are not allowed"),
+        ("registry endpoint without a host", ["registry.endpoint_url=http://:9000"], "has no host"),
+        ("registry endpoint on the metadata address", ["registry.endpoint_url=http://169.254.169.254/latest"],
+         "registry.endpoint_url: 'http://169.254.169.254/latest' is a link-local address"),
+        ("registry endpoint on a decimal link-local address", ["registry.endpoint_url=http://2852039166:80"],
+         "is a link-local address"),
+        ("registry endpoint with credentials", ["registry.endpoint_url=http://admin:s3cr3t-canary@127.0.0.1:9000"],
+         "registry.endpoint_url: the URL carries credentials", "s3cr3t-canary"),
+        ("teacher endpoint link-local IPv6", ["teacher.scorer=remote", "teacher.endpoint=http://[fe80::1]:8000"],
+         "teacher.endpoint: 'http://[fe80::1]:8000' is a link-local address"),
+        ("teacher endpoint ftp", ["teacher.scorer=remote", "teacher.endpoint=ftp://teacher:21"],
+         "teacher.endpoint: ftp:// URLs are not allowed"),
+        ("learning rate .inf", ["opd.lr=.inf"], "opd.lr: Input should be a finite number"),
+        ("kl_coef .nan", ["opd.kl_coef=.nan"], "opd.kl_coef: Input should be a finite number"),
+        ("SFT weight decay .inf", ["sft.train.weight_decay=.inf"], "sft.train.weight_decay: Input should be a finite"),
+        ("retry delay .inf", ["tasks.retry_delay_seconds=.inf"], "tasks.retry_delay_seconds: Input should be a finite"),
+        ("a task timeout .nan", ["tasks.timeout_seconds={sft_warmup: .nan}"],
+         "tasks.timeout_seconds.sft_warmup: Input should be a finite number"),
+        ("max_tokens 10,000,000", ["opd.max_tokens=10000000"], "opd.max_tokens: Input should be less than or equal to"),
+        ("rounds 1,000,000,000", ["opd.rounds=1000000000"], "opd.rounds: Input should be less than or equal to"),
+        ("1,000 retries", ["tasks.retries=1000"], "tasks.retries: Input should be less than or equal to 20"),
+        ("10^8 SFT steps", ["sft.train.steps=100000000"], "sft.train.steps: Input should be less than or equal to"),
+        ("prompt + completion past a built model's positions", ["opd.max_tokens=9000"],
+         "data.max_prompt_tokens + opd.max_tokens = 9016 tokens, but student.model and teacher.bootstrap build "
+         "models of at most 8192 positions"),
+        ("more synthetic problems than exist", ["data.synthetic.max_digits=1"],
+         "n_train + n_eval = 3128 distinct problems, but num_terms=2 with max_digits=1 has only 100"),
+        ("min prompt tokens above max", ["data.min_prompt_tokens=20"],
+         "data.min_prompt_tokens=20 > data.max_prompt_tokens=16"),
+        ("negative GPU index", ["training.devices=[-1]"], "training.devices.0: Input should be greater than or equal"),
+        ("alias with ..", ["eval.gates.no_regression_vs=../prod"], "eval.gates.no_regression_vs: '../prod' is not a safe"),
+        ("unknown time zone", ["deployment.timezone=Mars/Olympus"], "deployment.timezone: 'Mars/Olympus' is not an IANA"),
+        ("negative seed", ["seed=-1"], "seed: Input should be greater than or equal to 0"),
+        ("override that is not YAML", ["tasks.timeout_seconds={sft_warmup:"], "--set tasks.timeout_seconds: the value"),
     ]
 
 
+def _model_cases(tmp: Path, models: dict) -> list[tuple]:
+    """Model files preflight reads (local and s3://) before anything loads them."""
+    teacher = ["teacher.path=" + models["teacher"]]
+
+    def student(key):
+        return ["student.model=null", "student.path=" + models[key]]
+
+    return [
+        ("head_dim 16 for a student checkpoint", teacher + student("student_hd16"),
+         "student.path: head_dim 16; vLLM's CPU attention accepts only"),
+        ("head_dim 16 for a vLLM teacher on CPU", ["teacher.path=" + models["student_hd16"], "teacher.scorer=vllm"],
+         "teacher.path: head_dim 16; vLLM's CPU attention accepts only (32, 64, 128): use teacher.scorer=hf"),
+        ("missing teacher path", ["teacher.path=" + str(tmp / "no-teacher")], "teacher.path: no model at"),
+        ("missing student path", ["student.model=null", "student.path=" + str(tmp / "no-student")],
+         "student.path: no model at"),
+        ("teacher/student vocab_size mismatch", teacher + student("student_vocab"),
+         "student.path: vocab_size 19 but teacher.path has 18"),
+        ("teacher/student tokenizers differ at one size", teacher + student("student_perm"),
+         "teacher and student tokenizers differ"),
+        ("student vocab_size vs the bootstrapped teacher", student("student_vocab"),
+         "student.path: vocab_size 19 but the bootstrapped teacher (teacher.bootstrap) has 18"),
+        ("a text file named model.safetensors", ["teacher.path=" + models["fake_weights"]],
+         "teacher.path: model.safetensors is not a safetensors file"),
+        ("auto_map without trust_remote_code", ["teacher.path=" + models["remote_code"]],
+         "teacher.path: config.json declares custom code (auto_map) but teacher.trust_remote_code is false"),
+        ("auto_map in a student", teacher + ["student.model=null", "student.path=" + models["remote_code"]],
+         "student.path: config.json declares custom code (auto_map) but the student never runs remote code"),
+        ("prompt + completion past the teacher's context", teacher + ["opd.max_tokens=40"],
+         "teacher.path: data.max_prompt_tokens + opd.max_tokens = 56 tokens do not fit the model's context "
+         "(max_position_embeddings=32)"),
+        ("a remote teacher needs one position more", teacher + ["opd.max_tokens=16", "teacher.scorer=remote",
+                                                                "teacher.endpoint=http://127.0.0.1:9"],
+         "= 32 + 1 (the remote teacher generates one token after the sequence) tokens do not fit"),
+        ("top-k past the vocabulary", teacher + ["opd.loss=reverse_kl_topk", "opd.topk=100"],
+         "opd.topk: 100 is more than the vocabulary (18 tokens)"),
+        ("s3 student without weights", teacher + student("s3_no_weights"),
+         f"student.path: {models['s3_no_weights']} holds no .safetensors weights"),
+        ("s3 teacher with a bogus safetensors header", ["teacher.path=" + models["s3_bad_header"]],
+         "teacher.path: model.safetensors is not a safetensors file (its first 8 bytes declare a 1099511627776-byte"),
+        ("s3 student with another vocab_size", teacher + student("s3_vocab19"),
+         "student.path: vocab_size 19 but teacher.path has 18"),
+        ("s3 prefix with no model", ["teacher.path=" + models["s3_empty"]], "teacher.path: no model at s3://"),
+    ]
+
+
+def _s3_state(s3) -> tuple:
+    """Buckets and registry objects: a refused run must create neither."""
+    buckets = sorted(b["Name"] for b in s3.list_buckets().get("Buckets", []))
+    reg = load_config(BASE).registry
+    objs = []
+    if reg.bucket in buckets:
+        objs = [o["Key"] for o in s3.list_objects_v2(Bucket=reg.bucket).get("Contents", [])]
+    return buckets, objs
+
+
+def _refusal_problem(case: tuple, tmp: Path, s3, s3_before: tuple) -> str | None:
+    """What is wrong with how one bad input was refused, or None."""
+    name, overrides, needle, *absent = case
+    run_dir = tmp / "runs" / name.replace(" ", "_").replace("/", "_")
+    t0 = time.monotonic()
+    try:
+        _pre_training(overrides, s3, run_dir)
+        return f"{name}: accepted"
+    except PermanentError as e:
+        msg = str(e)
+    except Exception as e:  # noqa: BLE001 -- a retryable error is the defect this test looks for
+        return f"{name}: {type(e).__name__} is not a PermanentError (it would be retried): {e}"
+    took = time.monotonic() - t0
+    left = [p for p in run_dir.rglob("*") if p.is_file()] if run_dir.exists() else []
+    problems = [f"message lacks {needle!r}" if needle not in msg else "",
+                f"the message shows {absent}" if any(a in msg for a in absent) else "",
+                "a missing value shown as 'nan'" if "'nan'" in msg else "",
+                f"refused after {took:.1f} s" if took > REFUSAL_S else "",
+                f"left files behind: {left}" if left else "",
+                "S3 changed" if _s3_state(s3) != s3_before else ""]
+    problems = [p for p in problems if p]
+    return f"{name}: {'; '.join(problems)}\n  {msg}" if problems else None
+
+
 def test_bad_inputs_are_refused_with_a_clear_error(tmp_path, models, s3):
-    cases = _cases(tmp_path, models)
-    assert len(cases) >= 15
-    for name, overrides, needle in cases:
-        run_dir = tmp_path / "runs" / name.replace(" ", "_").replace("/", "_")
-        with pytest.raises((ConfigError, PermanentError)) as e:
-            _pre_training(overrides, s3, run_dir)
-        assert needle in str(e.value), f"{name}: {e.value}"
-        left = [p for p in run_dir.rglob("*") if p.is_file()] if run_dir.exists() else []
-        assert not left, f"{name}: left files behind: {left}"
+    teacher = ["teacher.path=" + models["teacher"]]
+    cases = _data_cases(tmp_path, teacher) + _config_cases() + _model_cases(tmp_path, models)
+    assert len(cases) >= 40 and len({c[0] for c in cases}) == len(cases)
+    before = _s3_state(s3)
+    failures = [f for case in cases if (f := _refusal_problem(case, tmp_path, s3, before))]
+    assert not failures, "\n\n".join(failures)
+
+
+def test_clean_jsonl_without_answers_passes_and_keeps_file_lines(tmp_path, models, s3):
+    """Answers are optional: rows without them pass, the split has no 'answer' column, and each row
+    keeps its file line through the train/eval shuffle."""
+    rows = ["", *[json.dumps({"id": f"q{i}", "prompt": f"{i}+{i}="}) for i in range(30)]]  # line 1 is blank
+    src = _jsonl(tmp_path / "noanswers.jsonl", rows)
+    cfg = load_config(BASE, ["teacher.path=" + models["teacher"], "data.source=" + src])
+    preflight.run(cfg, s3)
+    report, ref = P.validate_data(cfg, P.prepare_data(cfg, tmp_path / "run" / "data", s3))
+    assert report.success, report.message()
+    d = ref.load()
+    assert "answer" not in d["train"].column_names and "answer" not in d["eval"].column_names
+    for split in ("train", "eval"):
+        for r in d[split]:
+            assert r["id"] == f"q{r['line'] - 2}", r  # line 2 holds q0
+    assert sorted([*d["train"]["line"], *d["eval"]["line"]]) == list(range(2, 32))
 
 
 def test_cli_refuses_bad_config_before_any_work(tmp_path):
