@@ -484,6 +484,10 @@ class TaskPolicy(_Strict):
     timeout_seconds: dict[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")],
                           Annotated[float, Field(gt=0, le=MAX_SECONDS)]] = Field(default_factory=dict)
     default_timeout_seconds: float = Field(3600, gt=0, le=MAX_SECONDS)
+    # register / set_alias write to S3 once, after all the training: they ride out an outage of minutes
+    # (retry_delay_seconds doubling per retry, each wait capped at registry_max_delay_seconds)
+    registry_retries: int = Field(8, ge=0, le=MAX_RETRIES)
+    registry_max_delay_seconds: float = Field(60, ge=0, le=MAX_SECONDS)
 
     def timeout(self, task: str) -> float:
         return self.timeout_seconds.get(task, self.default_timeout_seconds)

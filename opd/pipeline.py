@@ -587,7 +587,7 @@ PUBLISHED_FILES_EXCLUDE = ("optimizer.pt", DONE)
 
 def register(cfg: RunConfig, final: ModelRef, rdir: Path, lineage: dict) -> dict:
     """Publish the final student once per run (a retry after success returns the same version)."""
-    from opd.registry.client import make_client
+    from opd.registry.client import RegistryUnavailable, make_client
     from opd.registry.store import publish
 
     marker = rdir / "registered.json"
@@ -602,9 +602,16 @@ def register(cfg: RunConfig, final: ModelRef, rdir: Path, lineage: dict) -> dict
             except OSError:
                 shutil.copy2(f, staged / f.name)
     s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
-    # the run key as claim token: a retry after a crash reuses (or returns) this run's version
-    pub = publish(s3, cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, staged, lineage,
-                  claim_token=lineage.get("run_key"))
+    try:  # the run key as claim token: a retry after a crash reuses (or returns) this run's version
+        pub = publish(s3, cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, staged, lineage,
+                      claim_token=lineage.get("run_key"))
+    except RegistryUnavailable as e:
+        if cfg.registry.endpoint_url is None:  # the local stack's: its message says how to start it
+            raise
+        # the user's own endpoint (loopback or not): `opd stack up` would not bring it back
+        raise RegistryUnavailable(f"register: cannot reach S3 endpoint {cfg.registry.endpoint_url} "
+                                  f"({type(e.__cause__ or e).__name__}); check registry.endpoint_url and that the "
+                                  "endpoint is up (the task retries with backoff, tasks.registry_retries)") from e
     out = {"model": pub.model, "version": pub.version, "uri": pub.uri}
     marker.write_text(json.dumps(out))
     shutil.rmtree(staged, ignore_errors=True)  # the registry holds it now; the run keeps final.path
