@@ -286,7 +286,10 @@ def main(argv=None) -> int:
 
     t_start = time.time()
     home = Path(cfg.home)
-    bench = home / "bench" / "sample_efficiency" / pipeline.teacher_cache_key(cfg)
+    from opd.data import dataset as ds
+
+    synthetic_fp = ds.fingerprint(ds.synthetic(cfg.data, cfg.seed))  # what prepare_data below will build
+    bench = home / "bench" / "sample_efficiency" / pipeline.teacher_cache_key(cfg, synthetic_fp)
     data_dir = bench / "data"
     data = pipeline.prepare_data(cfg, data_dir)
     report, data = pipeline.validate_data(cfg, data)

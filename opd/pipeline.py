@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
+from opd import bootstrap as boot, shipped
 from opd.config import RunConfig
 from opd.data import dataset as ds
 from opd.data.validate import ValidationReport, validate
@@ -138,17 +139,9 @@ def validate_data(cfg: RunConfig, data: ds.DataRef) -> tuple[ValidationReport, d
 
 # ---------------------------------------------------------------- teacher
 
-def teacher_cache_key(cfg: RunConfig) -> str:
-    task = cfg.data.synthetic.model_dump()
-    if task["term_order"] == "given":  # keys of teachers cached before the option existed stay valid
-        del task["term_order"]
-    boot = cfg.teacher.bootstrap.model_dump(mode="json")
-    if boot["train"]["micro_batch"] is None:  # options added later keep their default out of old keys
-        del boot["train"]["micro_batch"]
-    spec = {"bootstrap": boot, "task": task, "seed": cfg.seed, "max_tokens": cfg.opd.max_tokens, "v": 1}
-    if cfg.training.mixed_precision != "no":  # a bf16-trained teacher is a different teacher
-        spec["mixed_precision"] = cfg.training.mixed_precision
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+def teacher_cache_key(cfg: RunConfig, data_fingerprint: str) -> str:
+    """The bootstrapped teacher's identity: recipe, task, model, precision and the data it learned."""
+    return boot.cache_key(cfg, data_fingerprint)
 
 
 def local_model_dir(cfg: RunConfig, path: str) -> str:
@@ -162,50 +155,53 @@ def local_model_dir(cfg: RunConfig, path: str) -> str:
     return str(fetch_dir(path, Path(cfg.home) / "cache" / "models", s3))
 
 
-def bootstrap_teacher(cfg: RunConfig, data: ds.DataRef, log=print) -> ModelRef:
-    """Train the demo teacher on ground truth until it clears min_accuracy; cached by config hash."""
+def bootstrap_teacher(cfg: RunConfig, data: ds.DataRef, log=print, use_shipped: bool = True) -> ModelRef:
+    """The demo teacher: cached by ``teacher_cache_key``, else the checkpoint shipped in the package
+    for that key (sha256 verified), else trained on ground truth (resumable) until min_accuracy."""
     if cfg.teacher.path:
         path = local_model_dir(cfg, cfg.teacher.path)
         return ModelRef(path, num_params(load_model(path, trust_remote_code=cfg.teacher.trust_remote_code)))
-    boot = cfg.teacher.bootstrap
-    final = Path(cfg.home) / "cache" / "teachers" / teacher_cache_key(cfg)
+    boot.refuse_user_data(cfg)
+    teachers = Path(cfg.home) / "cache" / "teachers"
+    key = teacher_cache_key(cfg, data.fingerprint)
+    final = teachers / key
     if (meta := _done(final)) is not None:
-        log(f"teacher cached at {final} (accuracy {meta['accuracy']:.3f})")
-        return ModelRef(str(final), meta["params"], {"accuracy": meta["accuracy"]}, meta.get("cost", {}))
+        log(f"teacher cached at {final} (held-out accuracy {meta['accuracy']:.3f})")
+    elif use_shipped and (src := shipped.find(key)) is not None:
+        tmp = _fresh(final)
+        _publish_dir(tmp, final, meta := {**shipped.install(key, src, tmp), "source": "shipped"})
+        log(f"teacher: the checkpoint shipped for this recipe (sha256 verified, held-out accuracy "
+            f"{meta['accuracy']:.3f}), installed at {final}")
+    else:
+        meta = _train_teacher(cfg, data, final, teachers / "partial" / f"{boot.checkpoint_key(cfg, data.fingerprint)}.pt",
+                              log)
+    return ModelRef(str(final), meta["params"], {"accuracy": meta["accuracy"]}, meta.get("cost", {}))
+
+
+def _train_teacher(cfg: RunConfig, data: ds.DataRef, final: Path, ckpt: Path, log) -> dict:
+    """Train from ground truth (resuming from ``ckpt``), publish to ``final``; returns its metadata."""
     d = data.load()
-    if "completion" not in d["train"].column_names:
-        raise ValueError("teacher.bootstrap needs the synthetic task (ground-truth completions); "
-                         "for your own data set teacher.path")
     set_threads()
-    t0 = time.time()
-    device = pick_device(cfg.device)
+    spec = cfg.teacher.bootstrap
     tok = build_char_tokenizer()
     pairs = [(tok(p).input_ids, tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id])
              for p, c in zip(d["train"]["prompt"], d["train"]["completion"])]
-    model = build_llama(boot.model, tok, max_positions=cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
-                        seed=cfg.seed).to(device)
+    model = build_llama(spec.model, tok, max_positions=cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
+                        seed=cfg.seed).to(pick_device(cfg.device))
     ev = d["eval"]
+    trainer = _trainer(cfg, model, spec.train.lr, spec.train.weight_decay)
+    prog = boot.train(cfg, pairs, tok.pad_token_id, model, trainer,
+                      lambda: accuracy(model, tok, ev["prompt"], ev["answer"], cfg.opd.max_tokens), ckpt, log)
     cost = PhaseCost("teacher_bootstrap")
-    trainer = _trainer(cfg, model, boot.train.lr, boot.train.weight_decay)
-    step, acc = 0, 0.0
-    while step < boot.max_steps:
-        chunk = min(boot.eval_every, boot.max_steps - step)
-        sft_train(trainer, pairs, boot.train, tok.pad_token_id, cfg.seed, steps=chunk, start_step=step)
-        step += chunk
-        acc = accuracy(model, tok, ev["prompt"], ev["answer"], cfg.opd.max_tokens)
-        log(f"teacher step {step}: held-out accuracy {acc:.3f}")
-        if acc >= boot.min_accuracy:
-            break
     avg_len = sum(len(p) + len(c) for p, c in pairs) / len(pairs)
-    cost.train(num_params(model), int(step * boot.train.batch_size * avg_len))
-    cost.wall_s = time.time() - t0
-    if acc < boot.min_accuracy:
-        raise RuntimeError(f"teacher reached only {acc:.3f} < teacher.bootstrap.min_accuracy={boot.min_accuracy} "
-                           f"after {step} steps: raise teacher.bootstrap.max_steps or the model size")
+    cost.train(num_params(model), int(prog.step * spec.train.batch_size * avg_len))
+    cost.wall_s = prog.elapsed_s
     tmp = _fresh(final)
     save_model(model, tok, tmp)
-    _publish_dir(tmp, final, {"accuracy": acc, "steps": step, "params": num_params(model), "cost": cost.as_dict()})
-    return ModelRef(str(final), num_params(model), {"accuracy": acc}, cost.as_dict())
+    meta = {"accuracy": prog.accuracy, "steps": prog.step, "params": num_params(model), "cost": cost.as_dict()}
+    _publish_dir(tmp, final, meta)
+    ckpt.unlink(missing_ok=True)  # the finished teacher replaces its trajectory
+    return meta
 
 
 def _trainer(cfg: RunConfig, model, lr: float, weight_decay: float = 0.0, stage: str = "training",
