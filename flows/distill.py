@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from opd import pipeline as P
+from opd import logs, pipeline as P
 from opd.config import load_config
 from opd.ledger import eval_phase
 from tasks import stages as T
@@ -28,6 +28,12 @@ def distill(config_path: str, overrides: list[str] | None = None, run_key: str |
     cfg = load_config(config_path, overrides or [])
     run_key = run_key or default_run_key(cfg.name)
     rdir = str(P.run_dir(cfg, run_key))
+    with logs.run_logs(rdir, console_filters=(logs.ROUTINE_TASK_COMPLETIONS,)):
+        return _distill(cfg, run_key, rdir)
+
+
+def _distill(cfg, run_key: str, rdir: str) -> dict:
+    """The stages; third-party output goes to <run_dir>/logs/third_party.log, not the console."""
     log = get_run_logger()
     log.info(f"run {run_key}: {cfg.opd.rounds} OPD rounds, run dir {rdir}")
     t = {name: configured(getattr(T, name), cfg) for name in

@@ -420,6 +420,12 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
     timings = {"sample_s": 0.0, "score_s": 0.0, "update_s": 0.0, "sync_s": 0.0}
     steps, n_sampled, n_scored, n_rollouts, n_finished = [], 0, 0, 0, 0
     try:
+        timings["engine_start_s"] = 0.0  # the engine starts once per run: its own line, not part of sync_s
+        if sampler_key not in _SAMPLERS:
+            t = time.time()
+            get_sampler(cfg, sampler_key, student.path, tok.eos_token_id)
+            timings["engine_start_s"] = time.time() - t
+            log(f"{o.sampler} sampler engine started in {timings['engine_start_s']:.1f}s")
         for step in range(o.steps_per_round):
             t = time.time()
             if step == 0:
