@@ -15,8 +15,16 @@ from prefect.runtime import flow_run
 from opd import pipeline as P
 from opd.config import load_config
 from opd.errors import GateFailed
+from opd.registry.names import validate_alias_name
 from tasks import stages as T
 from tasks.policy import configured
+
+
+def promote_run_key(model: str, version: int, alias: str, flow_run_id: str) -> str:
+    """``promote-<model>-<version>-<alias>-<time>-<run id>`` from checked parts only (the model and
+    alias are valid names, each cut to 32 characters so the key stays a valid run key)."""
+    return "-".join(("promote", model[:32], str(int(version)), validate_alias_name(alias)[:32],
+                     time.strftime("%Y%m%d-%H%M%S"), str(flow_run_id)[:8]))
 
 
 class Approval(RunInput):
@@ -30,8 +38,7 @@ class Approval(RunInput):
 def promote(config_path: str, version: int, to_alias: str, reason: str, overrides: list[str] | None = None) -> dict:
     cfg = load_config(config_path, overrides or [])
     g = cfg.eval.gates
-    rdir = str(P.run_dir(cfg, f"promote-{cfg.registry.model_name}-{version}-{to_alias}-"
-                              f"{time.strftime('%Y%m%d-%H%M%S')}-{str(flow_run.get_id())[:8]}"))
+    rdir = str(P.run_dir(cfg, promote_run_key(cfg.registry.model_name, version, to_alias, flow_run.get_id())))
     log = get_run_logger()
     t = {n: configured(getattr(T, n), cfg) for n in
          ("preflight", "prepare_data", "validate_dataset", "bootstrap_teacher", "evaluate_candidate", "set_alias")}

@@ -1,7 +1,8 @@
 """`opd registry ...`: browse the S3 model registry, pull / verify versions, move aliases.
 
 Refs: MODEL (latest published), MODEL:VERSION, MODEL@ALIAS.  Every command exits 0 on success and
-1 with a one-line reason on refusal, conflict or verification failure (no traceback).
+1 with a one-line reason on refusal, conflict or verification failure (no traceback).  Names, keys
+and reasons read from S3 are printed literally (the CLI console has markup off).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from opd.cli import _load, _point_at_stack, console
+from opd.cli import _load, _point_at_stack, console, fail, promote_args, say
 
 registry_app = typer.Typer(no_args_is_help=True, help="Browse the S3 model registry, pull, verify, promote.")
 
@@ -23,72 +24,66 @@ PrefixOpt = typer.Option(None, "--prefix", help="override registry.prefix")
 
 
 def _target(config: Path, bucket: Optional[str], prefix: Optional[str]):
-    """(s3 client, bucket, prefix) from the config plus overrides."""
+    """(s3 client, bucket, prefix) from the config; --bucket / --prefix go in as overrides (JSON-quoted,
+    so '[/x]' stays a string), which the config schema checks like the config's own values."""
+    import json
+
     from opd.registry.client import make_client
 
-    cfg = _load(config, [])
+    given = (("bucket", bucket), ("prefix", prefix))
+    cfg = _load(config, [f"registry.{k}={json.dumps(v)}" for k, v in given if v is not None])
     _point_at_stack(cfg)
-    return (make_client(cfg.registry.endpoint_url, cfg.registry.region), bucket or cfg.registry.bucket,
-            prefix or cfg.registry.prefix)
-
-
-def _fail(msg: str) -> None:
-    console.print(msg, style="red", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+    return make_client(cfg.registry.endpoint_url, cfg.registry.region), cfg.registry.bucket, cfg.registry.prefix
 
 
 @contextlib.contextmanager
-def _refusals():
-    """Registry refusals, bad refs and S3 errors -> one red line and exit code 1."""
+def _refusals(s3=None):
+    """Registry refusals, bad refs and S3 errors -> one red line and exit code 1.
+
+    With `s3`, an endpoint that does not answer is named with what to check (the local stack is
+    suggested only when the endpoint is loopback)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from opd.registry.client import RegistryError
+    from opd.registry.client import RegistryError, named_s3_errors
 
     try:
-        yield
+        with named_s3_errors(s3, "registry") if s3 is not None else contextlib.nullcontext():
+            yield
     except typer.Exit:
         raise
     except (RegistryError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     except ClientError as e:
         err = e.response.get("Error", {})
-        _fail(f"S3 error: {err.get('Code', '?')}: {err.get('Message', '')}".rstrip(": "))
-    except (BotoCoreError, OSError) as e:
-        _fail(f"registry error: {type(e).__name__}: {e}")
+        fail(f"S3 error: {err.get('Code', '?')}: {err.get('Message', '')}".rstrip(": "))
+    except (BotoCoreError, OSError) as e:  # botocore's messages can span lines: keep it to one
+        fail(f"registry error: {type(e).__name__}: {' '.join(str(e).split())}")
 
 
 @registry_app.command("ls")
-def registry_ls(model: Optional[str] = typer.Argument(None), config: Path = typer.Option(Path("configs/demo.yaml")),
-                bucket: Optional[str] = None, prefix: Optional[str] = None):
+def registry_ls(model: Optional[str] = typer.Argument(None), config: Path = ConfigOpt,
+                bucket: Optional[str] = BucketOpt, prefix: Optional[str] = PrefixOpt):
     """List models, or the published versions of MODEL."""
-    from opd.registry.client import RegistryError, make_client
     from opd.registry.aliases import list_aliases
-    from opd.registry.store import list_models, list_versions, read_manifest
+    from opd.registry.store import list_models, list_versions, read_manifest, require_model
 
-    cfg = _load(config, [])
-    _point_at_stack(cfg)
-    bucket, prefix = bucket or cfg.registry.bucket, prefix or cfg.registry.prefix
-    s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
-    try:
-        models = [model] if model else list_models(s3, bucket, prefix)
-        table = Table(title=f"s3://{bucket}/{prefix}")
-        for c in ("model", "version", "aliases", "created_at", "accuracy", "reverse_kl", "files"):
-            table.add_column(c)
-        for m in models:
+    s3, bucket, prefix = _target(config, bucket, prefix)
+    table = Table(title=f"s3://{bucket}/{prefix}")
+    for c in ("model", "version", "aliases", "created_at", "accuracy", "reverse_kl", "files"):
+        table.add_column(c)
+    with _refusals(s3):
+        if model:
+            require_model(s3, bucket, prefix, model)
+        for m in [model] if model else list_models(s3, bucket, prefix):
             by_version: dict[int, list[str]] = {}
             for a, st in list_aliases(s3, bucket, prefix, m).items():
                 by_version.setdefault(st.version, []).append(a)
             for v in list_versions(s3, bucket, prefix, m):
                 man = read_manifest(s3, bucket, prefix, m, v)
                 res = (man.get("metrics") or {}).get("opd_student", {})
-                table.add_row(m, str(v), ", ".join(by_version.get(v, [])), man.get("created_at", "")[:19], f"{res.get('accuracy', float('nan')):.3f}",
-                              f"{res.get('reverse_kl', float('nan')):.4f}", str(len(man["files"])))
-    except RegistryError as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(1)
-    except Exception as e:  # botocore errors: one line, no traceback, no secrets
-        console.print(f"[red]registry error: {type(e).__name__}: {e}[/red]")
-        raise typer.Exit(1)
+                table.add_row(m, str(v), ", ".join(by_version.get(v, [])), str(man.get("created_at", ""))[:19],
+                              f"{res.get('accuracy', float('nan')):.3f}", f"{res.get('reverse_kl', float('nan')):.4f}",
+                              str(len(man["files"])))
     console.print(table)
 
 
@@ -101,7 +96,7 @@ def registry_show(ref: str = typer.Argument(..., help="MODEL, MODEL:VERSION or M
     from opd.registry.store import read_manifest
 
     s3, bucket, prefix = _target(config, bucket, prefix)
-    with _refusals():
+    with _refusals(s3):
         model, version = resolve(s3, bucket, prefix, ref)
         man = read_manifest(s3, bucket, prefix, model, version)
         aliases = [a for a, st in list_aliases(s3, bucket, prefix, model).items() if st.version == version]
@@ -109,8 +104,7 @@ def registry_show(ref: str = typer.Argument(..., help="MODEL, MODEL:VERSION or M
             from opd.registry.store import _versions_prefix
 
             key = f"{_versions_prefix(prefix, model)}{version}/README.md"
-            console.print(s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode(), markup=False,
-                          highlight=False)
+            console.print(s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode())
             return
     info = Table(title=f"{model}:{version}  s3://{bucket}/{prefix.strip('/')}/{model}/versions/{version}/",
                  show_header=False)
@@ -145,9 +139,9 @@ def registry_pull(ref: str = typer.Argument(..., help="MODEL, MODEL:VERSION or M
     from opd.registry.store import pull
 
     s3, bucket, prefix = _target(config, bucket, prefix)
-    with _refusals():
+    with _refusals(s3):
         model, version, out = pull(s3, bucket, prefix, ref, dest)
-    console.print(f"pulled {model}:{version} -> {out} (every file verified)", markup=False, soft_wrap=True)
+    say(f"pulled {model}:{version} -> {out} (every file verified)")
 
 
 @registry_app.command("verify")
@@ -158,31 +152,57 @@ def registry_verify(ref: str = typer.Argument(..., help="MODEL, MODEL:VERSION or
     from opd.registry.store import verify
 
     s3, bucket, prefix = _target(config, bucket, prefix)
-    with _refusals():
+    with _refusals(s3):
         model, version = resolve(s3, bucket, prefix, ref)
         problems = verify(s3, bucket, prefix, model, version)
     if problems:
-        _fail(f"{model}:{version} failed verification: " + "; ".join(problems))
-    console.print(f"{model}:{version}: every file matches its manifest", markup=False)
+        fail(f"{model}:{version} failed verification: " + "; ".join(problems))
+    say(f"{model}:{version}: every file matches its manifest")
 
 
 @registry_app.command("promote")
 def registry_promote(ref: str = typer.Argument(..., help="MODEL:VERSION to point the alias at"),
                      to: str = typer.Option(..., "--to", help="alias to move, e.g. production"),
                      reason: str = typer.Option(..., "--reason", help="why (recorded in the audit log)"),
+                     no_verify: bool = typer.Option(False, "--no-verify",
+                                                    help="skip checking the version's files against its manifest"),
                      config: Path = ConfigOpt, bucket: Optional[str] = BucketOpt, prefix: Optional[str] = PrefixOpt):
-    """Move ALIAS to MODEL:VERSION (refused if that version is not published or the alias moved meanwhile)."""
-    from opd.registry.aliases import parse_ref, promote, read_alias
+    """Move ALIAS to MODEL:VERSION after checking its files (refused if unpublished, corrupt, or the alias moved)."""
+    from opd.registry.aliases import promote, read_alias, resolve
+    from opd.registry.store import verify
 
+    model, version = promote_args(ref, to, reason, code=1)  # before the config or S3 is touched
     s3, bucket, prefix = _target(config, bucket, prefix)
-    with _refusals():
-        model, alias, version = parse_ref(ref)
-        if version is None:
-            raise ValueError(f"promote needs an explicit version: MODEL:VERSION, not {ref!r}")
+    with _refusals(s3):
+        resolve(s3, bucket, prefix, f"{model}:{version}")
+        problems = [] if no_verify else verify(s3, bucket, prefix, model, version)
+        if problems:
+            fail(f"{model}:{version} failed verification ({'; '.join(problems)}); {model}@{to} not moved "
+                 "(--no-verify skips this check)")
         before = read_alias(s3, bucket, prefix, model, to)
         st = promote(s3, bucket, prefix, model, version, to, reason=reason, expected=before)
     was = f"v{before.version}" if before else "unset"
-    console.print(f"{model}@{to}: {was} -> v{st.version} (by {st.by})", markup=False, soft_wrap=True)
+    say(f"{model}@{to}: {was} -> v{st.version} (by {st.by})")
+
+
+@registry_app.command("gc")
+def registry_gc(model: str = typer.Argument(...),
+                older_than: float = typer.Option(86400, "--older-than", min=0, metavar="SECONDS",
+                                                 help="only versions idle this long (keep it above the longest "
+                                                      "publish: a live publisher's claim looks the same)"),
+                config: Path = ConfigOpt, bucket: Optional[str] = BucketOpt, prefix: Optional[str] = PrefixOpt):
+    """Delete MODEL's aborted publishes: versions with a claim (and maybe partial files) but no manifest."""
+    from opd.registry.store import gc_orphans, require_model
+
+    s3, bucket, prefix = _target(config, bucket, prefix)
+    with _refusals(s3):
+        require_model(s3, bucket, prefix, model)
+        deleted = gc_orphans(s3, bucket, prefix, model, older_than)
+    if not deleted:
+        say(f"{model}: no unpublished version idle for more than {older_than:g} s; nothing deleted")
+    else:
+        say(f"{model}: deleted unpublished versions {', '.join(str(v) for v in deleted)} "
+            f"(claimed, never given a manifest, idle > {older_than:g} s)")
 
 
 @registry_app.command("audit")
@@ -192,7 +212,7 @@ def registry_audit(model: str = typer.Argument(...), config: Path = ConfigOpt, b
     from opd.registry.aliases import audit
 
     s3, bucket, prefix = _target(config, bucket, prefix)
-    with _refusals():
+    with _refusals(s3):
         events = audit(s3, bucket, prefix, model)
     table = Table(title=f"audit: {model}")
     for c in ("at", "by", "action", "alias", "from", "to", "reason"):

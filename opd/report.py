@@ -431,37 +431,50 @@ def to_html(bl: list[tuple], images: dict[str, str], title: str) -> str:
     return "\n".join(parts)
 
 
+_STATUS_STYLE = {"PASS": "bold green", "FAIL": "bold red"}
+
+
+def _styled(text: str):
+    """A report paragraph as rich Text: ``**x**`` bold (PASS green, FAIL red), everything else literal."""
+    from rich.text import Text
+
+    out = Text()
+    for i, part in enumerate(re.split(r"\*\*(.+?)\*\*", text)):
+        out.append(part, style=None if i % 2 == 0 else _STATUS_STYLE.get(part, "bold"))
+    return out
+
+
 def print_report(lineage: dict, console) -> None:
-    """The report's text and tables on a rich console (gate results in green / red)."""
-    from rich.markup import escape
+    """The report's text and tables on a rich console (gate results in green / red).
+
+    Every string from the lineage (model names, keys, details) goes in as rich Text, never as
+    markup, so it prints literally on any console."""
     from rich.table import Table
+    from rich.text import Text
 
     title = None
     for b in blocks(lineage, compact=True):
         kind = b[0]
         if kind == "h1":
-            console.rule(f"[bold]{escape(b[1])}[/bold]")
+            console.rule(Text(b[1], style="bold"))
         elif kind == "h2":
             title = b[1]
         elif kind == "facts":
             for k, v in b[1]:
-                console.print(f"[bold]{escape(k)}[/bold]: {escape(v)}", highlight=False, soft_wrap=True)
+                console.print(Text.assemble((k, "bold"), ": ", v), soft_wrap=True)
         elif kind == "p":
-            text = re.sub(r"\*\*(.+?)\*\*", r"[bold]\1[/bold]", escape(b[1]))
-            text = text.replace("[bold]PASS[/bold]", "[bold green]PASS[/bold green]").replace(
-                "[bold]FAIL[/bold]", "[bold red]FAIL[/bold red]")
             if title:
-                console.print(f"\n[bold]{escape(title)}[/bold]")
+                console.print(Text("\n" + title, style="bold"))
                 title = None
-            console.print(text, highlight=False)
+            console.print(_styled(b[1]))
         elif kind == "table":
             _, headers, rows, status_col = b
-            t = Table(title=title, title_justify="left", title_style="bold")
+            t = Table(title=None if title is None else Text(title), title_justify="left", title_style="bold")
             title = None
             for i, h in enumerate(headers):
-                t.add_column(h, justify="left" if i == 0 or i == status_col or h == "detail" else "right")
+                t.add_column(Text(h), justify="left" if i == 0 or i == status_col or h == "detail" else "right")
             for r in rows:
-                t.add_row(*[f"[{'green' if c == 'PASS' else 'red'}]{c}[/]" if i == status_col else escape(str(c))
+                t.add_row(*[Text(str(c), style=("green" if c == "PASS" else "red") if i == status_col else "")
                             for i, c in enumerate(r)])
             console.print(t)
 
