@@ -72,15 +72,14 @@ def _prefect_api() -> str:
     """PREFECT_API_URL, once its server answers; exit 2 with the fix otherwise."""
     import urllib.request
 
-    from urllib.parse import urlsplit
+    from opd.registry.client import is_loopback
 
     api = os.environ["PREFECT_API_URL"]
     try:
         urllib.request.urlopen(api.rstrip("/") + "/health", timeout=5)
     except (OSError, ValueError):
-        local = urlsplit(api).hostname in ("127.0.0.1", "localhost", "::1")
-        fail(f"no Prefect server at {api}: " + ("run `opd stack up` (or set PREFECT_API_URL)" if local else
-                                                "check PREFECT_API_URL and that the server is up"), 2)
+        fail(f"no Prefect server at {api}: " + ("run `opd stack up` (or set PREFECT_API_URL)" if is_loopback(api)
+                                                else "check PREFECT_API_URL and that the server is up"), 2)
     return api
 
 

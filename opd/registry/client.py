@@ -31,10 +31,15 @@ class RegistryUnavailable(RegistryError):
     """The S3 endpoint did not answer (after the client's own retries); a later retry may succeed."""
 
 
+def is_loopback(url: str) -> bool:
+    """Whether ``url`` points at this machine, where `opd stack up` would be the fix for no answer."""
+    return urlsplit(url).hostname in _LOOPBACK
+
+
 def unreachable(s3, error: Exception) -> str:
     """Names ``s3``'s endpoint and what to check: the local stack only when the endpoint is loopback."""
     url = s3.meta.endpoint_url
-    advice = ("is the local stack up? run `opd stack up`" if urlsplit(url).hostname in _LOOPBACK else
+    advice = ("is the local stack up? run `opd stack up`" if is_loopback(url) else
               f"check registry.endpoint_url / {LOCAL_ENDPOINT_ENV} and that the endpoint is up")
     return f"cannot reach S3 endpoint {url} ({type(error).__name__}); {advice}"
 
