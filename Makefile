@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-cpu
 EXTRAS ?= cpu,dev
 
-.PHONY: install demo test test-all stack-up stack-down clean
+.PHONY: install demo test test-all stack-up stack-down clean teacher-asset
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "slow or not slow"
+
+# Retrain the demo teacher from configs/demo.yaml with our bootstrap (resumable; an hour or more on
+# 2 CPU cores) into opd/assets/teachers/<key>/, and print the sha256 entry to pin in opd/shipped.py.
+teacher-asset: $(STAMP)
+	$(BIN)/python -m opd.shipped build configs/demo.yaml
 
 stack-up: $(STAMP)
 	$(BIN)/opd stack up

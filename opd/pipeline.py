@@ -226,6 +226,7 @@ def check_vocab(teacher_tok, student_tok) -> None:
 def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, log=print) -> ModelRef:
     """Off-policy distillation: the teacher writes completions, the student imitates them."""
     if (meta := _done(out)) is not None:
+        log(f"SFT warmup: done by an earlier attempt, reused from {out}")
         return ModelRef(str(out), meta["params"], meta["metrics"], meta["cost"], meta.get("data_cost", {}))
     set_threads()
     t0 = time.time()
@@ -260,7 +261,9 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
     acc = _eval_slice_accuracy(cfg, student, tok, d["eval"])
     cost.wall_s = time.time() - t0
     metrics = {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "eval_slice_accuracy": acc}
-    log(f"SFT warmup: loss {metrics['final_loss']:.4f}, eval-slice accuracy {acc}")
+    log(f"SFT warmup: the teacher wrote {len(prompts)} completions in {data_cost.wall_s:.0f}s, "
+        f"{cfg.sft.train.steps} steps in {cost.wall_s:.0f}s; loss {metrics['final_loss']:.4f}, "
+        f"eval-slice accuracy {acc}")
     tmp = _fresh(out)
     save_model(student, tok, tmp)
     save_optimizer(student, trainer.torch_optimizer, tmp / "optimizer.pt")
@@ -389,6 +392,7 @@ def opd_round(cfg: RunConfig, k: int, data: ds.DataRef, teacher: ModelRef, stude
     """`steps_per_round` on-policy steps (sample -> teacher grades every token -> one update),
     the sampler synced to the trainer's weights before each; one checkpoint at the end."""
     if (meta := _done(out)) is not None:  # a retried task never re-applies a completed round
+        log(f"round {k}: done by an earlier attempt, reused from {out}")
         return RoundResult(k, ModelRef(str(out), meta["params"]), meta["metrics"], meta["cost"])
     set_threads()
     device = pick_device(cfg.device)

@@ -8,13 +8,13 @@ pinned here, in code, and checked on the copy that will be used: a changed file 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
 
 from opd.errors import PermanentError
+from opd.registry.store import sha256_file
 
 ASSETS = Path(__file__).parent / "assets" / "teachers"
 
@@ -24,14 +24,6 @@ SHIPPED: dict[str, dict] = {}
 
 class ShippedTeacherTampered(PermanentError):
     """A shipped teacher's file differs from the sha256 pinned in opd/shipped.py."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def find(key: str) -> Path | None:
@@ -49,7 +41,7 @@ def verify(key: str, folder: Path) -> None:
             f"shipped teacher {key}: files {sorted(present)} differ from the pinned {sorted(files)}; "
             "reinstall opd-pipeline (pip install --force-reinstall .)")
     for name, want in files.items():
-        got = sha256(folder / name)
+        got = sha256_file(folder / name)
         if got != want:
             raise ShippedTeacherTampered(
                 f"shipped teacher {key}: {name} has sha256 {got}, expected {want}; refusing to use it: "
@@ -89,7 +81,7 @@ def build(config: str, overrides: list[str], home: Path, out: Path | None = None
     for p in sorted(Path(teacher.path).iterdir()):
         if p.is_file() and p.name != P.DONE:
             shutil.copy2(p, dest / p.name)
-            files[p.name] = sha256(dest / p.name)
+            files[p.name] = sha256_file(dest / p.name)
     entry = {"accuracy": meta["accuracy"], "steps": meta["steps"], "params": meta["params"], "cost": meta["cost"],
              "recipe": config, "files": files}
     return key, entry
