@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from opd.config import ConfigError, RunConfig
+from opd.config import RunConfig
 from opd.errors import PermanentError
 
 KEY_VERSION = 2  # 1: before the data fingerprint and max_prompt_tokens were part of the key
@@ -25,14 +25,6 @@ KEY_VERSION = 2  # 1: before the data fingerprint and max_prompt_tokens were par
 
 class TeacherBootstrapFailed(PermanentError, RuntimeError):
     """The teacher did not reach min_accuracy within max_steps: a retry would end the same way."""
-
-
-def refuse_user_data(cfg: RunConfig) -> None:
-    """The bootstrap learns from the synthetic task's ground-truth scratchpads; other data has none."""
-    if cfg.teacher.path is None and cfg.data.source != "synthetic":
-        raise ConfigError(f"teacher.bootstrap trains the demo teacher on the synthetic task, but data.source="
-                          f"{cfg.data.source!r} is your own data: set teacher.path to a trained teacher "
-                          "(a local directory or s3:// URI)")
 
 
 def _recipe(cfg: RunConfig) -> dict:

@@ -157,11 +157,11 @@ def local_model_dir(cfg: RunConfig, path: str) -> str:
 
 def bootstrap_teacher(cfg: RunConfig, data: ds.DataRef, log=print, use_shipped: bool = True) -> ModelRef:
     """The demo teacher: cached by ``teacher_cache_key``, else the checkpoint shipped in the package
-    for that key (sha256 verified), else trained on ground truth (resumable) until min_accuracy."""
+    for that key (sha256 verified), else trained on ground truth (resumable) until min_accuracy.
+    The config allows a bootstrap only on the synthetic task (RunConfig._bootstrap_needs_task)."""
     if cfg.teacher.path:
         path = local_model_dir(cfg, cfg.teacher.path)
         return ModelRef(path, num_params(load_model(path, trust_remote_code=cfg.teacher.trust_remote_code)))
-    boot.refuse_user_data(cfg)
     teachers = Path(cfg.home) / "cache" / "teachers"
     key = teacher_cache_key(cfg, data.fingerprint)
     final = teachers / key
