@@ -19,7 +19,26 @@ from opd.registry.store import sha256_file
 ASSETS = Path(__file__).parent / "assets" / "teachers"
 
 # cache key -> what the bootstrap recorded, and the sha256 of each file it wrote
-SHIPPED: dict[str, dict] = {}
+SHIPPED: dict[str, dict] = {
+    # configs/demo.yaml: 3 x 128 Llama, 6000 steps to 97.1% greedy on the 512 held-out problems
+    # (`make teacher-asset`, torch 2.13 CPU on one thread: 40 min on the shared 2-core machine)
+    "f5cef4634d3c705f": {
+        "accuracy": 0.970703125,
+        "steps": 6000,
+        "params": 791936,
+        "cost": {"phase": "teacher_bootstrap", "wall_s": 2392.4, "student_train_tokens": 8245257,
+                 "student_train_flops": 39178295085312.0, "sample_tokens": 0, "sample_flops": 0.0,
+                 "teacher_tokens": 0, "teacher_flops": 0.0},
+        "recipe": "configs/demo.yaml",
+        "files": {
+            "config.json": "59c13c861def2bf77a665d8e182753b854109ab4ffd847b039052ad19dcd4ffe",
+            "generation_config.json": "b42364a4bd79f84c6c9a882dec047b944e926f93c95211e7497a5662652f5716",
+            "model.safetensors": "5411c4c8a512a72ffe5f16a536740b98712e771345a56fc3d7196dcfc35befdd",
+            "tokenizer.json": "23be5e8c16cc68f238e7ebcaa760db41e831a1fa3570daf49d86591321e5aa02",
+            "tokenizer_config.json": "e406c1671f7227dc8794a216484d7d88ced3c580c0d2a0951af2386fa540d74e",
+        },
+    },
+}
 
 
 class ShippedTeacherTampered(PermanentError):
