@@ -1,0 +1,80 @@
+"""benchmarks/gpu_update.py: a --device cpu smoke run of the whole grid with the engine-only packages blocked
+(the bare GPU image has no vLLM, Prefect, pydantic, datasets or boto3), and a configuration that runs out of
+memory recorded as such while the grid goes on. Real subprocesses, real allocations."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_update.py"
+ABSENT_ON_GPU_IMAGE = ["vllm", "prefect", "pydantic", "pydantic_core", "datasets", "boto3", "botocore",
+                       "great_expectations"]
+
+# importing any of them raises ImportError (sys.modules[name] = None), then the script runs as __main__
+LAUNCH = ("import runpy, sys\n"
+          f"for name in {ABSENT_ON_GPU_IMAGE!r}:\n"
+          "    sys.modules[name] = None\n"
+          "sys.argv = [sys.argv[1]] + sys.argv[2:]\n"
+          "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)  # the script finds the repository's opd package itself
+    return subprocess.run([sys.executable, "-c", LAUNCH, str(SCRIPT), "--device", "cpu", "--shape", "tiny", *args],
+                          cwd="/", env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cpu_smoke_grid_without_engine_packages(tmp_path):
+    out = tmp_path / "grid.json"
+    proc = _run("--rollouts", "6", "--prompt-tokens", "8", "--max-completion", "24", "--micro-batches", "2,6",
+                "--policies", "none,full,selective,mixed_2", "--heads", "full,chunked", "--warmup", "0",
+                "--steps", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    grid = {(r["micro_batch"], r["checkpointing"], r["head"]) for r in rows}
+    assert len(rows) == 16 and grid == {(m, p, h) for m in (2, 6) for p in ("none", "full", "selective", "mixed_2")
+                                        for h in ("full", "chunked")}
+    for r in rows:
+        assert r["status"] == "ok", r
+        for key in ("peak_gib", "tokens_per_s", "step_s", "first_loss", "first_grad_norm"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), (key, r)
+        assert r["peak_gib"] > 0 and r["tokens_per_s"] > 0 and r["step_s"] > 0
+        assert r["tokens_per_s"] * r["step_s"] == pytest.approx(result["tokens_per_step"])
+    # every configuration computes the same first update from the same init: the loss exactly (the same
+    # log-probs), the gradient norm within bf16 rounding of the LM head's backward
+    assert len({r["first_loss"] for r in rows}) <= 2
+    norms = [r["first_grad_norm"] for r in rows]
+    assert max(norms) / min(norms) < 1.01
+    assert {r["checkpointing"]: r["plan"] for r in rows}["mixed_2"] == ["full", "selective"]
+    table = [line for line in proc.stdout.splitlines() if line.split()[:1] in (["2"], ["6"])]
+    assert len(table) == 16  # one printed line per configuration
+    assert result["environment"]["torch"] and result["settings"]["shape"] == "tiny"
+
+
+def test_an_oom_is_recorded_and_the_grid_goes_on(tmp_path):
+    """1 GiB above the start: the full-logits head needs 4,096 x 32,768 fp32 logits (512 MiB) and their
+    gradient at once and is refused by the allocator; the chunked head runs next, in the same process."""
+    out = tmp_path / "oom.json"
+    proc = _run("--vocab", "32768", "--rollouts", "4", "--prompt-tokens", "8", "--max-completion", "1024",
+                "--lengths", "max", "--micro-batches", "4", "--policies", "none", "--heads", "full,chunked",
+                "--mixed-precision", "no", "--warmup", "0", "--steps", "1", "--block-rows", "128",
+                "--memory-limit-gib", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    full, chunked = json.loads(out.read_text())["rows"]
+    assert full["head"] == "full" and full["status"] == "oom" and "allocate" in full["error"], full
+    assert chunked["head"] == "chunked" and chunked["status"] == "ok" and chunked["peak_gib"] < 0.5, chunked
+
+
+def test_bad_arguments_are_refused_by_name(tmp_path):
+    proc = _run("--policies", "sometimes", "--out", str(tmp_path / "x.json"))
+    assert proc.returncode == 2 and "gradient_checkpointing='sometimes'" in proc.stderr
+    proc = _run("--heads", "fused", "--out", str(tmp_path / "x.json"))
+    assert proc.returncode == 2 and "--heads from ('full', 'chunked')" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
