@@ -189,16 +189,19 @@ def test_checkpointing_cuts_held_and_peak_memory(autocast):
 
 # ----------------------------------------------------------------------------------- FSDP2, two processes
 
+# (policy, head, wrapping): checkpointing set before or after FSDP2 sharding, or under DDP
 FSDP_CONFIGS = [(p, h, "before") for p in ("none", "full", "selective", "mixed_2") for h in ("full", "chunked")] + [
-    ("selective", "chunked", "after"), ("full", "full", "after")]
+    ("selective", "chunked", "after"), ("full", "full", "after"), ("selective", "chunked", "ddp"),
+    ("none", "chunked", "ddp")]
 
 
 def _fsdp_worker(out: str) -> None:
-    """One rank: for each (policy, head, order) build the same tiny Qwen3 (tied head), checkpoint it before or
-    after FSDP2 ``fully_shard`` per layer + root, train this rank's 2 of the 4 rows with the trainer's
-    weighting (token share of the global batch x world size) and write the full gradients (rank 0)."""
+    """One rank: for each (policy, head, wrapping) build the same tiny Qwen3 (tied head), checkpoint it before
+    or after FSDP2 ``fully_shard`` per layer + root (or wrap it in DDP), train this rank's 2 of the 4 rows with
+    the trainer's weighting (token share of the global batch x world size) and write the full gradients (rank 0)."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -209,17 +212,21 @@ def _fsdp_worker(out: str) -> None:
     results = {}
     for policy, head, order in FSDP_CONFIGS:
         model = _fresh(_qwen3)
-        if order == "before":
+        if order != "after":
             apply_checkpointing(model, policy)
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        if order == "ddp":
+            model = DistributedDataParallel(model)
+        else:
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
         if order == "after":
             apply_checkpointing(model, policy)
         logp = (window_logprobs(model, shard) if head == "chunked"
                 else sampled_logprobs(shard.logits(model), shard.targets))[0]
         ((logp.double() * shard.loss_mask).sum() / total * world).backward()
-        grads = {n: p.grad.full_tensor().tolist() for n, p in model.named_parameters()}
+        grads = {n.removeprefix("module."): getattr(p.grad, "full_tensor", lambda g=p.grad: g)().tolist()
+                 for n, p in model.named_parameters()}
         if rank == 0:
             results[f"{policy}/{head}/{order}"] = grads
     if rank == 0:
@@ -233,7 +240,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fsdp2_two_processes_every_policy_and_head(tmp_path):
+def test_fsdp2_and_ddp_two_processes_every_policy_and_head(tmp_path):
     out = tmp_path / "grads.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
