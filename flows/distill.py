@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from opd import logs, pipeline as P
 from opd.config import load_config
 from opd.ledger import eval_phase
-from tasks import stages as T
+from tasks import runs, stages as T
 from tasks.policy import configured
 
 
@@ -28,7 +28,8 @@ def distill(config_path: str, overrides: list[str] | None = None, run_key: str |
     cfg = load_config(config_path, overrides or [])
     run_key = run_key or default_run_key(cfg.name)
     rdir = str(P.run_dir(cfg, run_key))
-    with logs.run_logs(rdir, console_filters=(logs.ROUTINE_TASK_COMPLETIONS,)):
+    # one live run per key; earlier runs of the key left RUNNING by a killed process are marked Crashed
+    with runs.claim(run_key, rdir), logs.run_logs(rdir, console_filters=(logs.ROUTINE_TASK_COMPLETIONS,)):
         return _distill(cfg, run_key, rdir)
 
 
