@@ -189,7 +189,8 @@ def _train_teacher(cfg: RunConfig, data: ds.DataRef, final: Path, ckpt: Path, lo
     model = build_llama(spec.model, tok, max_positions=cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
                         seed=cfg.seed).to(pick_device(cfg.device))
     ev = d["eval"]
-    trainer = _trainer(cfg, model, spec.train.lr, spec.train.weight_decay)
+    trainer = _trainer(cfg, model, spec.train.lr, spec.train.weight_decay, "teacher bootstrap",
+                       "teacher.bootstrap.train.lr")
     prog = boot.train(cfg, pairs, tok.pad_token_id, model, trainer,
                       lambda: accuracy(model, tok, ev["prompt"], ev["answer"], cfg.opd.max_tokens), ckpt, log)
     cost = PhaseCost("teacher_bootstrap")
