@@ -34,21 +34,17 @@ def start_llm(model_dir: str, *, seed: int, max_model_len: int, dtype: str = "fl
     import torch
     from vllm import LLM
 
-    from opd.logs import child_output
-
     bind = (tensor_parallel_size > 1 and not torch.cuda.is_available()
             and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ)  # a user's own binding wins
     if bind:  # read when the engine's workers start; not left behind for a later TP=1 engine
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tensor_parallel_size)
     try:
-        with child_output():  # the engine-core process (and its workers) log into the run's file
-            return LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
-                       max_model_len=max_model_len, enforce_eager=enforce_eager,
-                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
-                       tensor_parallel_size=tensor_parallel_size,
-                       **({"hf_overrides": hf_overrides} if hf_overrides else {}),
-                       **({"enable_lora": True, "max_lora_rank": _lora_rank_slot(max_lora_rank)}
-                          if max_lora_rank else {}))
+        return LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
+                   max_model_len=max_model_len, enforce_eager=enforce_eager,
+                   gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
+                   tensor_parallel_size=tensor_parallel_size,
+                   **({"hf_overrides": hf_overrides} if hf_overrides else {}),
+                   **({"enable_lora": True, "max_lora_rank": _lora_rank_slot(max_lora_rank)} if max_lora_rank else {}))
     finally:
         if bind:
             del os.environ["VLLM_CPU_OMP_THREADS_BIND"]

@@ -1,5 +1,5 @@
 """opd.logs: during a run the console shows the run's own lines; library noise, stray prints, warnings,
-progress bars and child processes' output land in <run_dir>/logs/third_party.log."""
+progress bars, C-level writes and child processes' output land in <run_dir>/logs/third_party.log."""
 from __future__ import annotations
 
 import subprocess
@@ -8,8 +8,8 @@ import textwrap
 
 from conftest import REPO
 
-SCRIPT = textwrap.dedent("""
-    import logging, subprocess, sys, warnings
+SCRIPT = textwrap.dedent(r"""
+    import logging, os, subprocess, sys, warnings
     from opd import logs
 
     # the orchestrator's console handler, configured before the run (as Prefect's is, at import)
@@ -34,14 +34,14 @@ SCRIPT = textwrap.dedent("""
         from tqdm import tqdm
         for _ in tqdm(range(3), desc="Calculating Metrics"):
             pass
-        with logs.child_output():
-            subprocess.run(["sh", "-c", "echo child-stdout; echo child-stderr >&2"], check=True)
-        subprocess.run(["sh", "-c", "echo own-child"], check=True)  # outside child_output: unchanged
+        subprocess.run(["sh", "-c", "echo child-stdout; echo child-stderr >&2"], check=True)
+        os.write(2, b"c-level noise\n")  # what C++ code (torch, gloo) writes straight to the descriptor
     print("after the run", path)
+    subprocess.run(["sh", "-c", "echo own-child"], check=True)  # after the run: the terminal again
 """)
 
 NOISE = ("Failed to load weights", "gx noise", "unlisted library noise", "stray print", "a library warning",
-         "Calculating Metrics", "child-stdout", "child-stderr")
+         "Calculating Metrics", "child-stdout", "child-stderr", "c-level noise")
 
 
 def test_run_logs_route_noise_to_the_run_file(tmp_path):
