@@ -91,3 +91,14 @@ def test_distill_flow_end_to_end(stack, stack_env, s3, opd_home, tmp_path):
         blobs.append(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read())
     hits = sum(canary.encode() in b for b in blobs)
     assert hits == 0, f"canary secret found in {hits} place(s)"
+
+    # 6. the console shows the run's own lines; the libraries' output is in the run's log file
+    lines = out.splitlines()
+    assert len(lines) <= 80, f"{len(lines)} console lines:\n" + out[-6000:]
+    for noise in ("Failed to load weights", "Calculating Metrics", "Generating train split", "Loading safetensors",
+                  "EngineCore"):
+        assert noise not in out, noise
+    assert not [ln for ln in lines if "Task run" in ln and "Finished in state Completed()" in ln]
+    assert sum("Task run 'opd_round-" in ln for ln in lines) == 6 + 1  # a line per round, one for the engine start
+    third = (rdir / "logs" / "third_party.log").read_text()
+    assert "RotaryEmbedding: Failed to load weights" in third and "EngineCore" in third
