@@ -33,7 +33,7 @@ test-all: $(STAMP)
 # Retrain the demo teacher from configs/demo.yaml with our bootstrap (resumable; an hour or more on
 # 2 CPU cores) into opd/assets/teachers/<key>/, and print the sha256 entry to pin in opd/shipped.py.
 teacher-asset: $(STAMP)
-	$(BIN)/python -m opd.shipped build configs/demo.yaml
+	$(BIN)/python -m opd.teacher_asset build configs/demo.yaml
 
 stack-up: $(STAMP)
 	$(BIN)/opd stack up

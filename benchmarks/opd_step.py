@@ -7,8 +7,8 @@ Both sides run the same on-policy step on the same random-init student and teach
 ModelSpecs), the same synthetic addition prompts, the same batch (prompts x samples completions)
 and the same generation settings (max_tokens, temperature 1, pure sampling):
 
-  ours  VLLMSampler.sample -> score_completions(teacher) -> opd_update(student)
-        -> save_model(sync dir) + sampler.update_weights(sync dir)           (opd.pipeline.opd_round)
+  ours  opd.step.step, the very step the flow's round runs: VLLMSampler.sample -> HFTeacher.score
+        (advantages at scoring time) -> LocalLearner.update -> sampler.publish(learner.weights())
   TRL   trl.experimental.gkd.GKDTrainer, lmbda=1 (student generates every step), beta=1 (reverse KL):
         HF generate -> student + teacher forward -> generalized JSD -> backward -> AdamW step
 
@@ -79,17 +79,25 @@ def parse_args(argv=None):
 
 
 class OursStep:
-    """Our OPD step, exactly as opd.pipeline.opd_round runs it, with per-phase wall times."""
+    """Our OPD step: ``opd.step.step`` over the flow's own roles (a vLLM sampler, an in-process hf teacher,
+    a local learner writing the weights the sampler reloads in place), with per-phase wall times."""
 
     def __init__(self, a, tok, teacher, student_dir: Path, sync_dir: Path):
+        from opd.config import LOSS_SPEC
+        from opd.learner import LocalLearner
         from opd.models import load_model
+        from opd.objectives import signal_for
         from opd.sampling.vllm_sampler import VLLMSampler
+        from opd.teachers import HFTeacher
         from opd.trainer import StudentTrainer
 
-        self.a, self.tok, self.teacher, self.sync_dir = a, tok, teacher, sync_dir
-        self.trainer = StudentTrainer(load_model(student_dir), LR)
-        self.model = self.trainer.model
-        self.micro_batch = max(256, a.prompts * a.samples)  # demo micro_batch is 256 = the whole batch
+        self.a, self.tok = a, tok
+        self.spec = LOSS_SPEC.validate_python(a.loss)
+        self.signal = signal_for(self.spec, "hf")
+        micro_batch = max(256, a.prompts * a.samples)  # demo micro_batch is 256 = the whole batch
+        self.teacher = HFTeacher(None, model=teacher, pad_id=tok.pad_token_id, micro_batch=micro_batch)
+        self.learner = LocalLearner(StudentTrainer(load_model(student_dir), LR), tok, self.spec, micro_batch, sync_dir,
+                                    lora=False, teacher_model=teacher if self.signal == "logits" else None)
         t = time.perf_counter()
         self.sampler = VLLMSampler(str(student_dir), eos_id=tok.eos_token_id,
                                    max_model_len=MAX_PROMPT_TOKENS + a.max_tokens, seed=a.seed)
@@ -97,31 +105,14 @@ class OursStep:
         self.records: list[dict] = []
 
     def step(self, i: int, prompts: list[list[int]]) -> dict:
-        from opd.models import save_model
-        from opd.scoring import score_completions
-        from opd.training import opd_update
+        from opd.step import step
 
-        a, pad = self.a, self.tok.pad_token_id
-        t0 = time.perf_counter()
-        rollouts = self.sampler.sample(prompts, n=a.samples, max_tokens=a.max_tokens, temperature=1.0, top_p=1.0,
-                                       seed=None if a.unseeded else a.seed * 1000 + i)
-        t1 = time.perf_counter()
-        if a.loss == "reverse_kl_is":
-            teacher_lp = score_completions(self.teacher, [r.prompt_ids for r in rollouts],
-                                           [r.completion_ids for r in rollouts], pad, self.micro_batch)
-        else:
-            teacher_lp = None  # the teacher runs inside opd_update on the same packed batch
-        t2 = time.perf_counter()
-        m = opd_update(self.trainer, rollouts, teacher_lp, pad, self.micro_batch, loss=a.loss,
-                       teacher_model=self.teacher, lr=LR)
-        t3 = time.perf_counter()
-        save_model(self.model, self.tok, self.sync_dir)
-        self.sampler.update_weights(str(self.sync_dir))
-        t4 = time.perf_counter()
-        rec = {"tokens": sum(len(r.completion_ids) for r in rollouts), "rows": len(rollouts),
-               "sample_s": t1 - t0, "score_s": t2 - t1, "update_s": t3 - t2, "sync_s": t4 - t3,
-               "step_s": t4 - t0, "reverse_kl": m.get("reverse_kl"),
-               "sampler_trainer_absdiff_max": m.get("sampler_trainer_absdiff_max")}
+        a = self.a
+        r = step(self.sampler, self.teacher, self.learner, self.spec, prompts, samples_per_prompt=a.samples,
+                 max_tokens=a.max_tokens, seed=None if a.unseeded else a.seed * 1000 + i, lr=LR, signal=self.signal)
+        rec = {"tokens": r.sampled_tokens, "rows": len(r.rollouts), **r.seconds, "step_s": sum(r.seconds.values()),
+               "reverse_kl": r.metrics.get("reverse_kl"),
+               "sampler_trainer_absdiff_max": r.metrics.get("sampler_trainer_absdiff_max")}
         self.records.append(rec)
         return rec
 

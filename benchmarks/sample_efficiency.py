@@ -5,7 +5,7 @@
 
 Branch A (SFT): keeps training the warmup checkpoint (its Adam state too) on *fresh* problems the
 teacher completes as SFT warmup did (same temperature); every generated example is trained on once.
-Branch B (OPD): `opd.pipeline.opd_round`, the product's own round (vLLM sampling, teacher grading,
+Branch B (OPD): `opd.rounds.opd_round`, the product's own round (vLLM sampling, teacher grading,
 importance-sampled reverse-KL update, in-place weight sync), one round per eval interval.
 
 Both are evaluated on the same held-out problems (greedy exact match; reverse KL on 4 samples per
@@ -86,7 +86,8 @@ def run_sft_branch(cfg, teacher, warm, ev, seed: int, lr: float, steps: int, eve
     from opd.ledger import PhaseCost
     from opd.models import load_model, load_tokenizer, num_params
     from opd.trainer import StudentTrainer
-    from opd.training import load_optimizer, sft_train
+    from opd.checkpoints import load_optimizer
+    from opd.sft import sft_train
 
     tok = load_tokenizer(teacher.path)
     t_model, student = load_model(teacher.path), load_model(warm.path)
@@ -119,16 +120,17 @@ def run_sft_branch(cfg, teacher, warm, ev, seed: int, lr: float, steps: int, eve
 # ---------------------------------------------------------------- branch B: OPD rounds (the product's code)
 
 def run_opd_branch(cfg, data, teacher, warm, ev, seed: int, lr: float, steps: int, every: int, start: dict,
-                   work: Path, log=print) -> list[dict]:
+                   work: Path, engines, log=print) -> list[dict]:
     from opd.models import load_model, load_tokenizer
-    from opd.pipeline import opd_round
+    from opd.records import RunLayout
+    from opd.rounds import opd_round
 
     c = cfg.model_copy(update={"seed": seed, "opd": cfg.opd.model_copy(update={"lr": lr, "steps_per_round": every})})
     tok = load_tokenizer(teacher.path)
     t_model = load_model(teacher.path)
     student, curve, cost = warm, [start], dict(ZERO)
     for k in range(1, steps // every + 1):
-        res = opd_round(c, k, data, teacher, student, work / f"round_{k}", sampler_key="bench", log=lambda *_: None)
+        res = opd_round(c, k, data, teacher, student, RunLayout(work), engines, log=lambda *_: None)
         student = res.student
         cost = _cum(cost, res.cost)
         curve.append(_eval_point(load_model(student.path), t_model, tok, ev, cfg, k * every, cost))
@@ -275,8 +277,10 @@ def main(argv=None) -> int:
         return 0
     from opd.config import load_config
     from opd.models import load_model, load_tokenizer, set_threads
+    from opd.data.prepare import prepare_data, validate_data
+    from opd.engines import Engines
     from opd.evaluation import accuracy
-    from opd import pipeline
+    from opd.warmup import bootstrap_teacher, sft_warmup, teacher_cache_key
 
     cfg = load_config(a.config, a.overrides)
     if cfg.data.source != "synthetic":
@@ -289,16 +293,16 @@ def main(argv=None) -> int:
     from opd.data import dataset as ds
 
     synthetic_fp = ds.fingerprint(ds.synthetic(cfg.data, cfg.seed))  # what prepare_data below will build
-    bench = home / "bench" / "sample_efficiency" / pipeline.teacher_cache_key(cfg, synthetic_fp)
+    bench = home / "bench" / "sample_efficiency" / teacher_cache_key(cfg, synthetic_fp)
     data_dir = bench / "data"
-    data = pipeline.prepare_data(cfg, data_dir)
-    report, data = pipeline.validate_data(cfg, data)
+    data = prepare_data(cfg, data_dir)
+    report, data = validate_data(cfg, data)
     if data is None:
         raise SystemExit(f"dataset failed validation: {report}")
-    teacher = pipeline.bootstrap_teacher(cfg, data)
+    teacher = bootstrap_teacher(cfg, data)
     # the warmup checkpoint is reused across invocations with the same teacher, student and SFT recipe
     warm_key = json.dumps([cfg.seed, cfg.sft.model_dump(mode="json"), cfg.student.model_dump(mode="json")])
-    warm = pipeline.sft_warmup(cfg, data, teacher, bench / ("warm-" + hashlib.sha256(warm_key.encode()).hexdigest()[:12]))
+    warm = sft_warmup(cfg, data, teacher, bench / ("warm-" + hashlib.sha256(warm_key.encode()).hexdigest()[:12]))
     d = data.load()
     n = min(cfg.eval.max_examples, len(d["eval"]))
     ev = {"prompt": d["eval"]["prompt"][:n], "answer": d["eval"]["answer"][:n]}
@@ -321,10 +325,11 @@ def main(argv=None) -> int:
         if branch == "sft":
             return run_sft_branch(cfg, teacher, warm, ev, seed, lr, a.sft_steps, sft_every, start)
         return run_opd_branch(cfg, data, teacher, warm, ev, seed, lr, a.opd_steps, opd_every, start,
-                              runs / f"opd-{seed}-{lr:g}")
+                              runs / f"opd-{seed}-{lr:g}", engines)
 
     curves: dict[str, dict[str, list]] = {"sft": {}, "opd": {}}
     search: dict[str, dict] = {}
+    engines = Engines(cfg)  # one sampler engine for every OPD run, closed below
     try:
         for branch, grid in (("sft", sft_grid), ("opd", opd_grid)):
             s0, tried = a.seeds[0], {}
@@ -338,7 +343,7 @@ def main(argv=None) -> int:
             for s in a.seeds[1:]:
                 curves[branch][str(s)] = run(branch, s, best)
     finally:
-        pipeline.close_samplers()
+        engines.close()
         shutil.rmtree(runs, ignore_errors=True)
 
     cmp = compare(curves, [str(s) for s in a.seeds], teacher_acc, a.target)
@@ -358,7 +363,7 @@ def main(argv=None) -> int:
         "budgets": {"sft_steps": a.sft_steps, "opd_steps": a.opd_steps, "evals": a.evals,
                     "sft_batch": cfg.sft.train.batch_size, "sft_teacher_temperature": cfg.sft.teacher_temperature,
                     "opd_prompts_per_step": cfg.opd.prompts_per_step,
-                    "opd_samples_per_prompt": cfg.opd.samples_per_prompt, "opd_loss": cfg.opd.loss},
+                    "opd_samples_per_prompt": cfg.opd.samples_per_prompt, "opd_loss": cfg.opd.loss.kind},
         "lr_search": {**search, "rule": "same number of LRs per branch; each LR runs the full budget on the first "
                                         "seed; the LR with the highest mean accuracy over its eval points wins"},
         "target_rule": "min(teacher accuracy - 0.05, best mean-over-seeds SFT accuracy)" if a.target is None

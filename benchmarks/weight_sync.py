@@ -19,15 +19,18 @@ import time
 import uuid
 from pathlib import Path
 
+from opd.records import RoundMetrics, RunLayout, read_done
+
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("sample_s", "score_s", "update_s", "sync_s")
+PHASES = RoundMetrics.TIMINGS
 
 
 def summarise(run: Path) -> dict:
-    rounds = [json.loads(p.read_text())["metrics"] for p in sorted(run.glob("round_*/done.json"))]
+    layout = RunLayout(run)
+    rounds = [read_done(p)["metrics"] for p in layout.rounds()]
     if not rounds:
         raise SystemExit(f"{run}: no finished rounds (round_*/done.json)")
-    lineage = run / "report" / "lineage.json"
+    lineage = layout.report / "lineage.json"
     ev = json.loads(lineage.read_text())["metrics"] if lineage.is_file() else None
     cfg = json.loads(lineage.read_text())["config"] if lineage.is_file() else None
     steps = cfg["opd"]["steps_per_round"] if cfg else None
@@ -51,7 +54,7 @@ def run(config: str, home: str, mode: str, extra: list[str]) -> Path:
     t0 = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
     print(f"{mode}: {time.time() - t0:.0f} s end to end")
-    return Path(home) / "runs" / key
+    return RunLayout.of(home, key).root
 
 
 def main() -> None:

@@ -10,10 +10,12 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from opd import logs, pipeline as P
+from opd_ops import logs
 from opd.config import load_config
+from opd.engines import Engines
 from opd.ledger import eval_phase
-from tasks import runs, stages as T
+from opd.records import RunLayout
+from tasks import runs, stages
 from tasks.policy import configured
 
 
@@ -27,36 +29,35 @@ def distill(config_path: str, overrides: list[str] | None = None, run_key: str |
     """Same run_key = resume: completed stages and rounds are reused, never redone."""
     cfg = load_config(config_path, overrides or [])
     run_key = run_key or default_run_key(cfg.name)
-    rdir = str(P.run_dir(cfg, run_key))
+    layout = RunLayout.of(cfg.home, run_key)
     # one live run per key; earlier runs of the key left RUNNING by a killed process are marked Crashed
-    with runs.claim(run_key, rdir), logs.run_logs(rdir, console_filters=(logs.ROUTINE_TASK_COMPLETIONS,)):
-        return _distill(cfg, run_key, rdir)
+    with runs.claim(run_key, str(layout.root)), logs.run_logs(layout.root,
+                                                              console_filters=(logs.ROUTINE_TASK_COMPLETIONS,)):
+        return _distill(cfg, run_key, layout)
 
 
-def _distill(cfg, run_key: str, rdir: str) -> dict:
+def _distill(cfg, run_key: str, layout: RunLayout) -> dict:
     """The stages; third-party output goes to <run_dir>/logs/third_party.log, not the console."""
     log = get_run_logger()
-    log.info(f"run {run_key}: {cfg.opd.rounds} OPD rounds, run dir {rdir}")
-    t = {name: configured(getattr(T, name), cfg) for name in
+    log.info(f"run {run_key}: {cfg.opd.rounds} OPD rounds, run dir {layout.root}")
+    t = {name: configured(getattr(stages, name), cfg) for name in
          ("preflight", "prepare_data", "validate_dataset", "bootstrap_teacher", "sft_warmup", "opd_round", "evaluate", "register", "set_alias")}
 
     t["preflight"](cfg)
-    data = t["validate_dataset"](cfg, t["prepare_data"](cfg, rdir))
+    data = t["validate_dataset"](cfg, t["prepare_data"](cfg, layout))
     teacher = t["bootstrap_teacher"](cfg, data)
-    sft = t["sft_warmup"](cfg, data, teacher, rdir)
+    sft = t["sft_warmup"](cfg, data, teacher, layout)
     student, rounds = sft, []
-    try:
+    with Engines(cfg) as engines:  # the sampler and teacher live across rounds, then close
         for k in range(1, cfg.opd.rounds + 1):
-            r = t["opd_round"](cfg, k, data, teacher, student, rdir)
+            r = t["opd_round"](cfg, k, data, teacher, student, layout, engines)
             rounds.append(r)
             student = r.student
-    finally:
-        P.close_samplers()
     create_table_artifact(key="opd-rounds", table=[{k: (round(v, 4) if isinstance(v, float) else v)
                                                      for k, v in r.metrics.items()} for r in rounds],
                           description="Per-round OPD metrics")
-    results = t["evaluate"](cfg, data, teacher, sft, student, rdir)
-    gate = T.gates(cfg, results)
+    results = t["evaluate"](cfg, data, teacher, sft, student, layout)
+    gate = stages.gates(cfg, results)
     costs = [c for c in [teacher.cost, sft.data_cost, sft.cost] + [r.cost for r in rounds] + [eval_phase(results)] if c]
     create_table_artifact(key="cost-ledger", table=[{k: (f"{v:.3g}" if isinstance(v, float) else v)
                                                      for k, v in c.items()} for c in costs],
@@ -67,10 +68,10 @@ def _distill(cfg, run_key: str, rdir: str) -> dict:
         "student_params": student.params, "metrics": results, "gates": gate, "rounds": [r.metrics for r in rounds],
         "cost": costs,
     }
-    reg = t["register"](cfg, student, rdir, lineage)
+    reg = t["register"](cfg, student, layout, lineage)
     t["set_alias"](cfg, reg["version"], "candidate", f"distill run {run_key} passed its gates")
     # a report that fails is logged, never fails a run whose model is already registered
-    rep = T.report(rdir, {**lineage, "registered": reg}, return_state=True)
+    rep = stages.report(layout, {**lineage, "registered": reg}, return_state=True)
     if not rep.is_completed():
         log.warning(f"run report not written: {rep.message}")
     return {"run_key": run_key, "results": results, "registry": reg, "rounds": [r.metrics for r in rounds],

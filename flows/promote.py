@@ -12,11 +12,11 @@ from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from prefect.runtime import flow_run
 
-from opd import pipeline as P
 from opd.config import load_config
 from opd.errors import GateFailed
-from opd.registry.names import validate_alias_name
-from tasks import stages as T
+from opd.names import validate_alias_name
+from opd.records import RunLayout
+from tasks import stages
 from tasks.policy import configured
 
 
@@ -38,15 +38,15 @@ class Approval(RunInput):
 def promote(config_path: str, version: int, to_alias: str, reason: str, overrides: list[str] | None = None) -> dict:
     cfg = load_config(config_path, overrides or [])
     g = cfg.eval.gates
-    rdir = str(P.run_dir(cfg, promote_run_key(cfg.registry.model_name, version, to_alias, flow_run.get_id())))
+    layout = RunLayout.of(cfg.home, promote_run_key(cfg.registry.model_name, version, to_alias, flow_run.get_id()))
     log = get_run_logger()
-    t = {n: configured(getattr(T, n), cfg) for n in
+    t = {n: configured(getattr(stages, n), cfg) for n in
          ("preflight", "prepare_data", "validate_dataset", "bootstrap_teacher", "evaluate_candidate", "set_alias")}
     t["preflight"](cfg)
-    data = t["validate_dataset"](cfg, t["prepare_data"](cfg, rdir))
+    data = t["validate_dataset"](cfg, t["prepare_data"](cfg, layout))
     teacher = t["bootstrap_teacher"](cfg, data)
-    results = t["evaluate_candidate"](cfg, data, teacher, version, to_alias, rdir)
-    gate = T.gates.with_options(task_run_name=f"gates-{to_alias}")(cfg, results, "candidate", None)
+    results = t["evaluate_candidate"](cfg, data, teacher, version, to_alias, layout)
+    gate = stages.gates.with_options(task_run_name=f"gates-{to_alias}")(cfg, results, "candidate", None)
     if g.require_approval:
         log.info(f"waiting up to {g.approval_timeout_s}s for approval of {cfg.registry.model_name}:{version} "
                  f"-> {to_alias} (resume the flow run in the UI, or POST /flow_runs/<id>/resume)")

@@ -94,7 +94,7 @@ def train(cfg: RunConfig, pairs: list[tuple[list[int], list[int]]], pad_id: int,
           evaluate: Callable[[], float], ckpt: Path, log: Callable[[str], None]) -> Progress:
     """SFT on ground truth in chunks of eval_every steps until min_accuracy or max_steps; a checkpoint
     at every eval point. Batches derive from (seed, chunk start), so a resumed run replays exactly."""
-    from opd.training import sft_train
+    from opd.sft import sft_train
 
     boot = cfg.teacher.bootstrap
     prog = load_checkpoint(ckpt, model, trainer.torch_optimizer)

@@ -4,18 +4,17 @@ Unknown keys and bad values fail with the field's dotted path, before any work s
 """
 from __future__ import annotations
 
-import hashlib
 import ipaddress
-import json
 import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 from urllib.parse import urlsplit
 
 import yaml
 from opd.errors import PermanentError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 VLLM_CPU_HEAD_DIMS = (32, 64, 128)
 
@@ -334,6 +333,70 @@ class LoraSpec(_Strict):
         min_length=1, max_length=64)
 
 
+# ---------------------------------------------------------------- OPD loss specs
+# One class per loss: its settings and the teacher signal it needs. ``opd.objectives`` maps a spec to
+# its loss (``LOSSES``); adding a loss is one class here, one function there, and its test.
+
+class ReverseKLIS(_Strict):
+    """The reference report's loss: the per-token reverse KL as an advantage fixed at scoring time,
+    advantage_t = -kl_coef * (log q_sampler(x_t) - log p_teacher(x_t)), and an importance-sampled policy
+    gradient on it. Needs only the teacher's log-prob of each sampled token (any teacher.scorer)."""
+
+    kind: Literal["reverse_kl_is"] = "reverse_kl_is"
+    kl_coef: float = Field(1.0, gt=0, le=1000)
+    clip_ratio: float | None = Field(None, gt=0, le=1000)  # cap on the importance ratio; None = no cap
+    # "mean" subtracts the batch's mean advantage (a constant: the estimate stays unbiased)
+    baseline: Literal["none", "mean"] = "none"
+    # credit each token with the discounted reverse KL of the tokens after it (reward-to-go);
+    # 0 = the reference report's per-token advantage
+    discount: float = Field(0.0, ge=0, le=1)
+    signal: ClassVar[str] = "logprobs"
+
+
+class ReverseKLFull(_Strict):
+    """Exact per-position reverse KL over the whole vocabulary (the teacher's logits in the update)."""
+
+    kind: Literal["reverse_kl_full"] = "reverse_kl_full"
+    forward_kl_coef: float = Field(0.0, ge=0, le=1000)  # + coef * KL(teacher || student): mass-covering
+    signal: ClassVar[str] = "logits"
+
+
+class ReverseKLTopK(_Strict):
+    """Reverse KL on the teacher's top-k support, both renormalised there (any teacher.scorer)."""
+
+    kind: Literal["reverse_kl_topk"] = "reverse_kl_topk"
+    topk: int = Field(20, ge=1, le=1024)
+    forward_kl_coef: float = Field(0.0, ge=0, le=1000)
+    signal: ClassVar[str] = "topk"
+
+
+class GKDJSD(_Strict):
+    """GKD's generalized JSD (TRL's generalized_jsd_loss): beta 0 = forward KL, 1 = reverse KL."""
+
+    kind: Literal["gkd_jsd"] = "gkd_jsd"
+    beta: float = Field(0.5, ge=0, le=1)
+    forward_kl_coef: float = Field(0.0, ge=0, le=1000)
+    signal: ClassVar[str] = "logits"
+
+
+def _loss_shorthand(v: Any) -> Any:
+    """``loss: gkd_jsd`` is short for ``loss: {kind: gkd_jsd}`` (every setting at its default); settings
+    without a kind (``--set opd.loss.kl_coef=0.5``) are the default loss's."""
+    if isinstance(v, str):
+        return {"kind": v}
+    return {"kind": "reverse_kl_is", **v} if isinstance(v, dict) and "kind" not in v else v
+
+
+LossSpec = Annotated[Union[ReverseKLIS, ReverseKLFull, ReverseKLTopK, GKDJSD], Field(discriminator="kind"),
+                     BeforeValidator(_loss_shorthand)]
+LOSS_SPEC = TypeAdapter(LossSpec)
+LOSS_KINDS = ("reverse_kl_is", "reverse_kl_full", "reverse_kl_topk", "gkd_jsd")
+
+# loss settings that lived directly under opd: before the specs; where each one went
+_MOVED_LOSS_KEYS = {"kl_coef": "kl_coef", "clip_ratio": "clip_ratio", "advantage_baseline": "baseline",
+                    "discount": "discount", "topk": "topk", "gkd_beta": "beta", "forward_kl_coef": "forward_kl_coef"}
+
+
 class OPDConfig(_Strict):
     rounds: int = Field(ge=1, le=10_000)
     steps_per_round: int = Field(1, ge=1, le=100_000)  # on-policy steps: sample, grade, update, sync
@@ -345,23 +408,25 @@ class OPDConfig(_Strict):
     lr: float = Field(gt=0, le=1)
     warmup_steps: int = Field(20, ge=0, le=MAX_STEPS)
     micro_batch: int = Field(64, ge=1, le=MAX_BATCH)
-    clip_ratio: float | None = Field(None, gt=0, le=1000)
-    kl_coef: float = Field(1.0, gt=0, le=1000)
-    advantage_baseline: Literal["none", "mean"] = "none"
-    # reverse_kl_is only: credit each token with the discounted reverse KL of the tokens after it
-    # (reward-to-go); 0 = the reference report's per-token advantage
-    discount: float = Field(0.0, ge=0, le=1)
-    # "reverse_kl_is": sampled-token policy gradient (needs only the teacher's sampled-token logprobs);
-    # the others are distribution-level losses computed from teacher and student logits (opd.losses).
-    loss: Literal["reverse_kl_is", "reverse_kl_full", "reverse_kl_topk", "gkd_jsd"] = "reverse_kl_is"
-    topk: int = Field(20, ge=1, le=1024)  # support size for reverse_kl_topk
-    gkd_beta: float = Field(0.5, ge=0, le=1)  # gkd_jsd: 0 = forward KL, 1 = reverse KL (TRL convention)
-    forward_kl_coef: float = Field(0.0, ge=0, le=1000)  # + coef * KL(teacher || student) for the logit losses
+    # the loss and its settings: a kind (reverse_kl_is | reverse_kl_full | reverse_kl_topk | gkd_jsd)
+    loss: LossSpec = ReverseKLIS()
     eval_slice: int = Field(64, ge=1, le=MAX_BATCH)
     sampler: Literal["vllm", "hf"] = "vllm"
     weight_sync: Literal["inplace", "restart"] = "inplace"
     tensor_parallel_size: int = Field(1, ge=1, le=64)  # GPUs the vLLM sampler engine spans
     lora: LoraSpec | None = None  # None = full fine-tuning
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_loss_keys(cls, data: Any) -> Any:
+        moved = [k for k in _MOVED_LOSS_KEYS if isinstance(data, dict) and k in data]
+        if moved:
+            kind = data.get("loss")
+            kind = kind.get("kind") if isinstance(kind, dict) else kind
+            raise ValueError(", ".join(f"opd.{k} is now opd.loss.{_MOVED_LOSS_KEYS[k]}" for k in moved)
+                             + f": write opd.loss as {{kind: {kind or 'reverse_kl_is'}, "
+                             + ", ".join(f"{_MOVED_LOSS_KEYS[k]}: ..." for k in moved) + "}")
+        return data
 
     @model_validator(mode="after")
     def _lora(self) -> "OPDConfig":
@@ -371,8 +436,6 @@ class OPDConfig(_Strict):
 
     @model_validator(mode="after")
     def _tp(self) -> "OPDConfig":
-        if self.discount > 0 and self.loss != "reverse_kl_is":
-            raise ValueError(f"opd.discount applies to opd.loss=reverse_kl_is, not {self.loss!r}: set it to 0")
         if self.tensor_parallel_size > 1 and self.sampler != "vllm":
             raise ValueError("opd.tensor_parallel_size > 1 needs opd.sampler=vllm (the hf sampler runs on one device)")
         return self
@@ -473,7 +536,7 @@ class RegistryConfig(_Strict):
     @field_validator("model_name")
     @classmethod
     def _name(cls, v: str) -> str:
-        from opd.registry.names import validate_model_name
+        from opd.names import validate_model_name
 
         return validate_model_name(v)
 
@@ -589,9 +652,6 @@ class RunConfig(_Strict):
 
         return check_name(v, "name")
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
-
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
@@ -622,7 +682,9 @@ def _format_error(err: ValidationError) -> str:
     """One line per problem, each starting with the field's dotted path (named once)."""
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
+        # a loss spec's own settings are named opd.loss.<key>, without the union's tag in between
+        path = ".".join(str(p) for i, p in enumerate(e["loc"]) if not (i and e["loc"][i - 1] == "loss"
+                                                                        and p in LOSS_KINDS))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/demo.yaml for every key)"

@@ -4,12 +4,24 @@
 split with no answers at all reports accuracy None (the reverse KL needs no answers)."""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opd.data.task import is_correct
 from opd.generation import generate
-from opd.scoring import score_completions
+from opd.logprobs import score_completions
+from opd.models import load_model, load_tokenizer, num_params, pick_device, set_threads
+from opd.records import ModelRef
+
+if TYPE_CHECKING:
+    from opd.config import RunConfig
+    from opd.data.dataset import DataRef
+    from opd.engines import Engines
 
 
 @dataclass
@@ -59,10 +71,13 @@ def accuracy(model, tokenizer, prompts: list[str], answers: list[str | None], ma
     return _greedy(model, tokenizer, prompts, answers, max_tokens)[0]
 
 
-def reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int, seed: int,
-               micro_batch: int = 64, samples_per_prompt: int = 4, teacher_scorer=None) -> float:
-    return _reverse_kl(student, teacher, tokenizer, prompts, max_tokens, seed, micro_batch, samples_per_prompt,
-                       teacher_scorer)[0]
+def slice_accuracy(model, tokenizer, ev, n: int, max_tokens: int) -> float | None:
+    """Greedy accuracy on the first ``n`` rows of the eval split: each stage's cheap progress line;
+    None when the data has no answers."""
+    if "answer" not in ev.column_names:
+        return None
+    n = min(n, len(ev))
+    return accuracy(model, tokenizer, ev["prompt"][:n], ev["answer"][:n], max_tokens)
 
 
 def _reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int, seed: int,
@@ -104,3 +119,74 @@ def evaluate(student, teacher, tokenizer, prompts, answers: list[str | None] | N
     # KL samples are generated, then re-scored by the student: each of their tokens is processed twice
     return EvalResult(acc, kl, len(prompts), sampled, greedy_tokens + 2 * kl_tokens, kl_tokens, time.time() - t0,
                       answered)
+
+
+# ---------------------------------------------------------------- the evaluation stage
+
+def evaluate_models(cfg: RunConfig, data: DataRef, teacher: ModelRef, students: dict[str, str],
+                    engines: Engines) -> dict[str, dict]:
+    """Teacher and each named student on the same eval prompts, answers and sampling seed."""
+    set_threads()
+    device = pick_device(cfg.device)
+    tok = load_tokenizer(teacher.path)
+    ev = data.load()["eval"]
+    n = min(cfg.eval.max_examples, len(ev))
+    # answer is optional in user data: no column (or no values) -> accuracies None, the KL still measured
+    prompts, answers = ev["prompt"][:n], ev["answer"][:n] if "answer" in ev.column_names else None
+    t_model = engines.teacher_model(teacher.path)
+    out = {"teacher": {**evaluate(t_model, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed).as_dict(),
+                       "params": num_params(t_model)}}
+    scorer = engines.teacher(teacher.path, tok.pad_token_id)
+    for name, path in students.items():
+        m = load_model(path, device)
+        out[name] = {**evaluate(m, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed,
+                                cfg.eval.kl_samples_per_prompt, teacher_scorer=scorer).as_dict(),
+                     "params": num_params(m)}
+    return out
+
+
+def _dir_identity(path: str) -> list[list]:
+    """(name, size, mtime) of a model directory's files: a rewritten checkpoint changes it, and it
+    costs no read of the weights (hashing a 16 GB student on every resume would)."""
+    return [[f.name, (st := f.stat()).st_size, st.st_mtime_ns] for f in sorted(Path(path).iterdir()) if f.is_file()]
+
+
+def evaluation_key(cfg: RunConfig, data: DataRef, teacher: ModelRef, students: dict[str, str],
+                   incumbent_version: int | None) -> str:
+    """What an evaluation measured: the models' files, the eval data and settings. The incumbent is
+    named by its registry version (immutable, verified on pull), not its freshly pulled files."""
+    spec = {"eval": cfg.eval.model_dump(mode="json", exclude={"gates"}), "max_tokens": cfg.opd.max_tokens,
+            "seed": cfg.seed, "scorer": cfg.teacher.scorer, "data": [data.fingerprint, data.n_eval],
+            "teacher": [teacher.path, _dir_identity(teacher.path)], "incumbent_version": incumbent_version,
+            "students": {k: [p, _dir_identity(p)] for k, p in sorted(students.items()) if k != "incumbent"}}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _reuse_evaluation(path: Path, key: str) -> dict | None:
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["results"] if saved.get("key") == key else None
+
+
+def evaluate_all(cfg: RunConfig, data: DataRef, teacher: ModelRef, sft: ModelRef, final: ModelRef,
+                 engines: Engines, incumbent: str | None = None, incumbent_version: int | None = None,
+                 store: Path | None = None, log=print) -> dict[str, dict]:
+    """Teacher, SFT and OPD students (and the incumbent) on one eval set. With ``store`` (the run's
+    ``RunLayout.evaluation``) the results are kept there (written last, renamed into place) under
+    ``evaluation_key``, so a resumed run reuses them instead of evaluating the same models again."""
+    students = {"sft_student": sft.path, "opd_student": final.path}
+    if incumbent:
+        students["incumbent"] = incumbent
+    key = evaluation_key(cfg, data, teacher, students, incumbent_version if incumbent else None)
+    if store is not None and (results := _reuse_evaluation(store, key)) is not None:
+        log(f"evaluation reused from {store} (same models, data and eval settings)")
+        return results
+    results = evaluate_models(cfg, data, teacher, students, engines)
+    if incumbent and incumbent_version is not None:
+        results["incumbent"]["version"] = incumbent_version
+    if store is not None:
+        tmp = store.with_name(store.name + ".tmp")
+        tmp.write_text(json.dumps({"key": key, "results": results}, indent=2))
+        os.replace(tmp, store)
+    return results

@@ -28,28 +28,34 @@ def reward_to_go(reward: torch.Tensor, mask: torch.Tensor, discount: float) -> t
     return out * mask
 
 
-def reverse_kl_is(logp_new: torch.Tensor, logp_sampler: torch.Tensor, logp_teacher: torch.Tensor,
-                  mask: torch.Tensor, kl_coef: float = 1.0, clip_ratio: float | None = None,
-                  baseline: str = "none", discount: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Importance-sampled policy gradient with per-token reverse-KL reward (discount 0 by default).
+def kl_advantages(logp_sampler: torch.Tensor, logp_teacher: torch.Tensor, mask: torch.Tensor, kl_coef: float = 1.0,
+                  baseline: str = "none", discount: float = 0.0) -> torch.Tensor:
+    """Per-token advantage from the reverse-KL reward (discount 0 by default), a constant for the update:
 
-    advantage_t = -kl_coef * (log q_sampler(x_t) - log p_teacher(x_t))   (a constant; with
-                  ``discount`` > 0, summed over s >= t with weight discount^(s-t))
-    loss        = -mean_t[ exp(log pi_theta(x_t) - log q_sampler(x_t)) * advantage_t ]
+        advantage_t = -kl_coef * (log q_sampler(x_t) - log p_teacher(x_t))
 
-    The gradient is an unbiased estimate of grad KL(pi_theta || p_teacher) at the sampler's
-    policy; the ratio corrects for the sampler lagging the trainer by a few updates.
-    ``baseline="mean"`` subtracts the batch's mean advantage (a constant, so the estimate stays
-    unbiased): without it every sampled token is pushed down at once, a high-variance step.
+    ``baseline="mean"`` subtracts the batch's mean advantage (a constant, so the policy-gradient estimate
+    stays unbiased): without it every sampled token is pushed down at once, a high-variance step.
     ``discount > 0`` also credits each token with the discounted reverse KL of the tokens after it
-    (reward-to-go), so a step into states the student handles badly is penalised; 0 is the
-    reference report's per-token advantage.
-    """
+    (reward-to-go), so a step into states the student handles badly is penalised; 0 is the reference
+    report's per-token advantage."""
     advantage = reward_to_go((-kl_coef * (logp_sampler - logp_teacher)).detach(), mask, discount)
     if baseline == "mean":
-        advantage = (advantage - masked_mean(advantage, mask)) * mask
-    elif baseline != "none":
+        return (advantage - masked_mean(advantage, mask)) * mask
+    if baseline != "none":
         raise ValueError(f"baseline={baseline!r}: choose 'none' or 'mean'")
+    return advantage
+
+
+def importance_sampled_pg(logp_new: torch.Tensor, logp_sampler: torch.Tensor, advantage: torch.Tensor,
+                          mask: torch.Tensor, clip_ratio: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The importance-sampled policy-gradient loss on fixed advantages:
+
+        loss = -mean_t[ exp(log pi_theta(x_t) - log q_sampler(x_t)) * advantage_t ]
+
+    With the reverse-KL advantage its gradient is an unbiased estimate of grad KL(pi_theta || p_teacher)
+    at the sampler's policy; the ratio corrects for the sampler lagging the trainer by a few updates
+    (``clip_ratio`` caps it)."""
     ratio = torch.exp(logp_new - logp_sampler.detach())
     if clip_ratio is not None:
         ratio = ratio.clamp(max=clip_ratio)
@@ -58,7 +64,6 @@ def reverse_kl_is(logp_new: torch.Tensor, logp_sampler: torch.Tensor, logp_teach
         m = mask.bool()
         metrics = {
             "loss": float(loss),
-            "reverse_kl": float(masked_mean(logp_sampler - logp_teacher, mask)),
             "ratio_mean": float(ratio[m].mean()) if m.any() else 1.0,
             "ratio_max": float(ratio[m].max()) if m.any() else 1.0,
             "sampler_trainer_absdiff_max": float((logp_new - logp_sampler)[m].abs().max()) if m.any() else 0.0,
@@ -132,7 +137,7 @@ def sampled_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch
 
 
 def token_logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per position; the same arithmetic as ``opd.scoring.token_logprobs``."""
+    """log softmax(logits)[target] per position; the same arithmetic as ``opd.logprobs.token_logprobs``."""
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
     return picked - logsumexp_fp32(logits)
 

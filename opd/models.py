@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
                           LlamaForCausalLM, PreTrainedTokenizerFast)
+from transformers.utils import logging as _hf_logging
 
-from opd.config import ModelSpec
 from opd.data.task import ALPHABET
 
-from transformers.utils import logging as _hf_logging
+if TYPE_CHECKING:  # the update path imports this module without pydantic
+    from opd.config import ModelSpec
 
 _hf_logging.disable_progress_bar()  # per-load progress bars drown the flow's logs
 
@@ -104,3 +106,19 @@ def set_threads() -> None:
     OpenMP threads that find their core taken spin, and on 2 cores shared that way a 2-thread SFT step
     took 0.3-1.2 s against 0.05-0.08 s on one thread (the demo's OPD rounds: about 2x)."""
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
+
+
+def tokenizer_for(cfg):
+    """The run's tokenizer: the teacher's (the student shares it), or the demo's character tokenizer."""
+    if cfg.teacher.path:
+        return load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code)
+    return build_char_tokenizer()
+
+
+def check_vocab(teacher_tok, student_tok) -> None:
+    """OPD grades the student's tokens with the teacher: the two must share one vocabulary."""
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        a, b = teacher_tok.get_vocab(), student_tok.get_vocab()
+        diff = sorted(set(a.items()) ^ set(b.items()))[:5]
+        raise ValueError(f"teacher and student tokenizers differ (e.g. {diff}); OPD needs one shared vocabulary: "
+                         "pick a student from the teacher's family or retokenize")

@@ -1,20 +1,17 @@
 """Teachers shipped inside the package, so a first `make demo` skips the teacher bootstrap.
 
-Each was produced by this code's own bootstrap (`python -m opd.shipped build configs/demo.yaml`)
+Each was produced by this code's own bootstrap (`python -m opd.teacher_asset build configs/demo.yaml`)
 and is found by the same cache key a bootstrap would use. The expected sha256 of every file is
 pinned here, in code, and checked on the copy that will be used: a changed file is refused.
 `tests/test_bootstrap.py::test_recipe_reproduces_shipped_teacher` (slow) retrains one from its recipe.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
-import sys
 from pathlib import Path
 
 from opd.errors import PermanentError
-from opd.registry.store import sha256_file
+from opd.storage import sha256_file
 
 ASSETS = Path(__file__).parent / "assets" / "teachers"
 
@@ -79,45 +76,3 @@ def install(key: str, src: Path, dest: Path) -> dict:
                                      "reinstall opd-pipeline (pip install --force-reinstall .)")
     verify(key, dest)
     return {k: v for k, v in SHIPPED[key].items() if k != "files"}
-
-
-def build(config: str, overrides: list[str], home: Path, out: Path | None = None) -> tuple[str, dict]:
-    """Bootstrap the teacher of ``config`` from scratch in ``home`` (resumable) and copy it under
-    ``out/<key>/``; returns the key and the SHIPPED entry to pin."""
-    from opd import pipeline as P
-    from opd.config import load_config
-
-    cfg = load_config(config, [*overrides, f"home={home}"])
-    data = P.prepare_data(cfg, home / "data")
-    teacher = P.bootstrap_teacher(cfg, data, use_shipped=False)
-    key = Path(teacher.path).name
-    meta = json.loads((Path(teacher.path) / P.DONE).read_text())
-    dest = (out or ASSETS) / key
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    files = {}
-    for p in sorted(Path(teacher.path).iterdir()):
-        if p.is_file() and p.name != P.DONE:
-            shutil.copy2(p, dest / p.name)
-            files[p.name] = sha256_file(dest / p.name)
-    entry = {"accuracy": meta["accuracy"], "steps": meta["steps"], "params": meta["params"], "cost": meta["cost"],
-             "recipe": config, "files": files}
-    return key, entry
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m opd.shipped", description=__doc__)
-    ap.add_argument("command", choices=["build"])
-    ap.add_argument("config")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--home", type=Path, default=Path(".opd/shipped-build"))
-    a = ap.parse_args(argv)
-    key, entry = build(a.config, a.overrides, a.home)
-    print(f"wrote {ASSETS / key}; pin it in opd/shipped.py:")
-    json.dump({key: entry}, sys.stdout, indent=4)
-    print()
-
-
-if __name__ == "__main__":
-    main()

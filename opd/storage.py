@@ -1,11 +1,51 @@
-"""Model directories that live on S3: fetched once into the run's cache, then loaded like local ones."""
+"""S3 for the core: one client factory, and model directories that live on S3 (fetched once into the
+run's cache, every file checked against its manifest, then loaded like local ones).
+
+Credentials come only from the environment / AWS config chain; they are never logged.
+"""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from opd.errors import PermanentError
 from opd.paths import safe_rel, within
+
+LOCAL_ENDPOINT_ENV = "OPD_S3_ENDPOINT"
+
+
+def make_client(endpoint_url: str | None = None, region: str = "us-east-1", *, max_attempts: int = 8,
+                connect_timeout: float = 5, read_timeout: float = 60):
+    """An S3 client: adaptive retries, path-style addressing; ``max_attempts`` and the timeouts are
+    lowered by fault tests. No endpoint: ``$OPD_S3_ENDPOINT`` (the local stack), else AWS."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint_url = endpoint_url or os.environ.get(LOCAL_ENDPOINT_ENV)
+    session = boto3.session.Session()
+    if session.get_credentials() is None and endpoint_url and "127.0.0.1" in endpoint_url:
+        # The local SeaweedFS runs open; boto3 still signs, so give it throwaway local keys.
+        session = boto3.session.Session(aws_access_key_id="opd-local", aws_secret_access_key="opd-local")
+    cfg = Config(retries={"max_attempts": max_attempts, "mode": "adaptive"}, s3={"addressing_style": "path"},
+                 connect_timeout=connect_timeout, read_timeout=read_timeout)
+    return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=cfg)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def local_model_dir(cfg, path: str) -> str:
+    """A local directory for a model given as a path or s3:// URI (fetched once into ``<home>/cache``)."""
+    if not path.startswith("s3://"):
+        return path
+    s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
+    return str(fetch_dir(path, Path(cfg.home) / "cache" / "models", s3))
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -56,8 +96,6 @@ def fetch_dir(uri: str, cache_root: Path, s3) -> Path:
 def _verify_manifest(local: Path, uri: str) -> None:
     """A registry version carries manifest.json: refuse to load a file whose sha256 differs."""
     import json
-
-    from opd.registry.store import sha256_file
 
     man = local / "manifest.json"
     if not man.is_file():

@@ -1,6 +1,6 @@
 """Teacher scorers: the log-prob of every completion token given its prefix, behind one interface.
 
-- ``HFTeacher``: a transformers model in this process (``opd.scoring.score_completions``).
+- ``HFTeacher``: a transformers model in this process (``opd.logprobs.score_completions``).
 - ``VLLMTeacher``: an in-process vLLM engine; ``prompt_logprobs=0`` over prompt+completion ids.
 - ``RemoteTeacher``: an OpenAI-compatible vLLM server, ``POST /v1/completions`` with token-id
   prompts, ``max_tokens=1`` and vLLM's ``prompt_logprobs=0`` extension.
@@ -14,22 +14,12 @@ from __future__ import annotations
 import gc
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from opd.errors import PermanentError
+from opd.rollouts import TopKScores
 from opd.vllm_engine import shutdown_llm, start_llm
-
-
-@dataclass
-class TopKScores:
-    """The teacher's k most likely next tokens at every completion position (for ``reverse_kl_topk``),
-    with the sampled token's own logprob (for the reverse-KL metric). Per sequence, per token."""
-
-    token_logprobs: list[list[float]]
-    ids: list[list[list[int]]]  # [sequence][t][k], most likely first
-    logprobs: list[list[list[float]]]  # full-vocabulary log-probs of those ids
 
 
 class TeacherScorer(Protocol):
@@ -102,7 +92,7 @@ def _pick_topk(prompt_logprobs, seq: list[int], start: int, k: int) -> tuple[lis
                 top.append((rank, int(key), float(lp)))
         if len(top) < k:
             raise TeacherServerError(f"vLLM returned {len(top)} < {k} top logprobs at position {j}: raise the "
-                                     "engine's max_logprobs or lower opd.topk")
+                                     "engine's max_logprobs or lower opd.loss.topk")
         top.sort()
         ids.append([t[1] for t in top[:k]])
         lps.append([t[2] for t in top[:k]])
@@ -144,7 +134,7 @@ class HFTeacher:
         self.vocab_size = cfg.vocab_size
 
     def score(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
-        from opd.scoring import score_completions
+        from opd.logprobs import score_completions
 
         _check_inputs(prompts, completions, self.vocab_size, None, "hf teacher")
         if not prompts:

@@ -97,6 +97,13 @@ class StudentTrainer:
         self.optimizer = acc.prepare_optimizer(optimizer or make_optimizer(self.model, lr, weight_decay))
         self.max_grad_norm = math.inf if max_grad_norm is None else max_grad_norm
 
+    @classmethod
+    def for_run(cls, cfg, model, lr: float, weight_decay: float = 0.0, *, stage: str = "training",
+                lr_field: str = "the learning rate") -> "StudentTrainer":
+        """The in-process trainer with the run config's precision and device (teacher bootstrap, SFT, OPD)."""
+        return cls(model, lr, weight_decay=weight_decay, mixed_precision=cfg.training.mixed_precision,
+                   device=cfg.device, stage=stage, lr_field=lr_field)
+
     @property
     def torch_optimizer(self) -> torch.optim.Optimizer:
         """The plain AdamW under accelerate's wrapper (for state-dict save/load)."""

@@ -14,7 +14,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.runtime import flow_run
 from prefect.states import Crashed
 
-from opd import runlock
+from opd_ops import runlock
 
 LIVE = [StateType.RUNNING, StateType.PENDING]
 

@@ -1,20 +1,21 @@
-"""Thin Prefect tasks over `opd.pipeline`: logging, artifacts, and nothing else.
+"""Thin Prefect tasks over the core's stages: logging, artifacts, and nothing else.
 
 Results are small dataclasses (paths and metrics), never models; caching is off because
 each stage is idempotent through its own completion marker on disk.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from opd import pipeline as P
+from opd import evaluation, rounds, warmup
 from opd.config import RunConfig
+from opd.data import prepare
 from opd.data.dataset import DataRef
+from opd.engines import Engines
 from opd.errors import DataValidationFailed, GateFailed
+from opd.records import ModelRef, RoundResult, RunLayout
 
 
 def _log():
@@ -23,27 +24,27 @@ def _log():
 
 @task(name="preflight", cache_policy=NO_CACHE)
 def preflight(cfg: RunConfig) -> None:
-    from opd import preflight as pf
-    from opd.registry.client import make_client
+    from opd_ops import preflight as pf
+    from opd.storage import make_client
 
     pf.run(cfg, make_client(cfg.registry.endpoint_url, cfg.registry.region))
     _log()("preflight: model paths, data sources and the registry are reachable")
 
 
 @task(name="prepare_data", cache_policy=NO_CACHE)
-def prepare_data(cfg: RunConfig, run_dir: str) -> DataRef:
-    from opd.registry.client import make_client
+def prepare_data(cfg: RunConfig, layout: RunLayout) -> DataRef:
+    from opd.storage import make_client
 
     on_s3 = any((src or "").startswith("s3://") for src in (cfg.data.source, cfg.data.eval_source))
     s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region) if on_s3 else None
-    ref = P.prepare_data(cfg, Path(run_dir) / "data", s3)
+    ref = prepare.prepare_data(cfg, layout.data, s3)
     _log()(f"data: {ref.n_train} train / {ref.n_eval} eval rows, fingerprint {ref.fingerprint}")
     return ref
 
 
 @task(name="validate_dataset", cache_policy=NO_CACHE)
 def validate_dataset(cfg: RunConfig, data: DataRef) -> DataRef:
-    report, valid = P.validate_data(cfg, data)
+    report, valid = prepare.validate_data(cfg, data)
     rows = "\n".join(f"| {r['expectation']} | {r['column']} | {'pass' if r['success'] else 'FAIL'} | "
                      f"{r['unexpected_count'] or 0} |" for r in report.raw["results"])
     create_markdown_artifact(
@@ -58,31 +59,33 @@ def validate_dataset(cfg: RunConfig, data: DataRef) -> DataRef:
 
 
 @task(name="bootstrap_teacher", cache_policy=NO_CACHE)
-def bootstrap_teacher(cfg: RunConfig, data: DataRef) -> P.ModelRef:
-    return P.bootstrap_teacher(cfg, data, log=_log())
+def bootstrap_teacher(cfg: RunConfig, data: DataRef) -> ModelRef:
+    return warmup.bootstrap_teacher(cfg, data, log=_log())
 
 
 @task(name="sft_warmup", cache_policy=NO_CACHE)
-def sft_warmup(cfg: RunConfig, data: DataRef, teacher: P.ModelRef, run_dir: str) -> P.ModelRef:
-    return P.sft_warmup(cfg, data, teacher, Path(run_dir) / "sft", log=_log())
+def sft_warmup(cfg: RunConfig, data: DataRef, teacher: ModelRef, layout: RunLayout) -> ModelRef:
+    return warmup.sft_warmup(cfg, data, teacher, layout.sft, log=_log())
 
 
 @task(name="opd_round", cache_policy=NO_CACHE, task_run_name="opd_round-{k}")
-def opd_round(cfg: RunConfig, k: int, data: DataRef, teacher: P.ModelRef, student: P.ModelRef,
-              run_dir: str) -> P.RoundResult:
-    return P.opd_round(cfg, k, data, teacher, student, Path(run_dir) / f"round_{k:03d}", sampler_key=run_dir,
-                       log=_log())
+def opd_round(cfg: RunConfig, k: int, data: DataRef, teacher: ModelRef, student: ModelRef, layout: RunLayout,
+              engines: Engines) -> RoundResult:
+    """``engines`` belongs to the flow: kept across rounds, closed when the flow's rounds end."""
+    return rounds.opd_round(cfg, k, data, teacher, student, layout, engines, log=_log())
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(cfg: RunConfig, data: DataRef, teacher: P.ModelRef, sft: P.ModelRef, final: P.ModelRef,
-             run_dir: str) -> dict:
-    from opd import promotion
+def evaluate(cfg: RunConfig, data: DataRef, teacher: ModelRef, sft: ModelRef, final: ModelRef,
+             layout: RunLayout) -> dict:
+    from opd_ops import promotion
 
-    P.close_samplers()  # free the sampler's memory before evaluation loads the models
-    incumbent = promotion.pull_alias(cfg, cfg.eval.gates.no_regression_vs, Path(run_dir) / "incumbent")
-    results = P.evaluate_all(cfg, data, teacher, sft, final, incumbent.path if incumbent else None,
-                             incumbent.version if incumbent else None, rdir=Path(run_dir), log=_log())
+    incumbent = promotion.pull_alias(cfg, cfg.eval.gates.no_regression_vs, layout.incumbent)
+    with Engines(cfg) as engines:
+        results = evaluation.evaluate_all(cfg, data, teacher, sft, final, engines,
+                                          incumbent.path if incumbent else None,
+                                          incumbent.version if incumbent else None, store=layout.evaluation,
+                                          log=_log())
     create_table_artifact(
         key="evaluation",
         table=[{"model": k, "accuracy": _round(v["accuracy"]), "sampled_accuracy": _round(v.get("sampled_accuracy")),
@@ -98,17 +101,18 @@ def _round(x: float | None) -> float | None:
 
 
 @task(name="evaluate_candidate", cache_policy=NO_CACHE)
-def evaluate_candidate(cfg: RunConfig, data: DataRef, teacher: P.ModelRef, version: int, alias: str,
-                       run_dir: str) -> dict:
-    from opd import promotion
+def evaluate_candidate(cfg: RunConfig, data: DataRef, teacher: ModelRef, version: int, alias: str,
+                       layout: RunLayout) -> dict:
+    from opd_ops import promotion
 
     name = cfg.registry.model_name
-    cand = promotion.pull_version(cfg, f"{name}:{version}", Path(run_dir) / "candidate")
-    inc = promotion.pull_alias(cfg, alias, Path(run_dir) / "incumbent")
+    cand = promotion.pull_version(cfg, f"{name}:{version}", layout.candidate)
+    inc = promotion.pull_alias(cfg, alias, layout.incumbent)
     students = {"candidate": cand.path}
     if inc is not None and inc.version != version:
         students["incumbent"] = inc.path
-    results = P.evaluate_models(cfg, data, teacher, students)
+    with Engines(cfg) as engines:
+        results = evaluation.evaluate_models(cfg, data, teacher, students, engines)
     results["candidate"]["version"] = version
     if "incumbent" in results:
         results["incumbent"]["version"] = inc.version
@@ -121,9 +125,9 @@ def evaluate_candidate(cfg: RunConfig, data: DataRef, teacher: P.ModelRef, versi
 
 @task(name="gates", cache_policy=NO_CACHE, retries=0)
 def gates(cfg: RunConfig, results: dict, candidate: str = "opd_student", baseline: str | None = "sft_student") -> dict:
-    from opd import gates as G
+    from opd_ops import gates as gate_rules
 
-    g = G.check(cfg.eval.gates, results, candidate, baseline)
+    g = gate_rules.check(cfg.eval.gates, results, candidate, baseline)
     create_markdown_artifact(key="gates", markdown=g.markdown("Evaluation gates"))
     if not g.passed:
         raise GateFailed("evaluation gates failed; nothing registered or promoted:\n" + g.message())
@@ -132,15 +136,17 @@ def gates(cfg: RunConfig, results: dict, candidate: str = "opd_student", baselin
 
 
 @task(name="register", cache_policy=NO_CACHE)
-def register(cfg: RunConfig, final: P.ModelRef, run_dir: str, lineage: dict) -> dict:
-    out = P.register(cfg, final, Path(run_dir), lineage)
+def register(cfg: RunConfig, final: ModelRef, layout: RunLayout, lineage: dict) -> dict:
+    from opd_ops.publishing import register as publish_run
+
+    out = publish_run(cfg, final, layout, lineage)
     _log()(f"registered {out['model']}:{out['version']} at {out['uri']}")
     return out
 
 
 @task(name="set_alias", cache_policy=NO_CACHE)
 def set_alias(cfg: RunConfig, version: int, alias: str, reason: str) -> dict:
-    from opd import promotion
+    from opd_ops import promotion
 
     if promotion.current_alias_version(cfg, alias) == version:  # a retry after the move landed
         return {"alias": alias, "version": version}
@@ -150,18 +156,18 @@ def set_alias(cfg: RunConfig, version: int, alias: str, reason: str) -> dict:
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report(run_dir: str, lineage: dict | None = None) -> dict:
+def report(layout: RunLayout, lineage: dict | None = None) -> dict:
     """Write <run_dir>/report/ (markdown, HTML, PNG plots) and the "run-report" artifact.
 
     The flow's lineage (evaluation, gates, registration) goes over what the run directory holds.
     """
-    from opd import report as R
+    from opd_ops import report as run_report
 
-    lin = R.lineage_from_run_dir(run_dir)
+    lin = run_report.lineage_from_run_dir(layout.root)
     lin.update({k: v for k, v in (lineage or {}).items() if v not in (None, {}, [])})
-    lin["source"] = f"distill flow, run directory {run_dir}"
-    rep = R.build_report(lin, Path(run_dir) / R.REPORT_DIR)
-    create_markdown_artifact(key="run-report", markdown=R.artifact_markdown(lin),
+    lin["source"] = f"distill flow, run directory {layout.root}"
+    rep = run_report.build_report(lin, layout.report)
+    create_markdown_artifact(key="run-report", markdown=run_report.artifact_markdown(lin),
                              description="Stages, gates, evaluation, per-round metrics and plots, cost ledger")
     _log()(f"report: {rep.html}  (re-render with `opd report {lin.get('run_key')}`)")
     return {"html": str(rep.html), "markdown": str(rep.markdown), "plots": {k: str(v) for k, v in rep.plots.items()}}

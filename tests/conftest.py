@@ -36,7 +36,7 @@ def _free_block(start: int, width: int, step: int = 20) -> int:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    from opd import stack as st
+    from opd_ops import stack as st
 
     # SeaweedFS takes s3_port and the 9 ports after it
     settings = st.StackSettings(home=tmp_path_factory.mktemp("stack-home"), prefect_port=_free_block(14250, 1),
@@ -48,14 +48,14 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def stack_env(stack) -> dict[str, str]:
-    from opd.stack import stack_env as env
+    from opd_ops.stack import stack_env as env
 
     return env(stack)
 
 
 @pytest.fixture
 def s3(stack_env):
-    from opd.registry.client import make_client
+    from opd.storage import make_client
 
     return make_client(stack_env["OPD_S3_ENDPOINT"])
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from opd import pipeline as P
-from opd import preflight
+from opd.data.prepare import prepare_data, validate_data
+from opd_ops import preflight
 from opd.config import ModelSpec, load_config
 from opd.errors import PermanentError
 from opd.models import build_char_tokenizer, build_llama, save_model
@@ -37,8 +37,8 @@ def _pre_training(overrides: list[str], s3, run_dir: Path) -> None:
     """Everything the flow does before training; raises on the first refusal."""
     cfg = load_config(BASE, overrides)
     preflight.run(cfg, s3)
-    ref = P.prepare_data(cfg, run_dir / "data", s3)
-    report, _ = P.validate_data(cfg, ref)
+    ref = prepare_data(cfg, run_dir / "data", s3)
+    report, _ = validate_data(cfg, ref)
     if not report.success:
         raise PermanentError(report.message())
 
@@ -67,7 +67,7 @@ def _upload(s3, local: Path, prefix: str, skip=(), replace: dict | None = None) 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, stack_env):
     """Small local and S3 models, each broken in one way (or fine, as the teacher)."""
-    from opd.registry.client import make_client
+    from opd.storage import make_client
 
     d = tmp_path_factory.mktemp("models")
     spec = ModelSpec(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=64)
@@ -210,7 +210,7 @@ def _config_cases() -> list[tuple]:
         ("teacher endpoint ftp", ["teacher.scorer=remote", "teacher.endpoint=ftp://teacher:21"],
          "teacher.endpoint: ftp:// URLs are not allowed"),
         ("learning rate .inf", ["opd.lr=.inf"], "opd.lr: Input should be a finite number"),
-        ("kl_coef .nan", ["opd.kl_coef=.nan"], "opd.kl_coef: Input should be a finite number"),
+        ("kl_coef .nan", ["opd.loss.kl_coef=.nan"], "opd.loss.kl_coef: Input should be a finite number"),
         ("SFT weight decay .inf", ["sft.train.weight_decay=.inf"], "sft.train.weight_decay: Input should be a finite"),
         ("retry delay .inf", ["tasks.retry_delay_seconds=.inf"], "tasks.retry_delay_seconds: Input should be a finite"),
         ("a task timeout .nan", ["tasks.timeout_seconds={sft_warmup: .nan}"],
@@ -267,8 +267,8 @@ def _model_cases(tmp: Path, models: dict) -> list[tuple]:
         ("a remote teacher needs one position more", teacher + ["opd.max_tokens=16", "teacher.scorer=remote",
                                                                 "teacher.endpoint=http://127.0.0.1:9"],
          "= 32 + 1 (the remote teacher generates one token after the sequence) tokens do not fit"),
-        ("top-k past the vocabulary", teacher + ["opd.loss=reverse_kl_topk", "opd.topk=100"],
-         "opd.topk: 100 is more than the vocabulary (18 tokens)"),
+        ("top-k past the vocabulary", teacher + ["opd.loss={kind: reverse_kl_topk, topk: 100}"],
+         "opd.loss.topk: 100 is more than the vocabulary (18 tokens)"),
         ("s3 student without weights", teacher + student("s3_no_weights"),
          f"student.path: {models['s3_no_weights']} holds no .safetensors weights"),
         ("s3 teacher with a bogus safetensors header", ["teacher.path=" + models["s3_bad_header"]],
@@ -329,7 +329,7 @@ def test_clean_jsonl_without_answers_passes_and_keeps_file_lines(tmp_path, model
     src = _jsonl(tmp_path / "noanswers.jsonl", rows)
     cfg = load_config(BASE, ["teacher.path=" + models["teacher"], "data.source=" + src])
     preflight.run(cfg, s3)
-    report, ref = P.validate_data(cfg, P.prepare_data(cfg, tmp_path / "run" / "data", s3))
+    report, ref = validate_data(cfg, prepare_data(cfg, tmp_path / "run" / "data", s3))
     assert report.success, report.message()
     d = ref.load()
     assert "answer" not in d["train"].column_names and "answer" not in d["eval"].column_names

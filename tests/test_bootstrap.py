@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from opd import bootstrap as B
-from opd import pipeline as P
+from opd import warmup
+from opd.data.prepare import prepare_data
+from opd.records import DONE
 from opd.config import load_config
 from opd.errors import PermanentError
 
@@ -25,7 +27,7 @@ def tiny(home: Path, *more: str):
 
 
 def data_for(cfg):
-    return P.prepare_data(cfg, Path(cfg.home) / "data")
+    return prepare_data(cfg, Path(cfg.home) / "data")
 
 
 def teacher_files(home: Path) -> set[str]:
@@ -57,11 +59,11 @@ def test_key_covers_data_recipe_model_and_precision(tmp_path):
 def test_same_inputs_reuse_the_cached_teacher(tmp_path):
     cfg = tiny(tmp_path, "teacher.bootstrap.min_accuracy=0.0", "teacher.bootstrap.max_steps=10")
     data = data_for(cfg)
-    first = P.bootstrap_teacher(cfg, data, log=lambda m: None)
-    done = (Path(first.path) / P.DONE).read_text()
+    first = warmup.bootstrap_teacher(cfg, data, log=lambda m: None)
+    done = (Path(first.path) / DONE).read_text()
     lines = []
-    again = P.bootstrap_teacher(cfg, data_for(cfg), log=lines.append)  # data rebuilt: same fingerprint
-    assert again.path == first.path and (Path(first.path) / P.DONE).read_text() == done
+    again = warmup.bootstrap_teacher(cfg, data_for(cfg), log=lines.append)  # data rebuilt: same fingerprint
+    assert again.path == first.path and (Path(first.path) / DONE).read_text() == done
     assert len(lines) == 1 and lines[0].startswith("teacher cached at"), lines
     assert not any("partial" in f and f.endswith(".pt") for f in teacher_files(tmp_path))  # no leftover checkpoint
 
@@ -71,7 +73,7 @@ def test_user_data_never_reuses_the_synthetic_teacher(tmp_path):
     before any training (at config load or at the stage), and the cache is left as it was."""
     cfg = tiny(tmp_path, "teacher.bootstrap.min_accuracy=0.0", "teacher.bootstrap.max_steps=10")
     synth = data_for(cfg)
-    P.bootstrap_teacher(cfg, synth, log=lambda m: None)
+    warmup.bootstrap_teacher(cfg, synth, log=lambda m: None)
     before = teacher_files(tmp_path)
     rows = [{"id": str(i), "prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(40)]
     for name, lines in (("user.jsonl", rows), ("other.jsonl", rows[:30])):
@@ -79,7 +81,7 @@ def test_user_data_never_reuses_the_synthetic_teacher(tmp_path):
         src.write_text("".join(json.dumps(r) + "\n" for r in lines))
         with pytest.raises(PermanentError, match=r"teacher\.path") as e:
             user_cfg = tiny(tmp_path, f"data.source={src}")
-            P.bootstrap_teacher(user_cfg, synth, log=lambda m: None)  # even handed the synthetic data's ref
+            warmup.bootstrap_teacher(user_cfg, synth, log=lambda m: None)  # even handed the synthetic data's ref
         assert "data.source" in str(e.value) and name in str(e.value)
     assert teacher_files(tmp_path) == before
 
@@ -96,20 +98,20 @@ def test_bootstrap_resumes_from_its_last_checkpoint(tmp_path):
     and ends where an uninterrupted 40-step bootstrap ends, bit for bit."""
     short = tiny(tmp_path / "a", "teacher.bootstrap.max_steps=20")
     with pytest.raises(B.TeacherBootstrapFailed, match=r"resumes from step 20"):
-        P.bootstrap_teacher(short, data_for(short), log=lambda m: None)
+        warmup.bootstrap_teacher(short, data_for(short), log=lambda m: None)
     assert _ckpt_state(tmp_path / "a")["step"] == 20
     assert not list((tmp_path / "a" / "cache" / "teachers").glob("*/done.json"))  # nothing published
 
     lines: list[str] = []
     resumed = tiny(tmp_path / "a")  # max_steps=40
     with pytest.raises(B.TeacherBootstrapFailed):  # min_accuracy=1.0 stays out of reach
-        P.bootstrap_teacher(resumed, data_for(resumed), log=lines.append)
+        warmup.bootstrap_teacher(resumed, data_for(resumed), log=lines.append)
     assert lines[0].startswith("teacher bootstrap: resuming from the checkpoint at step 20"), lines
     assert [ln.split(":")[0] for ln in lines[1:]] == ["teacher step 30/40", "teacher step 40/40"]
 
     straight = tiny(tmp_path / "b")
     with pytest.raises(B.TeacherBootstrapFailed):
-        P.bootstrap_teacher(straight, data_for(straight), log=lambda m: None)
+        warmup.bootstrap_teacher(straight, data_for(straight), log=lambda m: None)
     a, b = _ckpt_state(tmp_path / "a"), _ckpt_state(tmp_path / "b")
     assert a["step"] == b["step"] == 40
     for name, t in b["model"].items():
@@ -120,7 +122,7 @@ def test_bootstrap_resumes_from_its_last_checkpoint(tmp_path):
 
 def test_a_finished_bootstrap_publishes_and_drops_its_checkpoint(tmp_path):
     cfg = tiny(tmp_path, "teacher.bootstrap.min_accuracy=0.0")
-    ref = P.bootstrap_teacher(cfg, data_for(cfg), log=lambda m: None)
-    meta = json.loads((Path(ref.path) / P.DONE).read_text())
+    ref = warmup.bootstrap_teacher(cfg, data_for(cfg), log=lambda m: None)
+    meta = json.loads((Path(ref.path) / DONE).read_text())
     assert meta["steps"] == 10 and meta["cost"]["wall_s"] > 0
     assert not list((tmp_path / "cache" / "teachers" / "partial").glob("*"))

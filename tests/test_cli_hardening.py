@@ -22,8 +22,9 @@ import pytest
 from botocore.exceptions import ClientError
 
 from conftest import REPO, api_json, opd_bin
-from opd.registry.aliases import audit, promote, read_alias
-from opd.registry.store import list_versions, publish
+from opd_ops.registry.aliases import promote, read_alias
+from opd_ops.registry.audit import audit
+from opd_ops.registry.store import list_versions, publish
 
 CI = "configs/ci.yaml"
 PREFIX = "models"
@@ -358,7 +359,8 @@ def test_registry_errors_name_the_endpoint_and_blame_the_stack_only_when_local(t
 
 def test_publish_outage_is_retryable_and_names_the_endpoint(tmp_path, monkeypatch):
     from opd.errors import PermanentError
-    from opd.registry.client import RegistryUnavailable, make_client
+    from opd.storage import make_client
+    from opd_ops.registry.client import RegistryUnavailable
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "opd-test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "opd-test")
@@ -436,7 +438,7 @@ def test_report_prints_lineage_text_literally_on_any_console(markup):
 
     from rich.console import Console
 
-    from opd import report as R
+    from opd_ops import report as R
     from test_report import GATES, _lineage
 
     gates = {**GATES, "checks": [{**c, "name": c["name"] + markup, "detail": markup} for c in GATES["checks"]]}

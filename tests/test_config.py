@@ -30,7 +30,8 @@ def test_override_sets_nested_value():
     ("training.strategy=zero3", "training.strategy: Input should be 'ddp' or 'fsdp'"),
     ("training.mixed_precision=fp8", "training.mixed_precision: Input should be 'no', 'bf16' or 'fp16'"),
     ("sft.train.micro_batch=0", "sft.train.micro_batch: Input should be greater than or equal to 1"),
-    ("opd.discount=1.5", "opd.discount: Input should be less than or equal to 1"),
+    ("opd.loss.discount=1.5", "opd.loss.discount: Input should be less than or equal to 1"),
+    ("opd.discount=0.5", "opd.discount is now opd.loss.discount"),  # a key of the old flat loss settings
     ("opd.tensor_parallel_size=0", "opd.tensor_parallel_size: Input should be greater than or equal to 1"),
     ("teacher.tensor_parallel_size=2", "teacher.tensor_parallel_size applies to teacher.scorer=vllm: set"),
 ])
@@ -41,9 +42,9 @@ def test_bad_values_name_the_field(override, needle):
 
 
 def test_discount_is_for_the_sampled_token_loss():
-    with pytest.raises(ConfigError, match="opd.discount applies to opd.loss=reverse_kl_is"):
-        load_config("configs/ci.yaml", ["opd.discount=0.9", "opd.loss=reverse_kl_full"])
-    assert load_config("configs/ci.yaml", ["opd.discount=0.9"]).opd.discount == 0.9
+    with pytest.raises(ConfigError, match="opd.loss.discount: unknown key"):
+        load_config("configs/ci.yaml", ["opd.loss={kind: reverse_kl_full, discount: 0.9}"])
+    assert load_config("configs/ci.yaml", ["opd.loss.discount=0.9"]).opd.loss.discount == 0.9
 
 
 def test_parallelism_settings():
@@ -63,11 +64,11 @@ def test_override_needs_key_value():
 
 
 def test_cli_runs_as_a_module():
-    """`python -m opd.cli` (spawn-safe entry without the console script) sees every command."""
+    """`python -m opd_ops.cli` (spawn-safe entry without the console script) sees every command."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "opd.cli", "--help"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "opd_ops.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "registry" in out.stdout and "run" in out.stdout
 
@@ -101,7 +102,7 @@ FLOAT_PATHS = sorted(set(_float_paths(__import__("opd.config", fromlist=["RunCon
 
 def test_the_float_walk_sees_every_section():
     assert len(FLOAT_PATHS) >= 20, FLOAT_PATHS
-    for p in ("opd.lr", "opd.kl_coef", "sft.train.weight_decay", "tasks.retry_delay_seconds",
+    for p in ("opd.lr", "opd.loss.kl_coef", "opd.loss.beta", "sft.train.weight_decay", "tasks.retry_delay_seconds",
               "tasks.timeout_seconds.sft_warmup", "eval.gates.min_accuracy", "opd.lora.alpha",
               "teacher.bootstrap.train.lr", "data.eval_fraction"):
         assert p in FLOAT_PATHS
@@ -115,6 +116,12 @@ def test_every_float_refuses_inf_and_nan(path, value):
         else f"{path}={value}"
     if path.endswith(".0"):
         override = f"{path[:-2]}=[{value}]"
+    if path.startswith("opd.loss."):  # a loss's own setting: given with a kind that has it
+        from opd.config import GKDJSD, ReverseKLIS
+
+        key = path.rsplit(".", 1)[1]
+        kind = next(c for c in (ReverseKLIS, GKDJSD) if key in c.model_fields).model_fields["kind"].default
+        override = f"opd.loss={{kind: {kind}, {key}: {value}}}"
     with pytest.raises(ConfigError) as e:
         load_config("configs/ci.yaml", [override])
     assert f"{path}: Input should be a finite number" in str(e.value)

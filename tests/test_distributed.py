@@ -1,6 +1,6 @@
-"""Data-parallel SFT (opd.distributed): 2 CPU processes over gloo follow the 1-process loss trajectory.
+"""Data-parallel SFT (tests/dp_sft.py, on the one update path): 2 CPU processes over gloo follow the 1-process loss trajectory.
 
-Both runs are real subprocesses (``python -m opd.distributed`` and ``torchrun --nproc_per_node=2``)
+Both runs are real subprocesses (``python tests/dp_sft.py`` and ``torchrun --nproc_per_node=2 tests/dp_sft.py``)
 on the same global batches and the same model init. No mocks.
 """
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 from opd.batching import pack
-from opd.distributed import make_global_batches
+from dp_sft import make_global_batches
 from opd.models import build_char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 def _run(launcher: list[str], out: Path, *extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    cmd = launcher + ["-m", "opd.distributed", "--steps", str(STEPS), "--batch-size", "8", "--lr", "3e-3",
+    cmd = launcher + [str(ROOT / "tests" / "dp_sft.py"), "--steps", str(STEPS), "--batch-size", "8", "--lr", "3e-3",
                       "--seed", "0", *MODEL_ARGS, "--out", str(out), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -72,7 +72,7 @@ def test_eval_without_answers_measures_kl_and_reports_no_accuracy():
 def test_gates_that_need_accuracy_are_skipped_by_name_without_answers():
     from opd.config import GateConfig
     from opd.errors import PermanentError
-    from opd.gates import AnswersRequired, check, require_answers
+    from opd_ops.gates import AnswersRequired, check, require_answers
 
     res = {"opd_student": {"accuracy": None, "reverse_kl": 0.5}, "sft_student": {"accuracy": None, "reverse_kl": 0.6},
            "incumbent": {"accuracy": None, "reverse_kl": 0.7, "version": 1}}
@@ -104,10 +104,12 @@ def test_evaluation_is_persisted_and_reused_for_the_same_models(tmp_path):
     import json
     import time
 
-    from opd import pipeline as P
     from opd.config import load_config
     from opd.data import dataset as ds
+    from opd.engines import Engines
+    from opd.evaluation import evaluate_all
     from opd.models import save_model
+    from opd.records import ModelRef, RunLayout
 
     torch.set_num_threads(1)
     tok, student, teacher = _tiny_pair()
@@ -118,23 +120,25 @@ def test_evaluation_is_persisted_and_reused_for_the_same_models(tmp_path):
     d = ds.synthetic(cfg.data, cfg.seed)
     d["eval"] = d["eval"].remove_columns(["answer", "completion"])  # a user eval file without answers
     data = ds.save(d, tmp_path / "data")
-    ref = lambda n: P.ModelRef(str(tmp_path / n), 1)  # noqa: E731
-    rdir, logs = tmp_path / "run", []
-    rdir.mkdir()
+    ref = lambda n: ModelRef(str(tmp_path / n), 1)  # noqa: E731
+    layout, logs = RunLayout(tmp_path / "run"), []
+    layout.root.mkdir()
 
     def run(c=cfg):
         t = time.perf_counter()
-        out = P.evaluate_all(c, data, ref("teacher"), ref("sft"), ref("final"), rdir=rdir, log=logs.append)
-        return out, time.perf_counter() - t, (rdir / P.EVALUATION).stat().st_mtime_ns
+        with Engines(c) as engines:
+            out = evaluate_all(c, data, ref("teacher"), ref("sft"), ref("final"), engines, store=layout.evaluation,
+                               log=logs.append)
+        return out, time.perf_counter() - t, layout.evaluation.stat().st_mtime_ns
 
     first, t_first, m_first = run()
     assert first["teacher"]["accuracy"] is None and first["opd_student"]["sampled_accuracy"] is None
     assert first["opd_student"]["reverse_kl"] > 0 and first["opd_student"]["n"] == 6
-    assert json.loads((rdir / P.EVALUATION).read_text())["results"] == first and not logs
+    assert json.loads(layout.evaluation.read_text())["results"] == first and not logs
 
     again, t_again, m_again = run()
     assert again == first and m_again == m_first and t_again < t_first / 5, (t_again, t_first)
-    assert logs == [f"evaluation reused from {rdir / P.EVALUATION} (same models, data and eval settings)"]
+    assert logs == [f"evaluation reused from {layout.evaluation} (same models, data and eval settings)"]
 
     save_model(student, tok, tmp_path / "final")  # a redone final round: same values, new files
     _, _, m_redo = run()

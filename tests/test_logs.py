@@ -1,4 +1,4 @@
-"""opd.logs: during a run the console shows the run's own lines; library noise, stray prints, warnings,
+"""opd_ops.logs: during a run the console shows the run's own lines; library noise, stray prints, warnings,
 progress bars, C-level writes and child processes' output land in <run_dir>/logs/third_party.log."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import REPO
 
 SCRIPT = textwrap.dedent(r"""
     import logging, os, subprocess, sys, warnings
-    from opd import logs
+    from opd_ops import logs
 
     # the orchestrator's console handler, configured before the run (as Prefect's is, at import)
     console = logging.StreamHandler(sys.stderr)

@@ -3,10 +3,21 @@ import math
 import pytest
 import torch
 
-from opd.losses import reverse_kl_is
+from opd.losses import importance_sampled_pg, kl_advantages
+
+
+def reverse_kl_is(logp_new, logp_sampler, logp_teacher, mask, kl_coef=1.0, clip_ratio=None, baseline="none",
+                  discount=0.0):
+    """The sampled-token OPD loss as the engine composes it: advantages fixed at scoring time, then the
+    importance-sampled policy gradient (opd.objectives.score, then opd.objectives._is_loss)."""
+    adv = kl_advantages(logp_sampler, logp_teacher, mask, kl_coef, baseline, discount)
+    return importance_sampled_pg(logp_new, logp_sampler, adv, mask, clip_ratio)
 
 
 def test_reverse_kl_is_matches_hand_computed_two_token_example():
+    from opd.config import ReverseKLIS
+    from opd.objectives import advantages
+
     logp_sampler = torch.tensor([[-1.0, -2.0]])
     logp_teacher = torch.tensor([[-1.5, -1.0]])
     logp_new = (logp_sampler + torch.tensor([[0.1, -0.2]])).requires_grad_()
@@ -15,7 +26,9 @@ def test_reverse_kl_is_matches_hand_computed_two_token_example():
     # advantages: -(-1 - -1.5) = -0.5 and -(-2 - -1) = +1.0; ratios e^0.1 and e^-0.2
     expected = -(math.exp(0.1) * -0.5 + math.exp(-0.2) * 1.0) / 2
     assert abs(loss.item() - expected) < 1e-6
-    assert abs(m["reverse_kl"] - ((-1.0 + 1.5) + (-2.0 + 1.0)) / 2) < 1e-6
+    adv, reverse_kl = advantages(ReverseKLIS(), logp_sampler.tolist(), logp_teacher.tolist())
+    assert adv == [[-0.5, 1.0]]
+    assert abs(reverse_kl - ((-1.0 + 1.5) + (-2.0 + 1.0)) / 2) < 1e-6
     loss.backward()
     # d loss / d logp_new_t = -ratio_t * adv_t / T: the token the teacher prefers is pushed up
     assert torch.allclose(logp_new.grad, torch.tensor([[math.exp(0.1) * 0.5 / 2, -math.exp(-0.2) / 2]]), atol=1e-6)

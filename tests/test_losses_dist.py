@@ -1,4 +1,4 @@
-"""Distribution-level OPD losses (opd.losses) and their use in opd.training.opd_update. No mocks."""
+"""Distribution-level OPD losses (opd.losses) and their use in the learner step (opd.learner.learn_step). No mocks."""
 import copy
 import math
 import os
@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opd.losses import (entropy_from_logits, forward_kl_full, gkd_jsd, reverse_kl_full, reverse_kl_is,
-                        reverse_kl_topk)
+from opd.losses import entropy_from_logits, forward_kl_full, gkd_jsd, reverse_kl_full, reverse_kl_topk
 from opd.trainer import StudentTrainer
 
 REQUIRED_METRICS = {"loss", "reverse_kl", "ratio_mean", "ratio_max", "sampler_trainer_absdiff_max", "grad_norm",
@@ -163,15 +162,28 @@ def test_gkd_jsd_matches_trl(beta, temperature):
     assert torch.allclose(s1.grad, s2.grad, atol=1e-6)
 
 
-# ------------------------------------------------------------------ opd_update end to end
+# ------------------------------------------------------------------ the learner step end to end
+
+
+def _update(trainer, rollouts, teacher, pad_id, micro_batch, spec):
+    """One step as a round runs it with an in-process (hf) teacher: the teacher signal the spec asks for
+    (opd.objectives.score), then the learner's step; the step's metrics."""
+    from opd.learner import learn_step
+    from opd.objectives import score, signal_for
+    from opd.teachers import HFTeacher
+
+    signal = signal_for(spec, "hf")
+    batch, score_metrics = score(spec, HFTeacher(None, model=teacher, pad_id=pad_id), rollouts, signal)
+    return {**learn_step(trainer, batch, spec, pad_id, micro_batch,
+                         teacher_model=teacher if signal == "logits" else None), **score_metrics}
 
 
 @pytest.fixture(scope="module")
 def tiny():
     from opd.config import ModelSpec
     from opd.models import build_char_tokenizer, build_llama
-    from opd.sampling.base import Rollout
-    from opd.scoring import score_completions
+    from opd.logprobs import score_completions
+    from opd.rollouts import Rollout
 
     torch.set_num_threads(1)
     tok = build_char_tokenizer()
@@ -197,26 +209,34 @@ def _exact_reverse_kl(student, teacher, rollouts, pad_id):
     return reverse_kl_full(s, t, b.loss_mask).item()
 
 
-def test_reverse_kl_is_path_unchanged_and_called_positionally(tiny):
+def test_reverse_kl_is_path_is_advantages_then_importance_sampled_pg(tiny):
+    """The sampled-token loss through score + learn_step equals its formula written out: advantages over the
+    whole batch (so the mean baseline is the batch's, whatever the micro-batch), then the importance-sampled
+    policy gradient per micro-batch of 4, token-weighted, clipped at 5."""
     from opd.batching import pack, scatter_completion
-    from opd.scoring import token_logprobs
-    from opd.training import opd_update
+    from opd.config import ReverseKLIS
+    from opd.logprobs import token_logprobs
+    from opd.losses import importance_sampled_pg, kl_advantages
 
-    student, _, tok, rollouts, teacher_lp = tiny
+    student, teacher, tok, rollouts, teacher_lp = tiny
     new, old = copy.deepcopy(student), copy.deepcopy(student)
     opt_new, opt_old = torch.optim.SGD(new.parameters(), lr=0.1), torch.optim.SGD(old.parameters(), lr=0.1)
     trainer = StudentTrainer(new, 0.1, optimizer=opt_new)
-    # the pipeline's positional call: (trainer, rollouts, teacher_lp, pad_id, micro_batch, kl_coef, clip, baseline)
-    m = opd_update(trainer, rollouts, teacher_lp, tok.pad_token_id, 4, 1.0, 5.0, "mean")
+    m = _update(trainer, rollouts, teacher, tok.pad_token_id, 4, ReverseKLIS(clip_ratio=5.0, baseline="mean"))
     assert REQUIRED_METRICS <= m.keys()
-    # the previous implementation, inlined
+    # the formula, inlined
+    width = max(len(r.completion_ids) for r in rollouts)
+    grid = lambda rows: torch.tensor([row + [0.0] * (width - len(row)) for row in rows])  # noqa: E731
+    mask = grid([[1.0] * len(r.completion_ids) for r in rollouts])
+    adv = kl_advantages(grid([r.sampler_logprobs for r in rollouts]), grid(teacher_lp), mask, 1.0, "mean")
     opt_old.zero_grad(set_to_none=True)
     total = sum(len(r.completion_ids) for r in rollouts)
     for s in range(0, len(rollouts), 4):
         chunk = rollouts[s : s + 4]
         b = pack([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], tok.pad_token_id)
-        loss, _ = reverse_kl_is(token_logprobs(old, b), scatter_completion([r.sampler_logprobs for r in chunk], b),
-                                scatter_completion(teacher_lp[s : s + 4], b), b.loss_mask, 1.0, 5.0, "mean")
+        adv_b = scatter_completion([adv[s + i, : len(r.completion_ids)].tolist() for i, r in enumerate(chunk)], b)
+        loss, _ = importance_sampled_pg(token_logprobs(old, b), scatter_completion([r.sampler_logprobs for r in chunk], b),
+                                        adv_b, b.loss_mask, 5.0)
         (loss * float(b.loss_mask.sum()) / total).backward()
     torch.nn.utils.clip_grad_norm_(old.parameters(), 1.0)
     opt_old.step()
@@ -226,13 +246,13 @@ def test_reverse_kl_is_path_unchanged_and_called_positionally(tiny):
 
 @pytest.mark.parametrize("loss", ["reverse_kl_full", "reverse_kl_topk", "gkd_jsd"])
 def test_opd_update_logit_losses_report_metrics(tiny, loss):
-    from opd.training import opd_update
+    from opd.config import LOSS_SPEC
 
     student, teacher, tok, rollouts, _ = tiny
     model = copy.deepcopy(student)
     trainer = StudentTrainer(model, 0.0, optimizer=torch.optim.SGD(model.parameters(), lr=0.0))
-    m = opd_update(trainer, rollouts, None, tok.pad_token_id, 4, loss=loss, teacher_model=teacher, topk=5,
-                   forward_kl_coef=0.1)
+    spec = LOSS_SPEC.validate_python({"kind": loss, "forward_kl_coef": 0.1, **({"topk": 5} if "topk" in loss else {})})
+    m = _update(trainer, rollouts, teacher, tok.pad_token_id, 4, spec)
     assert REQUIRED_METRICS <= m.keys() and all(math.isfinite(v) for v in m.values())
     exact = _exact_reverse_kl(model, teacher, rollouts, tok.pad_token_id)
     assert abs(m["reverse_kl"] - exact) < 1e-5  # token-weighted over micro-batches == exact on the batch
@@ -242,14 +262,14 @@ def test_opd_update_logit_losses_report_metrics(tiny, loss):
 
 
 def test_reverse_kl_full_training_reduces_exact_reverse_kl(tiny):
-    from opd.training import opd_update
+    from opd.config import ReverseKLFull
 
     student, teacher, tok, rollouts, _ = tiny
     model = copy.deepcopy(student)
     trainer = StudentTrainer(model, lr=3e-3)
     before = _exact_reverse_kl(model, teacher, rollouts, tok.pad_token_id)
     for _ in range(30):
-        opd_update(trainer, rollouts, None, tok.pad_token_id, 3, loss="reverse_kl_full", teacher_model=teacher)
+        _update(trainer, rollouts, teacher, tok.pad_token_id, 3, ReverseKLFull())
     after = _exact_reverse_kl(model, teacher, rollouts, tok.pad_token_id)
     assert after < 0.5 * before, (before, after)
 
@@ -261,9 +281,14 @@ def test_opd_config_loss_fields():
 
     base = dict(rounds=1, prompts_per_step=1, max_tokens=4, lr=1e-3)
     c = OPDConfig(**base)
-    assert (c.loss, c.topk, c.gkd_beta, c.forward_kl_coef) == ("reverse_kl_is", 20, 0.5, 0.0)
-    assert OPDConfig(**base, loss="gkd_jsd", gkd_beta=1.0).gkd_beta == 1.0
-    for bad in (dict(loss="forward_kl"), dict(gkd_beta=1.5), dict(forward_kl_coef=-0.1), dict(topk=0)):
+    assert c.loss.kind == "reverse_kl_is" and c.loss.signal == "logprobs"
+    topk = OPDConfig(**base, loss="reverse_kl_topk").loss
+    gkd = OPDConfig(**base, loss="gkd_jsd").loss
+    assert (topk.topk, gkd.beta, gkd.forward_kl_coef) == (20, 0.5, 0.0)
+    assert OPDConfig(**base, loss={"kind": "gkd_jsd", "beta": 1.0}).loss.beta == 1.0
+    for bad in (dict(loss="forward_kl"), dict(loss={"kind": "gkd_jsd", "beta": 1.5}),
+                dict(loss={"kind": "gkd_jsd", "forward_kl_coef": -0.1}), dict(loss={"kind": "reverse_kl_topk", "topk": 0}),
+                dict(loss={"kind": "gkd_jsd", "topk": 5})):  # a setting of another loss
         with pytest.raises(ValidationError):
             OPDConfig(**base, **bad)
 

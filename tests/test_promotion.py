@@ -10,10 +10,13 @@ import uuid
 import pytest
 
 from conftest import REPO, api_json, opd_bin
-from opd import pipeline as P
+from opd import warmup
+from opd.data.prepare import prepare_data, validate_data
+from opd.records import RunLayout
 from opd.config import load_config
-from opd.registry.aliases import audit, read_alias
-from opd.registry.store import publish
+from opd_ops.registry.aliases import read_alias
+from opd_ops.registry.audit import audit
+from opd_ops.registry.store import publish
 
 pytestmark = pytest.mark.e2e
 
@@ -35,10 +38,10 @@ def candidate(stack_env, opd_home):
     os.environ.update(stack_env)
     bucket = f"opd-promo-{uuid.uuid4().hex[:8]}"
     cfg = load_config("configs/ci.yaml", [f"home={opd_home}"])
-    rdir = P.run_dir(cfg, f"promo-{uuid.uuid4().hex[:6]}")
-    _, ref = P.validate_data(cfg, P.prepare_data(cfg, rdir / "data"))
-    teacher = P.bootstrap_teacher(cfg, ref)
-    from opd.registry.client import make_client
+    layout = RunLayout.of(cfg.home, f"promo-{uuid.uuid4().hex[:6]}")
+    _, ref = validate_data(cfg, prepare_data(cfg, layout.data))
+    teacher = warmup.bootstrap_teacher(cfg, ref)
+    from opd.storage import make_client
 
     s3 = make_client(stack_env["OPD_S3_ENDPOINT"])
     pub = publish(s3, bucket, "models", "promo-model", teacher.path, {"teacher": teacher.path})

@@ -17,15 +17,15 @@ import uuid
 import pytest
 
 from conftest import REPO, _free_block
-from opd import stack as st
+from opd_ops import stack as st
 
 OUTAGE_S = 40
 
 REGISTER = """
 import json, sys
 from pathlib import Path
-from opd import pipeline as P
 from opd.config import load_config
+from opd.records import ModelRef, RunLayout
 from tasks import stages as T
 from tasks.policy import configured
 
@@ -35,14 +35,14 @@ final = Path(home) / "final"
 final.mkdir(parents=True)
 (final / "config.json").write_text("{}")
 (final / "model.safetensors").write_bytes(b"w" * 4096)
-rdir = Path(home) / "runs" / "outage"
-rdir.mkdir(parents=True)
-print(json.dumps(configured(T.register, cfg)(cfg, P.ModelRef(str(final), 1), str(rdir), {"run_key": "outage"})))
+layout = RunLayout.of(home, "outage")
+layout.root.mkdir(parents=True)
+print(json.dumps(configured(T.register, cfg)(cfg, ModelRef(str(final), 1), layout, {"run_key": "outage"})))
 """
 
 
 def test_register_survives_a_40s_s3_outage_with_ci_retry_settings(stack, stack_env, tmp_path):
-    from opd.registry.client import make_client
+    from opd.storage import make_client
 
     settings = st.StackSettings(home=tmp_path / "s3-home", prefect_port=stack.prefect_port,
                                 s3_port=_free_block(8390, 10))
@@ -78,9 +78,10 @@ def test_register_survives_a_40s_s3_outage_with_ci_retry_settings(stack, stack_e
 
 def test_unreachable_user_endpoint_is_named_without_the_local_stack_hint(tmp_path):
     """A non-loopback-looking address with nothing listening (127.0.0.2 refuses at once)."""
-    from opd import pipeline as P
     from opd.config import load_config
-    from opd.registry.client import RegistryError
+    from opd.records import ModelRef, RunLayout
+    from opd_ops.publishing import register
+    from opd_ops.registry.client import RegistryError
 
     endpoint = f"http://127.0.0.2:{_free_block(8450, 1)}"  # a user's endpoint, nothing listening
     cfg = load_config("configs/ci.yaml", [f"home={tmp_path}", f"registry.endpoint_url={endpoint}"])
@@ -88,6 +89,6 @@ def test_unreachable_user_endpoint_is_named_without_the_local_stack_hint(tmp_pat
     final.mkdir()
     (final / "config.json").write_text("{}")
     with pytest.raises(RegistryError) as e:
-        P.register(cfg, P.ModelRef(str(final), 1), tmp_path / "run", {"run_key": "k"})
+        register(cfg, ModelRef(str(final), 1), RunLayout(tmp_path / "run"), {"run_key": "k"})
     assert endpoint in str(e.value) and "opd stack up" not in str(e.value), str(e.value)
-    assert not (tmp_path / "run" / "registered.json").exists()
+    assert not RunLayout(tmp_path / "run").registered.exists()

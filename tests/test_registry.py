@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, opd_bin
-from opd.registry.aliases import AliasConflict, audit, parse_ref, promote, read_alias, resolve
-from opd.registry.client import RegistryError, make_client
-from opd.registry.store import (gc_orphans, list_versions, publish, pull, read_manifest, verify)
+from opd_ops.registry.aliases import AliasConflict, promote, read_alias
+from opd_ops.registry.audit import audit
+from opd_ops.registry.refs import parse_ref, pull, resolve
+from opd_ops.registry.client import RegistryError
+from opd.storage import make_client
+from opd_ops.registry.store import gc_orphans, list_versions, publish, read_manifest, verify
 
 PREFIX = "models"
 LINEAGE = {
@@ -149,7 +152,7 @@ def test_concurrent_alias_moves_exactly_one_wins(s3, stack_env, tmp_path):
 
 
 def _state_v1(s3, bucket):
-    from opd.registry.aliases import AliasState
+    from opd_ops.registry.aliases import AliasState
 
     return AliasState("production", 1, 1, "", "", "")
 
@@ -290,7 +293,7 @@ def test_model_dir_from_s3_is_verified_before_loading(s3, tmp_path):
     import uuid as _uuid
 
     from opd.errors import PermanentError
-    from opd.registry.store import publish as _publish
+    from opd_ops.registry.store import publish as _publish
     from opd.storage import fetch_dir
 
     bucket = f"opd-fetch-{_uuid.uuid4().hex[:8]}"

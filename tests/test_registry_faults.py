@@ -1,7 +1,7 @@
 """S3 faults: SeaweedFS dies in the middle of a publish, comes back, and the publish is retried.
 
 This test runs its OWN SeaweedFS (own home and ports) so it can kill it without disturbing the
-session stack; it reuses the session's Prefect server, which `opd.stack.up` then leaves alone
+session stack; it reuses the session's Prefect server, which `opd_ops.stack.up` then leaves alone
 ("external") and `down` never stops.  The kill is synchronised with the upload through a real
 botocore event hook on the publishing client: the request for the 30 MB file waits until the
 server is gone, then goes out against a dead endpoint.
@@ -14,10 +14,12 @@ import time
 import uuid
 
 from conftest import _free_block
-from opd import stack as st
+from opd_ops import stack as st
 from opd.errors import PermanentError
-from opd.registry.client import RegistryUnavailable, make_client
-from opd.registry.store import gc_orphans, list_versions, publish, pull, verify
+from opd_ops.registry.client import RegistryUnavailable
+from opd.storage import make_client
+from opd_ops.registry.refs import pull
+from opd_ops.registry.store import gc_orphans, list_versions, publish, verify
 
 PREFIX = "models"
 BIG = 30 * 1024 * 1024

@@ -1,5 +1,5 @@
-"""Run reports (opd.report and `opd report`): from a hand-written lineage, from a run directory in the
-format opd.pipeline writes, and from a registry manifest; the plots must be real pictures."""
+"""Run reports (opd_ops.report and `opd report`): from a hand-written lineage, from a run directory in the
+format the stages write (opd.records), and from a registry manifest; the plots must be real pictures."""
 from __future__ import annotations
 
 import base64
@@ -13,17 +13,19 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, opd_bin
-from opd import report as R
+from opd.records import DONE, RoundMetrics, RunLayout
+from opd_ops import report as R
 
 STUDENT_PARAMS, TEACHER_PARAMS = 1_234_567, 9_876_543
 
 
 def _round_metrics(k: int) -> dict:
-    """Shaped like opd.pipeline.opd_round's metrics: KL falls, accuracy rises, sampling dominates."""
-    return {"round": k, "reverse_kl": 0.42 / k, "loss": 0.3 / k, "ratio_max": 1.2, "sampler_trainer_absdiff_max": 0.01,
-            "grad_norm": 1.5 / k, "student_entropy": 0.8 - 0.1 * k, "mean_completion_tokens": 6.5, "eos_fraction": 0.97,
-            "eval_slice_accuracy": 0.55 + 0.1 * k, "sample_tokens_per_s": 900.0, "score_tokens_per_s": 3000.0,
-            "update_tokens_per_s": 1500.0, "sample_s": 4.0 + k, "score_s": 1.3, "update_s": 2.6, "sync_s": 0.4 * k}
+    """A round's record (opd.records.RoundMetrics): KL falls, accuracy rises, sampling dominates."""
+    return RoundMetrics(
+        round=k, reverse_kl=0.42 / k, loss=0.3 / k, ratio_max=1.2, sampler_trainer_absdiff_max=0.01, grad_norm=1.5 / k,
+        student_entropy=0.8 - 0.1 * k, mean_completion_tokens=6.5, eos_fraction=0.97, eval_slice_accuracy=0.55 + 0.1 * k,
+        sample_tokens_per_s=900.0, score_tokens_per_s=3000.0, update_tokens_per_s=1500.0, update_processes=1,
+        sample_s=4.0 + k, score_s=1.3, update_s=2.6, sync_s=0.4 * k).as_dict()
 
 
 def _cost(phase: str, wall_s: float, train_tok: int = 0, sample_tok: int = 0, teacher_tok: int = 0) -> dict:
@@ -54,20 +56,21 @@ def _lineage() -> dict:
 
 
 def _write_run_dir(home: Path, run_key: str) -> Path:
-    """A run directory as opd.pipeline leaves it: sft/ and round_NNN/ with done.json, plus leftovers
-    of a round in progress (.tmp, .sync) that the report must ignore."""
-    rd = home / "runs" / run_key
-    (rd / "sft").mkdir(parents=True)
-    (rd / "sft" / "done.json").write_text(json.dumps(
+    """A run directory as the stages leave it (opd.records.RunLayout): sft/ and round_NNN/ with done.json,
+    plus leftovers of a round in progress (.tmp, .sync) that the report must ignore."""
+    run = RunLayout.of(home, run_key)
+    rd = run.root
+    run.sft.mkdir(parents=True)
+    (run.sft / DONE).write_text(json.dumps(
         {"params": STUDENT_PARAMS, "metrics": {"final_loss": 0.21, "eval_slice_accuracy": 0.6}, "cost": SFT_COST}))
     for k in (1, 2, 3):
-        d = rd / f"round_{k:03d}"
+        d = run.round(k)
         d.mkdir()
-        (d / "done.json").write_text(json.dumps(
+        (d / DONE).write_text(json.dumps(
             {"params": STUDENT_PARAMS, "metrics": _round_metrics(k), "cost": ROUND_COSTS[k - 1],
              "completed_at": 1.7e9 + k, "pid": 4242, "rng": {"seed": 0, "scheme": "(seed*1000+round)*1000+step"}}))
-    (rd / "round_004.tmp").mkdir()  # crashed mid-publish: no done.json in a final dir
-    (rd / "round_004.sync").mkdir()
+    run.round(4).with_name("round_004.tmp").mkdir()  # crashed mid-publish: no done.json in a final dir
+    run.round_sync(4).mkdir()
     (rd / "data").mkdir()
     return rd
 
@@ -148,12 +151,12 @@ def test_lineage_from_run_dir(tmp_path):
     assert [r["round"] for r in lin["rounds"]] == [1, 2, 3]
     assert [c["phase"] for c in lin["cost"]] == ["sft", "opd_round_1", "opd_round_2", "opd_round_3"]
     assert lin["sft"]["eval_slice_accuracy"] == 0.6 and lin["metrics"] == {} and "registered" not in lin
-    rep = R.build_report(lin, rd / R.REPORT_DIR)
+    rep = R.build_report(lin, RunLayout(rd).report)
     _check_report(rep, lin)
     assert "No held-out evaluation recorded" in rep.markdown.read_text()
     # once the flow has written its report (with evaluation and gates), the run dir yields them too
     (rd / "registered.json").write_text(json.dumps({"model": "m", "version": 3, "uri": "s3://b/p/m/versions/3/"}))
-    R.build_report({**_lineage(), "run_key": "ci-run-1"}, rd / R.REPORT_DIR)
+    R.build_report({**_lineage(), "run_key": "ci-run-1"}, RunLayout(rd).report)
     again = R.lineage_from_run_dir(rd)
     assert again["metrics"] == METRICS and again["gates"] == GATES and again["registered"]["version"] == 3
     assert "teacher_bootstrap" in [c["phase"] for c in again["cost"]]
@@ -165,8 +168,8 @@ def test_lineage_from_registry(s3, tmp_path):
     """Against the real local S3: publish a version with this lineage, resolve it by alias."""
     import uuid
 
-    from opd.registry.aliases import promote
-    from opd.registry.store import publish
+    from opd_ops.registry.aliases import promote
+    from opd_ops.registry.store import publish
 
     bucket = f"opd-report-{uuid.uuid4().hex[:8]}"
     src = tmp_path / "model"

@@ -46,7 +46,7 @@ def test_kill9_in_round_2_then_resume(stack_env, s3, opd_home, tmp_path):
         finally:  # on success, and on a failed wait too: no run outlives the test
             os.killpg(first.pid, signal.SIGKILL)  # the flow process, its vLLM engine and update group, no cleanup
             first.wait()
-    group = f"opd.update_group --workdir {run / 'round_002.group'}"
+    group = f"opd.learner_group --workdir {run / 'round_002.group'}"
     for _ in range(100):  # no orphaned rank keeps a stale student in memory
         if subprocess.run(["pgrep", "-f", group], capture_output=True).returncode == 1:
             break

@@ -1,4 +1,4 @@
-"""One live process per run key (opd.runlock): a second run of a live key is refused by name, and a
+"""One live process per run key (opd_ops.runlock): a second run of a live key is refused by name, and a
 killed holder (kill -9, no cleanup) frees the key at once. Real processes, real flock."""
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import sys
 import pytest
 
 from opd.errors import PermanentError
-from opd.runlock import RunKeyInUse, hold
+from opd_ops.runlock import RunKeyInUse, hold
 
 HOLDER = """
 import sys, time
-from opd.runlock import hold
+from opd_ops.runlock import hold
 with hold(sys.argv[1], "k1"):
     print("held", flush=True)
     time.sleep(600)

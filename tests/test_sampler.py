@@ -11,7 +11,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 from opd.config import ModelSpec  # noqa: E402
 from opd.models import build_char_tokenizer, build_llama, load_model, save_model  # noqa: E402
-from opd.scoring import score_completions  # noqa: E402
+from opd.logprobs import score_completions  # noqa: E402
+from opd.sampling.base import Weights  # noqa: E402
 
 MAX_LEN = 64
 MAX_TOKENS = 12
@@ -92,7 +93,7 @@ def test_inplace_sync_matches_transformers(sampler, student_dirs):
     old, new = student_dirs
     before = sampler.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
     assert _max_abs_diff([r.sampler_logprobs for r in before], _hf_logprobs(old, before)) < TOL
-    sampler.update_weights(new)
+    sampler.publish(Weights(str(new)))
     try:
         rollouts = sampler.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
         _check_rollouts(rollouts)
@@ -103,7 +104,7 @@ def test_inplace_sync_matches_transformers(sampler, student_dirs):
         assert d_new < TOL
         assert d_old > 100 * TOL  # the sync really changed the weights the engine samples with
     finally:
-        sampler.update_weights(old)  # and back again: the module's engine serves the old student
+        sampler.publish(Weights(str(old)))  # and back again: the module's engine serves the old student
     again = sampler.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
     assert [r.completion_ids for r in again] == [r.completion_ids for r in before]
     assert _max_abs_diff([r.sampler_logprobs for r in again], _hf_logprobs(old, again)) < TOL
@@ -141,7 +142,7 @@ def test_tensor_parallel_engine_syncs_in_place(student_dirs):
         before = s.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
         _check_rollouts(before)
         assert _max_abs_diff([r.sampler_logprobs for r in before], _hf_logprobs(old, before)) < TOL
-        s.update_weights(new)
+        s.publish(Weights(str(new)))
         after = s.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
         got = [r.sampler_logprobs for r in after]
         d_new, d_old = _max_abs_diff(got, _hf_logprobs(new, after)), _max_abs_diff(got, _hf_logprobs(old, after))
@@ -187,7 +188,7 @@ def test_lora_adapters_reach_the_engine_without_a_weight_reload(student_dirs, tm
     s = VLLMSampler(old, eos_id=EOS, max_model_len=MAX_LEN, lora_rank=8)
     try:
         for seed, model in zip((1, 2), adapters):
-            s.update_adapter(str(tmp_path / f"a{seed}"))
+            s.publish(Weights(str(tmp_path / f"a{seed}"), adapter=True))
             rollouts = s.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
             _check_rollouts(rollouts)
             got = [r.sampler_logprobs for r in rollouts]
@@ -195,7 +196,7 @@ def test_lora_adapters_reach_the_engine_without_a_weight_reload(student_dirs, tm
             d, d_base = _max_abs_diff(got, ref), _max_abs_diff(got, _hf_logprobs(old, rollouts))
             print(f"adapter {seed}: max |vllm - peft| = {d:.3g}, vs base = {d_base:.3g}")
             assert d < TOL and d_base > 100 * TOL
-        s.update_adapter(None)  # back to the bare weights
+        s.publish(Weights(str(old)))  # back to the bare weights (a full publish drops the adapters)
         base = s.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=5)
         assert _max_abs_diff([r.sampler_logprobs for r in base], _hf_logprobs(old, base)) < TOL
     finally:

@@ -188,11 +188,12 @@ def test_topk_agrees_across_scorers(vllm_teacher, vllm_server, teacher_dir, hf_t
 
 def test_topk_loss_from_scorer_equals_teacher_forward(teacher_dir, hf_topk):
     """reverse_kl_topk fed a scorer's top-k gives the same loss and update as running the teacher."""
+    from opd.config import ReverseKLTopK
+    from opd.learner import learn_step
+    from opd.logprobs import score_completions
     from opd.models import load_model
-    from opd.sampling.base import Rollout
-    from opd.scoring import score_completions
+    from opd.rollouts import Rollout, TrainBatch
     from opd.trainer import StudentTrainer
-    from opd.training import opd_update
 
     keep = [i for i, c in enumerate(COMPLETIONS) if c]
     student = build_llama(ModelSpec(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=128),
@@ -201,10 +202,10 @@ def test_topk_loss_from_scorer_equals_teacher_forward(teacher_dir, hf_topk):
     rollouts = [Rollout(j, PROMPTS[i], COMPLETIONS[i], lp, False) for j, (i, lp) in enumerate(zip(keep, lps))]
     topk = type(hf_topk)(*[[getattr(hf_topk, f)[i] for i in keep] for f in ("token_logprobs", "ids", "logprobs")])
     out = []
-    for kw in ({"teacher_model": load_model(teacher_dir)}, {"teacher_topk": topk}):
+    spec = ReverseKLTopK(topk=K)
+    for batch, teacher in ((TrainBatch(rollouts), load_model(teacher_dir)), (TrainBatch(rollouts, teacher_topk=topk), None)):
         model = copy.deepcopy(student)
-        m = opd_update(StudentTrainer(model, 1e-2), rollouts, None, 0, micro_batch=3, loss="reverse_kl_topk",
-                       topk=K, **kw)
+        m = learn_step(StudentTrainer(model, 1e-2), batch, spec, 0, micro_batch=3, teacher_model=teacher)
         out.append((m, model))
     (a, ma), (b, mb) = out
     assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-5

@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from opd import pipeline as P
-from opd import shipped
+from opd import shipped, warmup
+from opd.records import DONE
+from opd.teacher_asset import build
 from opd.config import load_config
 from test_bootstrap import TINY, data_for, tiny
 
 
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory):
-    """A teacher built by `opd.shipped.build` (our bootstrap), and the entry that pins it."""
+    """A teacher built by `opd.teacher_asset.build` (our bootstrap), and the entry that pins it."""
     root = tmp_path_factory.mktemp("tiny-build")
-    key, entry = shipped.build("configs/ci.yaml", [*TINY, "teacher.bootstrap.min_accuracy=0.0"], root / "home",
+    key, entry = build("configs/ci.yaml", [*TINY, "teacher.bootstrap.min_accuracy=0.0"], root / "home",
                                out=root / "assets")
     return key, entry, root / "assets" / key
 
@@ -38,7 +39,7 @@ def test_shipped_teacher_is_used_by_its_key(tiny_shipped, tmp_path):
     key, src = tiny_shipped
     cfg = tiny(tmp_path / "fresh", "teacher.bootstrap.min_accuracy=0.0")
     lines: list[str] = []
-    ref = P.bootstrap_teacher(cfg, data_for(cfg), log=lines.append)
+    ref = warmup.bootstrap_teacher(cfg, data_for(cfg), log=lines.append)
     assert Path(ref.path).name == key and "shipped" in lines[0] and "sha256 verified" in lines[0], lines
     assert not (tmp_path / "fresh" / "cache" / "teachers" / "partial").exists()  # nothing trained
     for f in src.iterdir():
@@ -61,8 +62,8 @@ def test_a_changed_shipped_teacher_is_refused(tiny_shipped, tmp_path, tamper):
     home = tmp_path / "fresh"
     cfg = tiny(home, "teacher.bootstrap.min_accuracy=0.0")
     with pytest.raises(shipped.ShippedTeacherTampered, match=key):
-        P.bootstrap_teacher(cfg, data_for(cfg), log=lambda m: None)
-    assert not list((home / "cache" / "teachers").glob(f"{key}/{P.DONE}"))  # never becomes the cached teacher
+        warmup.bootstrap_teacher(cfg, data_for(cfg), log=lambda m: None)
+    assert not list((home / "cache" / "teachers").glob(f"{key}/{DONE}"))  # never becomes the cached teacher
 
 
 def test_every_pinned_teacher_ships_and_verifies():
@@ -78,7 +79,7 @@ def test_demo_config_finds_the_shipped_teacher(tmp_path):
     `make demo` skips the bootstrap."""
     cfg = load_config("configs/demo.yaml", [f"home={tmp_path}"])
     data = data_for(cfg)
-    key = P.teacher_cache_key(cfg, data.fingerprint)
+    key = warmup.teacher_cache_key(cfg, data.fingerprint)
     assert shipped.find(key) is not None, (key, sorted(shipped.SHIPPED))
     entry = shipped.SHIPPED[key]
     assert entry["accuracy"] >= cfg.teacher.bootstrap.min_accuracy and entry["recipe"] == "configs/demo.yaml"
@@ -92,8 +93,8 @@ def test_recipe_reproduces_shipped_teacher(key, tmp_path):
     entry = shipped.SHIPPED[key]
     cfg = load_config(entry["recipe"], [f"home={tmp_path}"])
     data = data_for(cfg)
-    assert P.teacher_cache_key(cfg, data.fingerprint) == key
-    ref = P.bootstrap_teacher(cfg, data, use_shipped=False)
+    assert warmup.teacher_cache_key(cfg, data.fingerprint) == key
+    ref = warmup.bootstrap_teacher(cfg, data, use_shipped=False)
     assert ref.metrics["accuracy"] >= cfg.teacher.bootstrap.min_accuracy
     # it stops at the first eval point past min_accuracy: equal up to one eval point's progress
     assert abs(ref.metrics["accuracy"] - entry["accuracy"]) <= 0.03, (ref.metrics, entry["accuracy"])

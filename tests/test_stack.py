@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from opd import stack
-from opd.stack import StackSettings
+from opd_ops import stack
+from opd_ops.stack import StackSettings
 
 PREFECT_PORT = 4290
 S3_PORT = 8390

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from opd.config import ModelSpec
-from opd.distributed import make_global_batches
+from dp_sft import make_global_batches
 from opd.models import build_char_tokenizer, build_llama
 from opd.trainer import StudentTrainer
-from opd.training import sft_step
+from opd.sft import sft_step
 
 SPEC = ModelSpec(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=128)
 
@@ -43,7 +43,7 @@ def test_lm_head_runs_on_the_completion_window_only():
     """pack keeps target positions from the earliest completion start on; the window's logits equal the
     full forward's at those positions, and the prompt rows before it never reach the LM head."""
     from opd.batching import pack
-    from opd.scoring import token_logprobs
+    from opd.logprobs import token_logprobs
 
     tok = build_char_tokenizer()
     model = build_llama(SPEC, tok, 64, seed=0).eval()
@@ -102,36 +102,37 @@ def test_poisoned_weights_fail_the_first_step():
 
 
 def test_a_checkpoint_with_non_finite_weights_is_never_published(tmp_path):
-    """The one publish path of every stage (pipeline._publish_dir) scans the weights: a NaN anywhere
+    """The one publish path of every stage (records.publish_dir) scans the weights: a NaN anywhere
     removes the temp dir and writes no done.json; finite weights publish as before."""
-    from opd import pipeline as P
+    from opd.checkpoints import NonFiniteWeights
     from opd.models import save_model
-    from opd.training import NonFiniteWeights
+    from opd.records import fresh, publish_dir
 
     tok = build_char_tokenizer()
     model = build_llama(SPEC, tok, 64, seed=0)
-    good = P._fresh(tmp_path / "round_001")
+    good = fresh(tmp_path / "round_001")
     save_model(model, tok, good)
-    P._publish_dir(good, tmp_path / "round_001", {"params": 1})
+    publish_dir(good, tmp_path / "round_001", {"params": 1})
     assert (tmp_path / "round_001" / "done.json").is_file()
 
     with torch.no_grad():
         model.lm_head.weight[3, 5] = float("inf")
     final = tmp_path / "round_002"
-    tmp = P._fresh(final)
+    tmp = fresh(final)
     save_model(model, tok, tmp)
     with pytest.raises(NonFiniteWeights, match=r"round_002: weight 'lm_head.weight' .* 1 non-finite value"):
-        P._publish_dir(tmp, final, {"params": 1})
+        publish_dir(tmp, final, {"params": 1})
     assert not final.exists() and not tmp.exists()
 
 
 def test_sft_warmup_with_a_poisoned_student_writes_nothing(tmp_path):
     """The stage, end to end: a student checkpoint with a NaN fails SFT permanently; no sft/ dir, no done.json."""
-    from opd import pipeline as P
     from opd.config import load_config
     from opd.data import dataset as ds
     from opd.errors import PermanentError
     from opd.models import save_model
+    from opd.records import ModelRef
+    from opd.warmup import sft_warmup
 
     tok = build_char_tokenizer()
     teacher, student = build_llama(SPEC, tok, 64, seed=1), build_llama(SPEC, tok, 64, seed=2)
@@ -145,5 +146,5 @@ def test_sft_warmup_with_a_poisoned_student_writes_nothing(tmp_path):
     data = ds.save(ds.synthetic(cfg.data, cfg.seed), tmp_path / "data")
     out = tmp_path / "runs" / "k" / "sft"
     with pytest.raises(PermanentError, match="SFT warmup step 1: loss is nan"):
-        P.sft_warmup(cfg, data, P.ModelRef(str(tmp_path / "teacher"), 1), out)
+        sft_warmup(cfg, data, ModelRef(str(tmp_path / "teacher"), 1), out)
     assert not out.exists() and not out.with_name("sft.tmp").exists()

@@ -4,19 +4,21 @@ from __future__ import annotations
 import torch
 
 from opd.generation import generate
+from opd.logprobs import score_completions
 from opd.models import load_model, pick_device
-from opd.sampling.base import Rollout
-from opd.scoring import score_completions
+from opd.rollouts import Rollout
+from opd.sampling.base import Weights
 
 
 class HFSampler:
     def __init__(self, model_dir: str, eos_id: int, device: str | None = None):
         self.device = pick_device(device or "auto")
+        self.weights, self.version = Weights(str(model_dir)), 0
         self.model = load_model(model_dir, self.device)
         self.eos_id = eos_id
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else eos_id
 
-    def sample(self, prompts, n, max_tokens, temperature=1.0, top_p=1.0, seed=None) -> list[Rollout]:
+    def sample(self, prompts, n, max_tokens, seed=None, temperature=1.0, top_p=1.0) -> list[Rollout]:
         comps = generate(self.model, prompts, self.eos_id, self.pad_id, max_tokens, temperature, top_p, n, seed=seed)
         expanded = [p for p in prompts for _ in range(n)]
         # logprobs of the untempered distribution, as vLLM reports them
@@ -24,8 +26,12 @@ class HFSampler:
         return [Rollout(i // n, list(p), c, lp, bool(c) and c[-1] == self.eos_id)
                 for i, (p, c, lp) in enumerate(zip(expanded, comps, lps))]
 
-    def update_weights(self, model_dir: str) -> None:
-        self.model = load_model(model_dir, self.device)
+    def publish(self, weights: Weights) -> int:
+        if weights.adapter:
+            raise RuntimeError("the hf sampler serves full weights only (opd.lora needs opd.sampler=vllm)")
+        self.model = load_model(weights.path, self.device)
+        self.weights, self.version = weights, self.version + 1
+        return self.version
 
     def close(self) -> None:
         self.model = None

@@ -1,13 +1,14 @@
-"""vLLM sampler, kept alive across OPD rounds; new student weights are loaded in place.
+"""vLLM sampler, kept alive across OPD rounds; published weights are loaded in place.
 
-The engine reads the round's safetensors checkpoint itself (``reload_weights(weights_path=...)``
-on every worker via ``collective_rpc``), so no engine restart and no tensor copy through the
-driver. ``weight_sync="restart"`` rebuilds the engine instead, for engines where in-place
-reload is not supported.
+The engine reads a published safetensors checkpoint itself (``reload_weights(weights_path=...)`` on
+every worker via ``collective_rpc``), so no engine restart and no tensor copy through the driver.
+``weight_sync="restart"`` rebuilds the engine instead, for engines where in-place reload is not
+supported. Published LoRA adapters are served on top of the engine's weights (a new adapter id each).
 """
 from __future__ import annotations
 
-from opd.sampling.base import Rollout
+from opd.rollouts import Rollout
+from opd.sampling.base import Weights
 from opd.vllm_engine import shutdown_llm, start_llm
 
 
@@ -16,7 +17,7 @@ class VLLMSampler:
                  weight_sync: str = "inplace", gpu_memory_utilization: float = 0.5,
                  kv_cache_gib: int = 1, device: str | None = None, tensor_parallel_size: int = 1,
                  lora_rank: int | None = None):
-        self.model_dir = str(model_dir)
+        self.weights, self.version = Weights(str(model_dir)), 0
         self.eos_id = eos_id
         self.max_model_len = max_model_len
         self.seed = seed
@@ -30,12 +31,12 @@ class VLLMSampler:
         self.llm = self._start()
 
     def _start(self):
-        return start_llm(self.model_dir, seed=self.seed, max_model_len=self.max_model_len,
+        return start_llm(self.weights.path, seed=self.seed, max_model_len=self.max_model_len,
                          gpu_memory_utilization=self.gpu_memory_utilization, kv_cache_gib=self.kv_cache_gib,
                          tensor_parallel_size=self.tensor_parallel_size, max_lora_rank=self.lora_rank)
 
-    def sample(self, prompts: list[list[int]], n: int, max_tokens: int, temperature: float = 1.0,
-               top_p: float = 1.0, seed: int | None = None) -> list[Rollout]:
+    def sample(self, prompts: list[list[int]], n: int, max_tokens: int, seed: int | None = None,
+               temperature: float = 1.0, top_p: float = 1.0) -> list[Rollout]:
         from vllm import SamplingParams
 
         # One seed per prompt: a single seeded SamplingParams gives every request the same random
@@ -54,29 +55,28 @@ class VLLMSampler:
                                         finished=bool(ids) and ids[-1] == self.eos_id))
         return rollouts
 
-    def update_adapter(self, adapter_dir: str | None) -> None:
-        """Sample with these LoRA adapters on top of the engine's weights (None: none). Each call is
-        a new adapter id, so vLLM loads the files afresh rather than serving a cached older step."""
-        if adapter_dir is None:
-            self.lora_request = None
-            return
-        if not self.lora_rank:
-            raise RuntimeError("this sampler was started without LoRA (lora_rank); set opd.lora")
-        from vllm.lora.request import LoRARequest
+    def publish(self, weights: Weights) -> int:
+        """Full weights: reloaded in place (or the engine restarted); adapters: served on top of the
+        engine's weights from the next ``sample``, each under a new id so vLLM loads the files afresh
+        rather than serving a cached older step."""
+        if weights.adapter:
+            if not self.lora_rank:
+                raise RuntimeError("this sampler was started without LoRA (lora_rank); set opd.lora")
+            from vllm.lora.request import LoRARequest
 
-        self._lora_ids += 1
-        self.lora_request = LoRARequest(f"student-{self._lora_ids}", self._lora_ids, str(adapter_dir))
-
-    def update_weights(self, model_dir: str) -> None:
-        self.lora_request = None  # adapters were trained on the old weights
-        if self.weight_sync == "restart":
-            self.close()
-            self.model_dir = str(model_dir)
-            self.llm = self._start()
-            return
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
-        self.llm.reset_prefix_cache()
-        self.model_dir = str(model_dir)
+            self._lora_ids += 1
+            self.lora_request = LoRARequest(f"student-{self._lora_ids}", self._lora_ids, weights.path)
+        else:
+            self.lora_request = None  # adapters were trained on the old weights
+            if self.weight_sync == "restart":
+                self.close()
+                self.weights = weights
+                self.llm = self._start()
+            else:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights.path})
+                self.llm.reset_prefix_cache()
+        self.weights, self.version = weights, self.version + 1
+        return self.version
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None

@@ -20,19 +20,17 @@ already rely on it.
 """
 from __future__ import annotations
 
-import getpass
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from botocore.exceptions import ClientError
 
-from opd.registry.client import RegistryError, RegistryRefusal
-from opd.registry.names import BadRef, validate_alias_name, validate_model_name
-from opd.registry.store import (MANIFEST, _get_text, _is_precondition_failed, _list_keys, _versions_prefix,
-                                list_versions, require_model)
+from opd_ops.registry.client import RegistryError, RegistryRefusal
+from opd.names import validate_alias_name, validate_model_name
+from opd_ops.registry.audit import current_user, record_event
+from opd_ops.registry.s3io import (MANIFEST, get_text, is_precondition_failed, list_keys, model_root, moves_prefix,
+                                   versions_prefix)
 
 _SEQ_DIGITS = 10
 
@@ -51,53 +49,8 @@ class AliasState:
     reason: str
 
 
-def current_user() -> str:
-    user = os.environ.get("OPD_USER")
-    if user:
-        return user
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no login name (containers): still record something
-        return "unknown"
-
-
-def _model_root(prefix: str, model: str) -> str:
-    return f"{prefix.strip('/')}/{model}/"
-
-
-def _moves_prefix(prefix: str, model: str, alias: str) -> str:
-    return f"{_model_root(prefix, model)}aliases/{alias}/moves/"
-
-
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-# ------------------------------------------------------------------------------------ audit
-
-def record_event(s3, bucket: str, prefix: str, model: str, action: str, *, frm=None, to=None,
-                 reason: str = "", by: str | None = None, **extra) -> dict:
-    """Write one audit event (its own object, so concurrent writers never collide)."""
-    at = _now()
-    event = {"at": at.isoformat(), "by": by or current_user(), "action": action, "reason": reason,
-             "from": frm, "to": to, **extra}
-    key = f"{_model_root(prefix, model)}audit/{at.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex}.json"
-    s3.put_object(Bucket=bucket, Key=key, Body=json.dumps(event, default=str).encode(),
-                  ContentType="application/json")
-    return event
-
-
-def audit(s3, bucket: str, prefix: str, model: str) -> list[dict]:
-    """Every audit event of `model`, oldest first; RegistryRefusal if the model does not exist at all."""
-    validate_model_name(model)
-    out = []
-    for key in sorted(_list_keys(s3, bucket, f"{_model_root(prefix, model)}audit/")):
-        body = _get_text(s3, bucket, key)
-        if body is not None:
-            out.append(json.loads(body))
-    if not out:
-        require_model(s3, bucket, prefix, model)
-    return out
 
 
 # ------------------------------------------------------------------------------------ aliases
@@ -112,10 +65,10 @@ def read_alias(s3, bucket: str, prefix: str, model: str, alias: str) -> AliasSta
     """The alias's current state (head of its move log), or None if it was never set."""
     validate_model_name(model)
     validate_alias_name(alias)
-    mp = _moves_prefix(prefix, model, alias)
-    seqs = sorted(s for k in _list_keys(s3, bucket, mp) if (s := _seq_of(k)) is not None)
+    mp = moves_prefix(prefix, model, alias)
+    seqs = sorted(s for k in list_keys(s3, bucket, mp) if (s := _seq_of(k)) is not None)
     for seq in reversed(seqs):
-        body = _get_text(s3, bucket, f"{mp}{seq:0{_SEQ_DIGITS}d}.json")
+        body = get_text(s3, bucket, f"{mp}{seq:0{_SEQ_DIGITS}d}.json")
         if body is not None:
             d = json.loads(body)
             return AliasState(alias, int(d["version"]), seq, d.get("updated_at", ""), d.get("by", ""),
@@ -125,7 +78,7 @@ def read_alias(s3, bucket: str, prefix: str, model: str, alias: str) -> AliasSta
 
 def list_aliases(s3, bucket: str, prefix: str, model: str) -> dict[str, AliasState]:
     validate_model_name(model)
-    root = f"{_model_root(prefix, model)}aliases/"
+    root = f"{model_root(prefix, model)}aliases/"
     out = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=root, Delimiter="/"):
         for p in page.get("CommonPrefixes", []):
@@ -155,7 +108,7 @@ def promote(s3, bucket: str, prefix: str, model: str, version: int, alias: str, 
     if not reason or not reason.strip():
         raise RegistryRefusal("a reason is required to move an alias")
     version = int(version)
-    manifest_key = f"{_versions_prefix(prefix, model)}{version}/{MANIFEST}"
+    manifest_key = f"{versions_prefix(prefix, model)}{version}/{MANIFEST}"
     try:
         s3.head_object(Bucket=bucket, Key=manifest_key)
     except ClientError as e:
@@ -168,12 +121,12 @@ def promote(s3, bucket: str, prefix: str, model: str, version: int, alias: str, 
     who = by or current_user()
     state = AliasState(alias, version, seq, _now().isoformat(), who, reason)
     body = {k: v for k, v in asdict(state).items() if k != "alias"}
-    mp = _moves_prefix(prefix, model, alias)
+    mp = moves_prefix(prefix, model, alias)
     try:
         s3.put_object(Bucket=bucket, Key=f"{mp}{seq:0{_SEQ_DIGITS}d}.json", Body=json.dumps(body).encode(),
                       IfNoneMatch="*", ContentType="application/json")
     except ClientError as e:
-        if not _is_precondition_failed(e):
+        if not is_precondition_failed(e):
             raise
         now = read_alias(s3, bucket, prefix, model, alias)
         if now is not None and now.seq == seq and now.updated_at == state.updated_at and now.by == who \
@@ -191,7 +144,7 @@ def promote(s3, bucket: str, prefix: str, model: str, version: int, alias: str, 
 
 def _write_mirror(s3, bucket: str, prefix: str, model: str, alias: str) -> None:
     """Best effort: copy the log head to aliases/<alias>.json; re-check so a late writer re-syncs it."""
-    key = f"{_model_root(prefix, model)}aliases/{alias}.json"
+    key = f"{model_root(prefix, model)}aliases/{alias}.json"
     written = None
     for _ in range(3):
         head = read_alias(s3, bucket, prefix, model, alias)
@@ -203,38 +156,3 @@ def _write_mirror(s3, bucket: str, prefix: str, model: str, alias: str) -> None:
         written = head
 
 
-# ------------------------------------------------------------------------------------ refs
-
-def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
-    """'MODEL' | 'MODEL@alias' | 'MODEL:version' -> (model, alias, version)."""
-    alias = version = None
-    if "@" in ref:
-        model, alias = ref.split("@", 1)
-        validate_alias_name(alias)
-    elif ":" in ref:
-        model, v = ref.rsplit(":", 1)
-        if not (v.isascii() and v.isdigit()) or int(v) < 1:
-            raise BadRef(f"bad version in {ref!r}: use MODEL:N with N >= 1")
-        version = int(v)
-    else:
-        model = ref
-    validate_model_name(model)
-    return model, alias, version
-
-
-def resolve(s3, bucket: str, prefix: str, ref: str) -> tuple[str, int]:
-    """(model, published version) for a ref; a bare MODEL means its latest published version."""
-    model, alias, version = parse_ref(ref)
-    if alias is not None:
-        st = read_alias(s3, bucket, prefix, model, alias)
-        if st is None:
-            raise RegistryRefusal(f"{model} has no alias {alias!r}")
-        version = st.version
-    published = list_versions(s3, bucket, prefix, model)
-    if version is None:
-        if not published:
-            raise RegistryRefusal(f"{model} has no published version in s3://{bucket}/{prefix.strip('/')}")
-        return model, published[-1]
-    if version not in published:
-        raise RegistryRefusal(f"{model}:{version} is not published")
-    return model, version

@@ -6,14 +6,13 @@ and reasons read from S3 are printed literally (the CLI console has markup off).
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
-from opd.cli import _load, _point_at_stack, console, fail, promote_args, say
+from opd_ops.console import console, fail, load_config_or_exit, point_at_stack, promote_args, refusals, say
 
 registry_app = typer.Typer(no_args_is_help=True, help="Browse the S3 model registry, pull, verify, promote.")
 
@@ -28,50 +27,27 @@ def _target(config: Path, bucket: Optional[str], prefix: Optional[str]):
     so '[/x]' stays a string), which the config schema checks like the config's own values."""
     import json
 
-    from opd.registry.client import make_client
+    from opd.storage import make_client
 
     given = (("bucket", bucket), ("prefix", prefix))
-    cfg = _load(config, [f"registry.{k}={json.dumps(v)}" for k, v in given if v is not None])
-    _point_at_stack(cfg)
+    cfg = load_config_or_exit(config, [f"registry.{k}={json.dumps(v)}" for k, v in given if v is not None])
+    point_at_stack(cfg)
     return make_client(cfg.registry.endpoint_url, cfg.registry.region), cfg.registry.bucket, cfg.registry.prefix
-
-
-@contextlib.contextmanager
-def _refusals(s3=None):
-    """Registry refusals, bad refs and S3 errors -> one red line and exit code 1.
-
-    With `s3`, an endpoint that does not answer is named with what to check (the local stack is
-    suggested only when the endpoint is loopback)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from opd.registry.client import RegistryError, named_s3_errors
-
-    try:
-        with named_s3_errors(s3, "registry") if s3 is not None else contextlib.nullcontext():
-            yield
-    except typer.Exit:
-        raise
-    except (RegistryError, ValueError) as e:
-        fail(str(e))
-    except ClientError as e:
-        err = e.response.get("Error", {})
-        fail(f"S3 error: {err.get('Code', '?')}: {err.get('Message', '')}".rstrip(": "))
-    except (BotoCoreError, OSError) as e:  # botocore's messages can span lines: keep it to one
-        fail(f"registry error: {type(e).__name__}: {' '.join(str(e).split())}")
 
 
 @registry_app.command("ls")
 def registry_ls(model: Optional[str] = typer.Argument(None), config: Path = ConfigOpt,
                 bucket: Optional[str] = BucketOpt, prefix: Optional[str] = PrefixOpt):
     """List models, or the published versions of MODEL."""
-    from opd.registry.aliases import list_aliases
-    from opd.registry.store import list_models, list_versions, read_manifest, require_model
+    from opd_ops.registry.aliases import list_aliases
+    from opd_ops.registry.s3io import require_model
+    from opd_ops.registry.store import list_models, list_versions, read_manifest
 
     s3, bucket, prefix = _target(config, bucket, prefix)
     table = Table(title=f"s3://{bucket}/{prefix}")
     for c in ("model", "version", "aliases", "created_at", "accuracy", "reverse_kl", "files"):
         table.add_column(c)
-    with _refusals(s3):
+    with refusals(s3):
         if model:
             require_model(s3, bucket, prefix, model)
         for m in [model] if model else list_models(s3, bucket, prefix):
@@ -92,18 +68,19 @@ def registry_show(ref: str = typer.Argument(..., help="MODEL, MODEL:VERSION or M
                   config: Path = ConfigOpt, bucket: Optional[str] = BucketOpt, prefix: Optional[str] = PrefixOpt,
                   card: bool = typer.Option(False, "--card", help="print the version's README.md model card")):
     """Show one version: lineage, metrics, aliases and files."""
-    from opd.registry.aliases import list_aliases, resolve
-    from opd.registry.store import read_manifest
+    from opd_ops.registry.aliases import list_aliases
+    from opd_ops.registry.refs import resolve
+    from opd_ops.registry.store import read_manifest
 
     s3, bucket, prefix = _target(config, bucket, prefix)
-    with _refusals(s3):
+    with refusals(s3):
         model, version = resolve(s3, bucket, prefix, ref)
         man = read_manifest(s3, bucket, prefix, model, version)
         aliases = [a for a, st in list_aliases(s3, bucket, prefix, model).items() if st.version == version]
         if card:
-            from opd.registry.store import _versions_prefix
+            from opd_ops.registry.s3io import versions_prefix
 
-            key = f"{_versions_prefix(prefix, model)}{version}/README.md"
+            key = f"{versions_prefix(prefix, model)}{version}/README.md"
             console.print(s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode())
             return
     info = Table(title=f"{model}:{version}  s3://{bucket}/{prefix.strip('/')}/{model}/versions/{version}/",
@@ -136,10 +113,10 @@ def registry_pull(ref: str = typer.Argument(..., help="MODEL, MODEL:VERSION or M
                   dest: Path = typer.Argument(..., help="new directory to create"),
                   config: Path = ConfigOpt, bucket: Optional[str] = BucketOpt, prefix: Optional[str] = PrefixOpt):
     """Download a version into DEST, verifying every file's sha256 and size (all or nothing)."""
-    from opd.registry.store import pull
+    from opd_ops.registry.refs import pull
 
     s3, bucket, prefix = _target(config, bucket, prefix)
-    with _refusals(s3):
+    with refusals(s3):
         model, version, out = pull(s3, bucket, prefix, ref, dest)
     say(f"pulled {model}:{version} -> {out} (every file verified)")
 
@@ -148,11 +125,11 @@ def registry_pull(ref: str = typer.Argument(..., help="MODEL, MODEL:VERSION or M
 def registry_verify(ref: str = typer.Argument(..., help="MODEL, MODEL:VERSION or MODEL@ALIAS"),
                     config: Path = ConfigOpt, bucket: Optional[str] = BucketOpt, prefix: Optional[str] = PrefixOpt):
     """Check every file of a version against its manifest (sha256 and size) in S3."""
-    from opd.registry.aliases import resolve
-    from opd.registry.store import verify
+    from opd_ops.registry.refs import resolve
+    from opd_ops.registry.store import verify
 
     s3, bucket, prefix = _target(config, bucket, prefix)
-    with _refusals(s3):
+    with refusals(s3):
         model, version = resolve(s3, bucket, prefix, ref)
         problems = verify(s3, bucket, prefix, model, version)
     if problems:
@@ -168,12 +145,13 @@ def registry_promote(ref: str = typer.Argument(..., help="MODEL:VERSION to point
                                                     help="skip checking the version's files against its manifest"),
                      config: Path = ConfigOpt, bucket: Optional[str] = BucketOpt, prefix: Optional[str] = PrefixOpt):
     """Move ALIAS to MODEL:VERSION after checking its files (refused if unpublished, corrupt, or the alias moved)."""
-    from opd.registry.aliases import promote, read_alias, resolve
-    from opd.registry.store import verify
+    from opd_ops.registry.aliases import promote, read_alias
+    from opd_ops.registry.refs import resolve
+    from opd_ops.registry.store import verify
 
     model, version = promote_args(ref, to, reason, code=1)  # before the config or S3 is touched
     s3, bucket, prefix = _target(config, bucket, prefix)
-    with _refusals(s3):
+    with refusals(s3):
         resolve(s3, bucket, prefix, f"{model}:{version}")
         problems = [] if no_verify else verify(s3, bucket, prefix, model, version)
         if problems:
@@ -192,10 +170,11 @@ def registry_gc(model: str = typer.Argument(...),
                                                       "publish: a live publisher's claim looks the same)"),
                 config: Path = ConfigOpt, bucket: Optional[str] = BucketOpt, prefix: Optional[str] = PrefixOpt):
     """Delete MODEL's aborted publishes: versions with a claim (and maybe partial files) but no manifest."""
-    from opd.registry.store import gc_orphans, require_model
+    from opd_ops.registry.s3io import require_model
+    from opd_ops.registry.store import gc_orphans
 
     s3, bucket, prefix = _target(config, bucket, prefix)
-    with _refusals(s3):
+    with refusals(s3):
         require_model(s3, bucket, prefix, model)
         deleted = gc_orphans(s3, bucket, prefix, model, older_than)
     if not deleted:
@@ -209,10 +188,10 @@ def registry_gc(model: str = typer.Argument(...),
 def registry_audit(model: str = typer.Argument(...), config: Path = ConfigOpt, bucket: Optional[str] = BucketOpt,
                    prefix: Optional[str] = PrefixOpt):
     """The audit log of MODEL, oldest first: who did what, when, why."""
-    from opd.registry.aliases import audit
+    from opd_ops.registry.audit import audit
 
     s3, bucket, prefix = _target(config, bucket, prefix)
-    with _refusals(s3):
+    with refusals(s3):
         events = audit(s3, bucket, prefix, model)
     table = Table(title=f"audit: {model}")
     for c in ("at", "by", "action", "alias", "from", "to", "reason"):

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,13 +29,13 @@ from pathlib import Path
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 
-from opd.paths import safe_rel, within
-from opd.registry.client import RegistryError, RegistryRefusal, ensure_bucket, named_s3_errors
-from opd.registry.names import validate_model_name
+from opd.storage import sha256_file
+from opd_ops.registry.audit import record_event
+from opd_ops.registry.client import RegistryError, RegistryRefusal, ensure_bucket, named_s3_errors
+from opd_ops.registry.s3io import (CARD, CLAIM, MANIFEST, get_text, is_precondition_failed, list_keys,
+                                   versions_prefix)
+from opd.names import validate_model_name
 
-MANIFEST = "manifest.json"
-CLAIM = ".claim"
-CARD = "README.md"
 TRANSFER = TransferConfig(multipart_threshold=64 * 1024 * 1024, multipart_chunksize=64 * 1024 * 1024)
 
 
@@ -49,49 +47,9 @@ class Published:
     manifest: dict
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _versions_prefix(prefix: str, model: str) -> str:
-    return f"{prefix.strip('/')}/{model}/versions/"
-
-
-def _list_keys(s3, bucket: str, prefix: str) -> list[str]:
-    """Keys under prefix; a bucket that does not exist yet holds no keys (publish creates it)."""
-    keys = []
-    try:
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys.extend(o["Key"] for o in page.get("Contents", []))
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") != "NoSuchBucket":
-            raise
-    return keys
-
-
-def _is_precondition_failed(e: ClientError) -> bool:
-    """412 PreconditionFailed, or 409 ConditionalRequestConflict (a concurrent conditional write)."""
-    return e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412", "ConditionalRequestConflict") or \
-        e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in (409, 412)
-
-
-def _get_text(s3, bucket: str, key: str) -> str | None:
-    """An object's body as text, or None when it does not exist."""
-    try:
-        return s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
-            return None
-        raise
-
-
 def _version_objects(s3, bucket: str, prefix: str, model: str) -> dict[int, dict[str, dict]]:
     """version -> {relative path -> list_objects entry}, for every version key (claimed or published)."""
-    vp = _versions_prefix(prefix, model)
+    vp = versions_prefix(prefix, model)
     out: dict[int, dict[str, dict]] = {}
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=vp):
         for o in page.get("Contents", []):
@@ -103,9 +61,9 @@ def _version_objects(s3, bucket: str, prefix: str, model: str) -> dict[int, dict
 
 def list_versions(s3, bucket: str, prefix: str, model: str) -> list[int]:
     """Published versions only (those with a manifest)."""
-    vp = _versions_prefix(prefix, model)
+    vp = versions_prefix(prefix, model)
     out = set()
-    for k in _list_keys(s3, bucket, vp):
+    for k in list_keys(s3, bucket, vp):
         rest = k[len(vp):].split("/")
         if len(rest) == 2 and rest[1] == MANIFEST and rest[0].isdigit():
             out.add(int(rest[0]))
@@ -117,22 +75,8 @@ def list_models(s3, bucket: str, prefix: str) -> list[str]:
     return sorted(p["Prefix"].rstrip("/").rsplit("/", 1)[-1] for p in res.get("CommonPrefixes", []))
 
 
-def require_model(s3, bucket: str, prefix: str, model: str) -> None:
-    """RegistryRefusal unless `model` has at least one object (a version, a claim, an alias or an event)."""
-    validate_model_name(model)
-    try:
-        found = s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix.strip('/')}/{model}/", MaxKeys=1).get("Contents")
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") != "NoSuchBucket":
-            raise
-        found = None
-    if not found:
-        raise RegistryRefusal(f"no model {model!r} in s3://{bucket}/{prefix.strip('/')}/ "
-                              "(`opd registry ls` lists the models there)")
-
-
 def read_manifest(s3, bucket: str, prefix: str, model: str, version: int) -> dict:
-    key = f"{_versions_prefix(prefix, model)}{version}/{MANIFEST}"
+    key = f"{versions_prefix(prefix, model)}{version}/{MANIFEST}"
     try:
         return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
     except ClientError as e:
@@ -142,7 +86,7 @@ def read_manifest(s3, bucket: str, prefix: str, model: str, version: int) -> dic
 
 
 def _claim_version(s3, bucket: str, prefix: str, model: str, token: str, taken: set[int] | None = None) -> int:
-    vp = _versions_prefix(prefix, model)
+    vp = versions_prefix(prefix, model)
     if taken is None:
         taken = set(_version_objects(s3, bucket, prefix, model))
     n = max(taken, default=0) + 1
@@ -151,10 +95,10 @@ def _claim_version(s3, bucket: str, prefix: str, model: str, token: str, taken: 
             s3.put_object(Bucket=bucket, Key=f"{vp}{n}/{CLAIM}", Body=token.encode(), IfNoneMatch="*")
             return n
         except ClientError as e:
-            if not _is_precondition_failed(e):
+            if not is_precondition_failed(e):
                 raise
             # A retried request whose first attempt did land reads as a 412 on our own claim.
-            if _get_text(s3, bucket, f"{vp}{n}/{CLAIM}") == token:
+            if get_text(s3, bucket, f"{vp}{n}/{CLAIM}") == token:
                 return n
             n += 1
     raise RegistryError(f"could not claim a version number for {model}")
@@ -163,9 +107,9 @@ def _claim_version(s3, bucket: str, prefix: str, model: str, token: str, taken: 
 def _find_own_claim(s3, bucket: str, prefix: str, model: str, token: str,
                     objs: dict[int, dict[str, dict]]) -> int | None:
     """The newest version whose .claim holds `token` (a previous attempt of this publisher)."""
-    vp = _versions_prefix(prefix, model)
+    vp = versions_prefix(prefix, model)
     for n in sorted(objs, reverse=True):
-        if CLAIM in objs[n] and _get_text(s3, bucket, f"{vp}{n}/{CLAIM}") == token:
+        if CLAIM in objs[n] and get_text(s3, bucket, f"{vp}{n}/{CLAIM}") == token:
             return n
     return None
 
@@ -199,14 +143,14 @@ def publish(s3, bucket: str, prefix: str, model: str, src_dir: str | Path, linea
 
 def _publish(s3, bucket: str, prefix: str, model: str, src: Path, lineage: dict,
              claim_token: str | None) -> Published:
-    from opd.registry.card import render_card
+    from opd_ops.registry.card import render_card
 
     files = sorted(p for p in src.rglob("*") if p.is_file())
     if not files:
         raise RegistryRefusal(f"nothing to publish in {src}")
     entries = _local_entries(src, files)
     ensure_bucket(s3, bucket)
-    vp = _versions_prefix(prefix, model)
+    vp = versions_prefix(prefix, model)
     objs = _version_objects(s3, bucket, prefix, model)
     n = None
     if claim_token:
@@ -233,14 +177,14 @@ def _publish(s3, bucket: str, prefix: str, model: str, src: Path, lineage: dict,
         card = render_card(manifest).encode()
         s3.put_object(Bucket=bucket, Key=base + CARD, Body=card, ContentType="text/markdown; charset=utf-8")
         entries.append({"path": CARD, "sha256": hashlib.sha256(card).hexdigest(), "size": len(card)})
-    if _get_text(s3, bucket, base + CLAIM) != token:
+    if get_text(s3, bucket, base + CLAIM) != token:
         raise RegistryError(f"{model}:{n}: our claim disappeared while we uploaded (garbage-collected as an "
                             "orphan?); publish again")
     try:
         s3.put_object(Bucket=bucket, Key=base + MANIFEST, Body=json.dumps(manifest, indent=2, default=str).encode(),
                       IfNoneMatch="*", ContentType="application/json")
     except ClientError as e:
-        if not _is_precondition_failed(e):
+        if not is_precondition_failed(e):
             raise
         existing = read_manifest(s3, bucket, prefix, model, n)
         if existing.get("claim") != token:
@@ -251,8 +195,6 @@ def _publish(s3, bucket: str, prefix: str, model: str, src: Path, lineage: dict,
 
 
 def _audit_publish(s3, bucket: str, prefix: str, model: str, n: int, lineage: dict) -> None:
-    from opd.registry.aliases import record_event
-
     try:
         record_event(s3, bucket, prefix, model, "publish", frm=None, to=n,
                      reason=f"run {lineage.get('run_key', '?')}", run_key=lineage.get("run_key"))
@@ -271,7 +213,7 @@ def _hash_object(s3, bucket: str, key: str) -> tuple[str, int]:
 def verify(s3, bucket: str, prefix: str, model: str, version: int) -> list[str]:
     """Problems found (empty = every file present with the manifest's sha256 and size)."""
     man = read_manifest(s3, bucket, prefix, model, version)
-    base = f"{_versions_prefix(prefix, model)}{version}/"
+    base = f"{versions_prefix(prefix, model)}{version}/"
     problems = []
     for f in man["files"]:
         try:
@@ -284,48 +226,6 @@ def verify(s3, bucket: str, prefix: str, model: str, version: int) -> list[str]:
     return problems
 
 
-def pull(s3, bucket: str, prefix: str, ref: str, dest_dir: str | Path) -> tuple[str, int, Path]:
-    """Download REF (MODEL, MODEL@alias, MODEL:version) into `dest_dir`, all or nothing.
-
-    Files land in a temp dir beside the destination; each is checked against the manifest's
-    sha256 and size, and only a fully verified copy is renamed into place.  A mismatch raises
-    RegistryError naming the file and leaves nothing at `dest_dir`.  `dest_dir` must not exist
-    (an empty directory is accepted).  Returns (model, version, dest).
-    """
-    from opd.registry.aliases import resolve
-
-    model, version = resolve(s3, bucket, prefix, ref)
-    dest = Path(dest_dir).absolute()
-    if dest.exists() and not (dest.is_dir() and not any(dest.iterdir())):
-        raise RegistryRefusal(f"{dest} already exists and is not an empty directory; choose a new one")
-    man = read_manifest(s3, bucket, prefix, model, version)
-    base = f"{_versions_prefix(prefix, model)}{version}/"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.pull-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        for f in man["files"]:
-            rel = safe_rel(f["path"], f"{model}:{version} manifest path").as_posix()
-            local = within(tmp, rel, field=f"{model}:{version} manifest path")
-            local.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                s3.download_file(bucket, base + rel, str(local), Config=TRANSFER)
-            except ClientError as e:
-                raise RegistryRefusal(f"{model}:{version}: {rel} is missing in S3 "
-                                    f"({e.response.get('Error', {}).get('Code')})") from None
-            size = local.stat().st_size
-            if size != f["size"] or sha256_file(local) != f["sha256"]:
-                raise RegistryRefusal(f"{model}:{version}: {rel} does not match the manifest (sha256/size); "
-                                    "the stored copy is corrupt or was tampered with; nothing was written")
-        if dest.exists():
-            dest.rmdir()
-        os.rename(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return model, version, dest
-
-
 def gc_orphans(s3, bucket: str, prefix: str, model: str, older_than_s: float) -> list[int]:
     """Delete versions that have no manifest and saw no write for `older_than_s` seconds.
 
@@ -335,7 +235,7 @@ def gc_orphans(s3, bucket: str, prefix: str, model: str, older_than_s: float) ->
     Returns the deleted version numbers.
     """
     validate_model_name(model)
-    vp = _versions_prefix(prefix, model)
+    vp = versions_prefix(prefix, model)
     now = datetime.now(timezone.utc)
     deleted = []
     for n, objs in sorted(_version_objects(s3, bucket, prefix, model).items()):
@@ -353,8 +253,6 @@ def gc_orphans(s3, bucket: str, prefix: str, model: str, older_than_s: float) ->
             s3.delete_object(Bucket=bucket, Key=f"{vp}{n}/{rel}")
         deleted.append(n)
     if deleted:
-        from opd.registry.aliases import record_event
-
-        record_event(s3, bucket, prefix, model, "gc_orphans", frm=None, to=None,
+            record_event(s3, bucket, prefix, model, "gc_orphans", frm=None, to=None,
                      reason=f"no manifest, idle > {older_than_s:g} s", versions=deleted)
     return deleted

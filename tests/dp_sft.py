@@ -1,7 +1,7 @@
 """Data-parallel SFT steps through the one update path (opd.trainer.StudentTrainer, on accelerate).
 
-Launch with one process (``python -m opd.distributed``) or several
-(``torchrun --nproc_per_node=2 -m opd.distributed`` / ``accelerate launch --num_processes 2 -m opd.distributed``);
+A test helper, launched with one process (``python tests/dp_sft.py``) or several
+(``torchrun --nproc_per_node=2 tests/dp_sft.py`` / ``accelerate launch --num_processes 2 tests/dp_sft.py``);
 on CPU the processes talk over gloo. Every rank takes its contiguous rows of the same global batch;
 the loss is the token-weighted mean over the *global* batch, so the loss trajectory does not depend
 on the number of processes or micro-batches (up to float summation order).
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from opd.trainer import MIXED_PRECISION, StudentTrainer
-from opd.training import sft_step
+from opd.sft import sft_step
 
 Pair = tuple[list[int], list[int]]
 

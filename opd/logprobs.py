@@ -1,4 +1,4 @@
-"""Token log-probs under a model: the teacher's grade of each sampled token, and the student's.
+"""Token log-probs under a transformers model: the teacher's grade of each sampled token, and the student's.
 
 Only the sampled token's log-prob is kept: logits are upcast per micro-batch, never for the
 whole batch at once.

@@ -1,21 +1,16 @@
-"""One S3 client for the whole pipeline: adaptive retries, path-style addressing, clear errors.
-
-Credentials come only from the environment / AWS config chain; they are never logged.
-"""
+"""The registry's S3 errors: refusals (permanent) vs an unreachable endpoint (retryable), each naming the
+endpoint and what to check. The client itself is ``opd.storage.make_client``."""
 from __future__ import annotations
 
 import contextlib
-import os
 from urllib.parse import urlsplit
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError, NoCredentialsError
 from botocore.exceptions import ConnectionError as S3ConnectionError
 
 from opd.errors import PermanentError
+from opd.storage import LOCAL_ENDPOINT_ENV
 
-LOCAL_ENDPOINT_ENV = "OPD_S3_ENDPOINT"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -55,19 +50,6 @@ def named_s3_errors(s3, what: str):
     except NoCredentialsError:
         raise RegistryRefusal(f"{what}: no AWS credentials for S3 endpoint {s3.meta.endpoint_url}; set "
                               "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE") from None
-
-
-def make_client(endpoint_url: str | None = None, region: str = "us-east-1", *, max_attempts: int = 8,
-                connect_timeout: float = 5, read_timeout: float = 60):
-    """An S3 client; `max_attempts` (adaptive retries) and the timeouts are lowered by fault tests."""
-    endpoint_url = endpoint_url or os.environ.get(LOCAL_ENDPOINT_ENV)
-    session = boto3.session.Session()
-    if session.get_credentials() is None and endpoint_url and "127.0.0.1" in endpoint_url:
-        # The local SeaweedFS runs open; boto3 still signs, so give it throwaway local keys.
-        session = boto3.session.Session(aws_access_key_id="opd-local", aws_secret_access_key="opd-local")
-    cfg = Config(retries={"max_attempts": max_attempts, "mode": "adaptive"}, s3={"addressing_style": "path"},
-                 connect_timeout=connect_timeout, read_timeout=read_timeout)
-    return session.client("s3", endpoint_url=endpoint_url, region_name=region, config=cfg)
 
 
 def ensure_bucket(s3, bucket: str) -> None:

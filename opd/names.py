@@ -1,4 +1,4 @@
-"""Model and alias name rules shared by config validation, the registry and the CLI.
+"""Registry model and alias name rules, shared by config validation, the registry and the CLI.
 
 Both kinds of name become one S3 key component and, in the promote flow, part of a run
 directory, so they follow the one path guard (``opd.paths.check_name``) with the registry's

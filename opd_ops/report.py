@@ -19,14 +19,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opd.records import RoundMetrics, RunLayout, read_done
+
 SAVED_LINEAGE = "lineage.json"  # build_report writes the lineage it rendered next to the report
-REPORT_DIR = "report"  # the distill flow's report lives in <run_dir>/report/
 PLOT_DPI = 100
 ARTIFACT_DPI = 60  # plots embedded into a Prefect artifact as data URIs: keep the payload small
 
 EVAL_LABELS = {"teacher": "teacher", "sft_student": "student after SFT", "opd_student": "student after OPD",
                "incumbent": "incumbent", "candidate": "candidate"}
-TIMING_KEYS = ("sample_s", "score_s", "update_s", "sync_s")
+TIMING_KEYS = RoundMetrics.TIMINGS
 ROUND_COLUMNS = ("round", "reverse_kl", "eval_slice_accuracy", "student_entropy", "loss", "grad_norm",
                  "mean_completion_tokens", "eos_fraction", *TIMING_KEYS)
 ROUND_COLUMNS_COMPACT = ("round", "reverse_kl", "eval_slice_accuracy", "student_entropy", *TIMING_KEYS)
@@ -56,10 +57,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _round_no(p: Path) -> int:
-    return int(p.name.split("_", 1)[1])
-
-
 def lineage_from_run_dir(run_dir: str | Path) -> dict:
     """A lineage-like dict from a run directory, for runs that were never registered (or are still going).
 
@@ -67,26 +64,24 @@ def lineage_from_run_dir(run_dir: str | Path) -> dict:
     Evaluation and gates are not stored by the stages; they come from ``report/lineage.json``
     when the flow got as far as writing its report.
     """
-    rd = Path(run_dir)
-    if not rd.is_dir():
-        raise FileNotFoundError(f"no run directory {rd}")
-    lin: dict = {"run_key": rd.name, "source": f"run directory {rd}", "metrics": {}, "gates": {}, "rounds": [],
-                 "cost": []}
-    sft = _read_json(rd / "sft" / "done.json")
+    run = RunLayout(Path(run_dir))
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"no run directory {run.root}")
+    lin: dict = {"run_key": run.root.name, "source": f"run directory {run.root}", "metrics": {}, "gates": {},
+                 "rounds": [], "cost": []}
+    sft = read_done(run.sft)
     if sft:
         lin["sft"] = sft.get("metrics", {})
         lin["student_params"] = sft.get("params")
         lin["cost"] += [c for c in (sft.get("data_cost"), sft.get("cost")) if c]
-    for d in sorted((p for p in rd.glob("round_*") if re.fullmatch(r"round_\d+", p.name)), key=_round_no):
-        meta = _read_json(d / "done.json")
-        if meta is None:  # a round in progress or crashed: not part of the run (yet)
-            continue
-        lin["rounds"].append({"round": _round_no(d), **meta.get("metrics", {})})
+    for d in run.rounds():  # completed rounds only: one in progress or crashed is not part of the run (yet)
+        meta = read_done(d)
+        lin["rounds"].append(RoundMetrics.from_dict(meta.get("metrics", {})).as_dict())
         if meta.get("cost"):
             lin["cost"].append(meta["cost"])
-    if (reg := _read_json(rd / "registered.json")) is not None:
+    if (reg := _read_json(run.registered)) is not None:
         lin["registered"] = reg
-    if (saved := _read_json(rd / REPORT_DIR / SAVED_LINEAGE)) is not None:
+    if (saved := _read_json(run.report / SAVED_LINEAGE)) is not None:
         saved.pop("source", None)
         lin.update({k: v for k, v in saved.items() if v not in (None, {}, [])})
     return lin
@@ -94,8 +89,8 @@ def lineage_from_run_dir(run_dir: str | Path) -> dict:
 
 def lineage_from_registry(s3, bucket: str, prefix: str, ref: str) -> dict:
     """The lineage a model version was registered with (its manifest), for MODEL, MODEL:N or MODEL@alias."""
-    from opd.registry.aliases import resolve
-    from opd.registry.store import read_manifest
+    from opd_ops.registry.refs import resolve
+    from opd_ops.registry.store import read_manifest
 
     model, version = resolve(s3, bucket, prefix, ref)
     man = read_manifest(s3, bucket, prefix, model, version)

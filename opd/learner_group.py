@@ -1,13 +1,13 @@
-"""The OPD update step on several processes (torchrun; DDP, or FSDP2 for students too big for one GPU).
+"""The learner on several processes (torchrun; DDP, or FSDP2 for students too big for one GPU).
 
-The round's driver (``opd.pipeline.opd_round``) keeps the vLLM sampler and the teacher scorer; a
-group launched once per round keeps the student and its optimizer in memory, so a step costs one
-message each way, not a model load. They talk through files in the round's work dir (one
-filesystem: a node, or a pod's volume): the driver writes ``step_<i>.pt`` (rollouts, teacher
-logprobs, learning rate); every rank trains on its shard (``opd_update``'s global token
-weighting makes the step equal to the one-process step); rank 0 writes the new weights to the sync
-dir the sampler reloads from, then ``step_<i>.json`` (metrics). ``stop`` makes the group write the
-final weights and optimizer state and exit. Ranks exit on their own if the driver dies.
+The round's driver keeps the sampler and the teacher; a group launched once per round keeps the
+student and its optimizer in memory, so a step costs one message each way, not a model load. They
+talk through files in the round's work dir (one filesystem: a node, or a pod's volume): the driver
+writes ``step_<i>.pt`` (the train batch and the learning rate); every rank runs ``learn_step`` on its
+shard (global token weighting makes the step equal to the one-process step); rank 0 writes the new
+weights to the sync dir the sampler reloads from, then ``step_<i>.json`` (metrics). ``stop`` makes
+the group write the final weights and optimizer state and exit. Ranks exit on their own if the
+driver dies. The loss spec travels as one JSON object.
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from opd.errors import PermanentError
-from opd.models import pick_device
-from opd.sampling.base import Rollout
-from opd.teachers import TopKScores
+from opd.models import load_model, pick_device
+from opd.rollouts import TrainBatch
+from opd.sampling.base import Weights
 
 POLL_S = 0.02
 
@@ -39,24 +39,17 @@ class GroupSpec:
     device: str  # "auto" | "cpu" | "cuda"
     student_dir: str
     optimizer_path: str | None  # previous round's state; None = fresh Adam
-    teacher_dir: str | None  # only the logit losses run the teacher inside the update
+    teacher_dir: str | None  # set when the loss reads the teacher's logits: every rank runs the teacher
     sync_dir: str
     final_dir: str
     lr: float
     pad_id: int
     micro_batch: int
-    kl_coef: float
-    clip_ratio: float | None
-    baseline: str
-    loss: str
-    topk: int
-    gkd_beta: float
-    forward_kl_coef: float
+    loss: str  # the loss spec as JSON (opd.config.LossSpec)
     driver_pid: int
     devices: list[int] | None = None  # CUDA_VISIBLE_DEVICES for the ranks
     lora: dict | None = None  # opd.config.LoraSpec fields: train adapters, sync adapters, merge at the end
     mixed_precision: str = "no"
-    discount: float = 0.0
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -67,8 +60,8 @@ def _write_atomic(path: Path, write) -> None:
 
 # ---------------------------------------------------------------- driver side
 
-class UpdateGroup:
-    """Driver-side handle: start the ranks, feed them steps, collect the final checkpoint."""
+class GroupLearner:
+    """Driver-side handle (a ``Learner``): start the ranks, feed them steps, collect the final checkpoint."""
 
     def __init__(self, spec: GroupSpec, workdir: Path):
         self.spec, self.workdir, self.step_i = spec, Path(workdir), 0
@@ -85,7 +78,7 @@ class UpdateGroup:
         if pick_device(spec.device).type != "cuda":
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.num_processes))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={spec.num_processes}",
-               "-m", "opd.update_group", "--workdir", str(self.workdir)]
+               "-m", "opd.learner_group", "--workdir", str(self.workdir)]
         self.log = open(self.workdir / "group.log", "ab")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -106,24 +99,26 @@ class UpdateGroup:
         self.log.flush()
         return (self.workdir / "group.log").read_bytes()[-n:].decode(errors="replace")
 
-    def update(self, rollouts: list[Rollout], teacher_logprobs: list[list[float]] | None, lr: float,
-               teacher_topk=None) -> dict:
+    def update(self, batch: TrainBatch, lr: float) -> dict:
         """One optimizer step on the group; returns the step's (all-reduced) metrics."""
-        msg = {"lr": lr, "teacher_logprobs": teacher_logprobs,
-               "teacher_topk": None if teacher_topk is None else asdict(teacher_topk),
-               "rollouts": [[r.prompt_index, r.prompt_ids, r.completion_ids, r.sampler_logprobs, r.finished]
-                            for r in rollouts]}
         i, self.step_i = self.step_i, self.step_i + 1
-        _write_atomic(self.workdir / f"step_{i}.pt", lambda p: torch.save(msg, p))
+        _write_atomic(self.workdir / f"step_{i}.pt", lambda p: torch.save({"lr": lr, **batch.to_message()}, p))
         return self._wait(self.workdir / f"step_{i}.json")
 
-    def finish(self) -> Path:
-        """Ask for the final weights + optimizer state (in ``spec.final_dir``) and wait for exit."""
+    def weights(self) -> Weights:
+        """Rank 0 wrote the step's weights to the sync dir before answering the step."""
+        return Weights(self.spec.sync_dir, adapter=self.spec.lora is not None)
+
+    def finish(self, out: Path):
+        """Ask for the final weights + optimizer state, wait for the group to exit, and copy them to ``out``."""
+        import shutil
+
         (self.workdir / "stop").write_text("")
         self._wait(self.workdir / "final.json")
         self.proc.wait(timeout=600)
         self.close()
-        return Path(self.spec.final_dir)
+        shutil.copytree(self.spec.final_dir, out, dirs_exist_ok=True)
+        return load_model(out, pick_device(self.spec.device))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -163,11 +158,14 @@ def serve(workdir: Path) -> None:
 def _serve(workdir: Path) -> None:
     import torch.distributed as dist
 
-    from opd.models import load_model, load_tokenizer
+    from opd.checkpoints import load_optimizer, write_checkpoint, write_sync
+    from opd.config import LOSS_SPEC
+    from opd.learner import learn_step
+    from opd.models import load_tokenizer
     from opd.trainer import StudentTrainer
-    from opd.training import LOGIT_LOSSES, load_optimizer, opd_update, write_checkpoint, write_sync
 
     spec = GroupSpec(**json.loads((workdir / "spec.json").read_text()))
+    loss = LOSS_SPEC.validate_json(spec.loss)
     model = load_model(spec.student_dir)
     if spec.lora is not None:
         from opd.config import LoraSpec
@@ -181,17 +179,12 @@ def _serve(workdir: Path) -> None:
     tok = load_tokenizer(spec.student_dir)
     if spec.optimizer_path:
         load_optimizer(trainer.model, trainer.torch_optimizer, spec.optimizer_path)
-    teacher = (load_model(spec.teacher_dir, trainer.device)
-               if spec.loss in LOGIT_LOSSES and spec.teacher_dir else None)
+    teacher = load_model(spec.teacher_dir, trainer.device) if spec.teacher_dir else None
     i = 0
     while _wait_for(workdir, f"step_{i}.pt", spec.driver_pid):
         msg = torch.load(workdir / f"step_{i}.pt", weights_only=True)
-        rollouts = [Rollout(*r) for r in msg["rollouts"]]
-        topk = TopKScores(**msg["teacher_topk"]) if msg["teacher_topk"] is not None else None
-        metrics = opd_update(trainer, rollouts, msg["teacher_logprobs"], spec.pad_id, spec.micro_batch,
-                             spec.kl_coef, spec.clip_ratio, spec.baseline, loss=spec.loss, teacher_model=teacher,
-                             topk=spec.topk, gkd_beta=spec.gkd_beta, forward_kl_coef=spec.forward_kl_coef,
-                             teacher_topk=topk, lr=msg["lr"], discount=spec.discount)
+        metrics = learn_step(trainer, TrainBatch.from_message(msg), loss, spec.pad_id, spec.micro_batch, msg["lr"],
+                             teacher)
         write_sync(trainer, tok, spec.sync_dir, lora=spec.lora is not None)
         if rank == 0:
             metrics["num_processes"] = world
@@ -205,7 +198,7 @@ def _serve(workdir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="one rank of the OPD update group (launched by torchrun)")
+    ap = argparse.ArgumentParser(description="one rank of the OPD learner group (launched by torchrun)")
     ap.add_argument("--workdir", type=Path, required=True)
     serve(ap.parse_args(argv).workdir)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from opd.config import RunConfig
-from opd.registry.client import make_client
+from opd.storage import make_client
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ def _s3(cfg: RunConfig):
 
 
 def pull_version(cfg: RunConfig, ref: str, dest: Path) -> PulledModel:
-    from opd.registry.store import pull
+    from opd_ops.registry.refs import pull
 
     dest = Path(dest)
     if dest.exists():  # a verified pull from an earlier attempt of this run
@@ -35,7 +35,7 @@ def pull_version(cfg: RunConfig, ref: str, dest: Path) -> PulledModel:
 
 def pull_alias(cfg: RunConfig, alias: str | None, dest: Path) -> PulledModel | None:
     """The model currently at `alias`, or None when the alias (or the model) does not exist yet."""
-    from opd.registry.aliases import read_alias
+    from opd_ops.registry.aliases import read_alias
 
     if not alias:
         return None
@@ -46,7 +46,7 @@ def pull_alias(cfg: RunConfig, alias: str | None, dest: Path) -> PulledModel | N
 
 
 def move_alias(cfg: RunConfig, version: int, alias: str, reason: str, by: str | None = None) -> dict:
-    from opd.registry.aliases import promote
+    from opd_ops.registry.aliases import promote
 
     st = promote(_s3(cfg), cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, version, alias,
                  reason=reason, by=by)
@@ -54,7 +54,7 @@ def move_alias(cfg: RunConfig, version: int, alias: str, reason: str, by: str | 
 
 
 def current_alias_version(cfg: RunConfig, alias: str) -> int | None:
-    from opd.registry.aliases import read_alias
+    from opd_ops.registry.aliases import read_alias
 
     st = read_alias(_s3(cfg), cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, alias)
     return st.version if st else None

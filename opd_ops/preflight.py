@@ -267,15 +267,14 @@ def _vocab_problems(cfg: RunConfig, teacher: _Model | None, student: _Model | No
         out.append(f"student.path: vocab_size {sv} but {who} has {tv}; OPD grades the student's tokens with the "
                    "teacher, so both need one vocabulary: pick a student from the teacher's family (same tokenizer)")
     vocab = min(v for v in (tv, sv, 1 << 62) if v is not None)
-    if cfg.opd.loss == "reverse_kl_topk" and cfg.opd.topk > vocab:
-        out.append(f"opd.topk: {cfg.opd.topk} is more than the vocabulary ({vocab} tokens): lower opd.topk")
+    if cfg.opd.loss.kind == "reverse_kl_topk" and cfg.opd.loss.topk > vocab:
+        out.append(f"opd.loss.topk: {cfg.opd.loss.topk} is more than the vocabulary ({vocab} tokens): lower it")
     return out
 
 
 def _tokenizer_problems(cfg: RunConfig) -> list[str]:
     """Local teacher and student: their tokenizers must map every token to the same id."""
-    from opd.models import load_tokenizer
-    from opd.pipeline import check_vocab
+    from opd.models import check_vocab, load_tokenizer
 
     try:
         check_vocab(load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code), load_tokenizer(cfg.student.path))

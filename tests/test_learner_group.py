@@ -1,22 +1,24 @@
-"""The OPD update step on a torchrun group (opd.update_group) equals the one-process step.
+"""The learner on a torchrun group (opd.learner_group) equals the one-process learner step.
 
-Real subprocesses: torchrun launches 2 gloo ranks (DDP, then FSDP2), fed the same rollouts as an
-in-process ``opd_update``; per-step losses and the final weights must agree. No mocks.
+Real subprocesses: torchrun launches 2 gloo ranks (DDP, then FSDP2), fed the same train batches as an
+in-process ``learn_step``; per-step losses and the final weights must agree. No mocks.
 """
 import random
 
 import pytest
 import torch
 
-from opd.config import ModelSpec
+from opd.checkpoints import load_optimizer, save_optimizer
+from opd.config import LOSS_SPEC, ModelSpec, ReverseKLIS
 from opd.generation import generate
+from opd.learner import learn_step
+from opd.learner_group import GroupLearner, GroupSpec
+from opd.logprobs import score_completions
 from opd.models import build_char_tokenizer, build_llama, load_model, save_model
-from opd.sampling.base import Rollout
-from opd.scoring import score_completions
+from opd.objectives import advantages
+from opd.rollouts import Rollout, TrainBatch
 from opd.teachers import HFTeacher
 from opd.trainer import StudentTrainer, make_optimizer
-from opd.training import load_optimizer, opd_update, save_optimizer
-from opd.update_group import GroupSpec, UpdateGroup
 
 STEPS, PROMPTS, SAMPLES, LR = 3, 8, 2, 3e-3
 SPEC = ModelSpec(num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128)
@@ -48,36 +50,57 @@ def setup(tmp_path_factory):
 TOPK = 8
 
 
+def _spec(loss):
+    return LOSS_SPEC.validate_python({"kind": loss, **({"topk": TOPK} if loss == "reverse_kl_topk" else {})})
+
+
+def _batch(spec, rollouts, teacher_lp, scorer=None) -> tuple[TrainBatch, dict]:
+    """What the driver hands a learner: advantages (sampled-token loss), a scorer's top-k, or nothing (the
+    teacher's logits beside the learner); plus the driver's own scoring metrics."""
+    if spec.signal == "logprobs":
+        adv, reverse_kl = advantages(spec, [r.sampler_logprobs for r in rollouts], teacher_lp)
+        return TrainBatch(rollouts, advantages=adv), {"reverse_kl": reverse_kl}
+    if scorer is not None:
+        topk = scorer.score_topk([x.prompt_ids for x in rollouts], [x.completion_ids for x in rollouts], TOPK)
+        return TrainBatch(rollouts, teacher_topk=topk), {}
+    return TrainBatch(rollouts), {}
+
+
 def _one_process(root, tok, batches, loss):
     model = load_model(root / "student")
     teacher = load_model(root / "teacher")
     trainer = StudentTrainer(model, LR)
-    metrics = [opd_update(trainer, r, t, tok.pad_token_id, micro_batch=5, loss=loss, teacher_model=teacher,
-                          topk=TOPK) for r, t in batches]
+    spec, metrics = _spec(loss), []
+    for r, t in batches:
+        batch, scored = _batch(spec, r, t)
+        metrics.append({**learn_step(trainer, batch, spec, tok.pad_token_id, 5, teacher_model=teacher), **scored})
     return model, trainer, metrics
+
+
+def _group_spec(root_student, tok, out, loss="reverse_kl_is", strategy="ddp", teacher_dir=None) -> GroupSpec:
+    return GroupSpec(num_processes=2, strategy=strategy, device="cpu", student_dir=str(root_student),
+                     optimizer_path=None, teacher_dir=teacher_dir, sync_dir=str(out / "sync"),
+                     final_dir=str(out / "final"), lr=LR, pad_id=tok.pad_token_id, micro_batch=5,
+                     loss=_spec(loss).model_dump_json(), driver_pid=__import__("os").getpid())
 
 
 def _group(root, tok, batches, strategy, loss, out, scorer_topk=False):
     """``scorer_topk``: ship the teacher's top-k with each step (as a vLLM teacher does); no teacher on the ranks."""
-    spec = GroupSpec(num_processes=2, strategy=strategy, device="cpu", student_dir=str(root / "student"),
-                     optimizer_path=None, teacher_dir=None if scorer_topk else str(root / "teacher"),
-                     sync_dir=str(out / "sync"), final_dir=str(out / "final"), lr=LR, pad_id=tok.pad_token_id,
-                     micro_batch=5, kl_coef=1.0, clip_ratio=None, baseline="none", loss=loss, topk=TOPK,
-                     gkd_beta=0.5, forward_kl_coef=0.0, driver_pid=__import__("os").getpid())
+    spec = _spec(loss)
+    teacher_dir = str(root / "teacher") if spec.signal == "logits" else None
+    group = GroupLearner(_group_spec(root / "student", tok, out, loss, strategy, teacher_dir), out / "work")
     scorer = HFTeacher(str(root / "teacher"), device="cpu") if scorer_topk else None
-    group = UpdateGroup(spec, out / "work")
     try:
         metrics = []
         for r, t in batches:
-            topk = (scorer.score_topk([x.prompt_ids for x in r], [x.completion_ids for x in r], TOPK)
-                    if scorer else None)
-            metrics.append(group.update(r, t, LR, topk))
+            batch, scored = _batch(spec, r, t, scorer)
+            metrics.append({**group.update(batch, LR), **scored})
             synced = load_model(out / "sync")  # rank 0 wrote this step's weights for the sampler
             metrics[-1]["_sync_weight_sum"] = float(sum(p.detach().double().sum() for p in synced.parameters()))
-        final = group.finish()
+        model = group.finish(out / "final_copy")
     finally:
         group.close()
-    return load_model(final), final, metrics
+    return model, out / "final_copy", metrics
 
 
 @pytest.mark.parametrize("strategy,loss,scorer_topk", [("ddp", "reverse_kl_is", False),
@@ -105,20 +128,21 @@ def test_two_rank_update_matches_one_process(setup, tmp_path, strategy, loss, sc
     load_optimizer(resumed.model, resumed.torch_optimizer, final / "optimizer.pt")
     r, t = batches[0]
     teacher = load_model(root / "teacher")
-    a = opd_update(ref_trainer, r, t, tok.pad_token_id, 5, loss=loss, teacher_model=teacher)
-    b = opd_update(resumed, r, t, tok.pad_token_id, 5, loss=loss, teacher_model=teacher)
+    spec = _spec(loss)
+    batch, _ = _batch(spec, r, t)
+    a = learn_step(ref_trainer, batch, spec, tok.pad_token_id, 5, teacher_model=teacher)
+    b = learn_step(resumed, batch, spec, tok.pad_token_id, 5, teacher_model=teacher)
     assert abs(a["loss"] - b["loss"]) < 1e-4
     assert max(float((p - q).detach().abs().max())
                for p, q in zip(ref_model.parameters(), resumed.model.parameters())) < 1e-5
 
 
 def _failing_group(tmp_path, tok, student_dir):
-    spec = GroupSpec(num_processes=2, strategy="ddp", device="cpu", student_dir=str(student_dir),
-                     optimizer_path=None, teacher_dir=None, sync_dir=str(tmp_path / "sync"),
-                     final_dir=str(tmp_path / "final"), lr=LR, pad_id=tok.pad_token_id, micro_batch=5, kl_coef=1.0,
-                     clip_ratio=None, baseline="none", loss="reverse_kl_is", topk=20, gkd_beta=0.5,
-                     forward_kl_coef=0.0, driver_pid=__import__("os").getpid())
-    return UpdateGroup(spec, tmp_path / "work")
+    return GroupLearner(_group_spec(student_dir, tok, tmp_path), tmp_path / "work")
+
+
+def _is_batch(rollouts, teacher_lp) -> TrainBatch:
+    return _batch(ReverseKLIS(), rollouts, teacher_lp)[0]
 
 
 def test_group_failure_is_reported_with_its_log(setup, tmp_path):
@@ -126,7 +150,7 @@ def test_group_failure_is_reported_with_its_log(setup, tmp_path):
     group = _failing_group(tmp_path, tok, tmp_path / "missing")
     try:
         with pytest.raises(RuntimeError, match="no model at"):
-            group.update(*batches[0], LR)
+            group.update(_is_batch(*batches[0]), LR)
     finally:
         group.close()
 
@@ -137,7 +161,7 @@ def test_uneven_split_is_refused(setup, tmp_path):
     group = _failing_group(tmp_path, tok, root / "student")
     try:
         with pytest.raises(RuntimeError, match="multiple of training.num_processes"):
-            group.update(batches[0][0][:15], batches[0][1][:15], LR)
+            group.update(_is_batch(batches[0][0][:15], batches[0][1][:15]), LR)
     finally:
         group.close()
 
@@ -145,7 +169,7 @@ def test_uneven_split_is_refused(setup, tmp_path):
 def test_optimizer_state_roundtrip_in_one_process(tmp_path, setup):
     root, tok, batches = setup
     trainer = StudentTrainer(load_model(root / "student"), LR)
-    opd_update(trainer, *batches[0], tok.pad_token_id, 5)
+    learn_step(trainer, _is_batch(*batches[0]), ReverseKLIS(), tok.pad_token_id, 5)
     save_optimizer(trainer.model, trainer.torch_optimizer, tmp_path / "o.pt")
     again = make_optimizer(trainer.model, LR)
     load_optimizer(trainer.model, again, tmp_path / "o.pt")
@@ -161,9 +185,9 @@ def test_non_finite_step_fails_the_group_permanently(setup, tmp_path):
     root, tok, batches = setup
     group = _failing_group(tmp_path, tok, root / "student")
     try:
-        group.update(*batches[0], 1e30)
+        group.update(_is_batch(*batches[0]), 1e30)
         with pytest.raises(PermanentError, match=r"OPD update step 2: loss is (nan|inf).*Lower opd\.lr"):
-            group.update(*batches[1], 1e30)
+            group.update(_is_batch(*batches[1]), 1e30)
     finally:
         group.close()
     assert not (tmp_path / "final").exists()

@@ -1,0 +1,88 @@
+"""The run's inference engines, owned by one object with a lifetime the flow controls.
+
+A vLLM engine takes tens of seconds to start and holds its memory until closed, so the student's
+sampler and the teacher are started once on first use, kept across OPD rounds, and closed when the
+flow leaves ``with Engines(cfg) as engines:``. No module-level caches: whoever holds the object
+owns the engines.
+"""
+from __future__ import annotations
+
+from opd.config import RunConfig
+from opd.models import load_model, pick_device
+from opd.sampling.base import Sampler, Weights
+from opd.teachers import HFTeacher, TeacherScorer, make_teacher
+
+
+def make_sampler(cfg: RunConfig, model_dir: str, eos_id: int) -> Sampler:
+    """Chosen by config (opd.sampler), never silently: an engine that fails to start is an error."""
+    o = cfg.opd
+    if o.sampler == "hf":
+        from opd.sampling.hf_sampler import HFSampler
+
+        return HFSampler(model_dir, eos_id=eos_id, device=cfg.device)
+    from opd.sampling.vllm_sampler import VLLMSampler
+
+    return VLLMSampler(model_dir, eos_id=eos_id, seed=cfg.seed, max_model_len=cfg.data.max_prompt_tokens + o.max_tokens,
+                       weight_sync=o.weight_sync, device=cfg.device, tensor_parallel_size=o.tensor_parallel_size,
+                       **({"lora_rank": o.lora.r} if o.lora is not None else {}))
+
+
+class Engines:
+    """The student's sampler and the teacher (scorer and, where this process runs it, its weights)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self._sampler: Sampler | None = None
+        self._teacher: TeacherScorer | None = None
+        self._teacher_model = None
+
+    def __enter__(self) -> "Engines":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def sampling(self) -> bool:
+        """Whether the sampler engine is up (its start is a cost of its own, not a weight sync)."""
+        return self._sampler is not None
+
+    def sampler(self, student_dir: str, eos_id: int) -> Sampler:
+        """The sampler serving the weights in ``student_dir``: started on first use, else handed those
+        weights if it serves others (e.g. the next round starting from the last round's checkpoint)."""
+        want = Weights(str(student_dir))
+        if self._sampler is None:
+            self._sampler = make_sampler(self.cfg, str(student_dir), eos_id)
+        elif self._sampler.weights != want:
+            self._sampler.publish(want)
+        return self._sampler
+
+    def teacher_model(self, teacher_dir: str):
+        """The teacher's weights in this process (the hf scorer, or a loss on the teacher's logits)."""
+        if self._teacher_model is None:
+            self._teacher_model = load_model(teacher_dir, pick_device(self.cfg.device),
+                                             trust_remote_code=self.cfg.teacher.trust_remote_code)
+        return self._teacher_model
+
+    def teacher(self, teacher_dir: str, pad_id: int) -> TeacherScorer:
+        """The teacher's grader, chosen by teacher.scorer: hf wraps ``teacher_model``; a vLLM engine or a
+        server client is made once and kept."""
+        if self._teacher is None:
+            c, o = self.cfg, self.cfg.opd
+            if c.teacher.scorer == "hf":
+                self._teacher = HFTeacher(None, model=self.teacher_model(teacher_dir), pad_id=pad_id,
+                                          micro_batch=o.micro_batch)
+            else:
+                self._teacher = make_teacher(
+                    c.teacher.scorer, teacher_dir, micro_batch=o.micro_batch, seed=c.seed,
+                    max_model_len=c.data.max_prompt_tokens + o.max_tokens + 1,  # +1: scoring generates 1 token
+                    endpoint=c.teacher.endpoint, served_model_name=c.teacher.served_model_name,
+                    trust_remote_code=c.teacher.trust_remote_code, tensor_parallel_size=c.teacher.tensor_parallel_size,
+                    gpu_memory_utilization=0.3)  # shares the GPU with the sampler engine (0.5) and the trainer
+        return self._teacher
+
+    def close(self) -> None:
+        for engine in (self._sampler, self._teacher):
+            if engine is not None:
+                engine.close()
+        self._sampler = self._teacher = self._teacher_model = None

@@ -1,0 +1,131 @@
+"""Before OPD: the teacher (given, shipped, cached or bootstrapped on the demo task) and the SFT warmup.
+
+Both stages take and return small picklable records (``ModelRef``) and publish their output with
+``done.json`` written last, so a retried or resumed stage reuses what finished and never half of it.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from opd import bootstrap as boot, shipped
+from opd.checkpoints import save_optimizer
+from opd.config import RunConfig
+from opd.data import dataset as ds
+from opd.evaluation import accuracy, slice_accuracy
+from opd.generation import generate
+from opd.ledger import PhaseCost
+from opd.models import (build_char_tokenizer, build_llama, check_vocab, load_model, load_tokenizer, num_params,
+                        pick_device, save_model, set_threads)
+from opd.records import ModelRef, fresh, publish_dir, read_done
+from opd.sft import sft_train
+from opd.storage import local_model_dir
+from opd.trainer import StudentTrainer
+
+
+def teacher_cache_key(cfg: RunConfig, data_fingerprint: str) -> str:
+    """The bootstrapped teacher's identity: recipe, task, model, precision and the data it learned."""
+    return boot.cache_key(cfg, data_fingerprint)
+
+
+def bootstrap_teacher(cfg: RunConfig, data: ds.DataRef, log=print, use_shipped: bool = True) -> ModelRef:
+    """The demo teacher: cached by ``teacher_cache_key``, else the checkpoint shipped in the package
+    for that key (sha256 verified), else trained on ground truth (resumable) until min_accuracy.
+    The config allows a bootstrap only on the synthetic task (RunConfig._bootstrap_needs_task)."""
+    if cfg.teacher.path:
+        path = local_model_dir(cfg, cfg.teacher.path)
+        return ModelRef(path, num_params(load_model(path, trust_remote_code=cfg.teacher.trust_remote_code)))
+    teachers = Path(cfg.home) / "cache" / "teachers"
+    key = teacher_cache_key(cfg, data.fingerprint)
+    final = teachers / key
+    if (meta := read_done(final)) is not None:
+        log(f"teacher cached at {final} (held-out accuracy {meta['accuracy']:.3f})")
+    elif use_shipped and (src := shipped.find(key)) is not None:
+        tmp = fresh(final)
+        publish_dir(tmp, final, meta := {**shipped.install(key, src, tmp), "source": "shipped"})
+        log(f"teacher: the checkpoint shipped for this recipe (sha256 verified, held-out accuracy "
+            f"{meta['accuracy']:.3f}), installed at {final}")
+    else:
+        meta = _train_teacher(cfg, data, final, teachers / "partial" / f"{boot.checkpoint_key(cfg, data.fingerprint)}.pt",
+                              log)
+    return ModelRef(str(final), meta["params"], {"accuracy": meta["accuracy"]}, meta.get("cost", {}))
+
+
+def _train_teacher(cfg: RunConfig, data: ds.DataRef, final: Path, ckpt: Path, log) -> dict:
+    """Train from ground truth (resuming from ``ckpt``), publish to ``final``; returns its metadata."""
+    d = data.load()
+    set_threads()
+    spec = cfg.teacher.bootstrap
+    tok = build_char_tokenizer()
+    pairs = [(tok(p).input_ids, tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id])
+             for p, c in zip(d["train"]["prompt"], d["train"]["completion"])]
+    model = build_llama(spec.model, tok, max_positions=cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
+                        seed=cfg.seed).to(pick_device(cfg.device))
+    ev = d["eval"]
+    trainer = StudentTrainer.for_run(cfg, model, spec.train.lr, spec.train.weight_decay, stage="teacher bootstrap",
+                                     lr_field="teacher.bootstrap.train.lr")
+    prog = boot.train(cfg, pairs, tok.pad_token_id, model, trainer,
+                      lambda: accuracy(model, tok, ev["prompt"], ev["answer"], cfg.opd.max_tokens), ckpt, log)
+    cost = PhaseCost("teacher_bootstrap")
+    avg_len = sum(len(p) + len(c) for p, c in pairs) / len(pairs)
+    cost.train(num_params(model), int(prog.step * spec.train.batch_size * avg_len))
+    cost.wall_s = prog.elapsed_s
+    tmp = fresh(final)
+    save_model(model, tok, tmp)
+    meta = {"accuracy": prog.accuracy, "steps": prog.step, "params": num_params(model), "cost": cost.as_dict()}
+    publish_dir(tmp, final, meta)
+    ckpt.unlink(missing_ok=True)  # the finished teacher replaces its trajectory
+    return meta
+
+
+# ---------------------------------------------------------------- SFT warmup
+
+def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, log=print) -> ModelRef:
+    """Off-policy distillation: the teacher writes completions, the student imitates them."""
+    if (meta := read_done(out)) is not None:
+        log(f"SFT warmup: done by an earlier attempt, reused from {out}")
+        return ModelRef(str(out), meta["params"], meta["metrics"], meta["cost"], meta.get("data_cost", {}))
+    set_threads()
+    t0 = time.time()
+    device = pick_device(cfg.device)
+    tok = load_tokenizer(teacher.path)
+    teacher_model = load_model(teacher.path, device)
+    d = data.load()
+    rng = random.Random(cfg.seed)
+    idx = rng.sample(range(len(d["train"])), min(cfg.sft.num_prompts, len(d["train"])))
+    prompts = [tok(d["train"][i]["prompt"]).input_ids for i in idx]
+    comps = generate(teacher_model, prompts, tok.eos_token_id, tok.pad_token_id, cfg.opd.max_tokens,
+                     temperature=cfg.sft.teacher_temperature, seed=cfg.seed)
+    seq_tokens = sum(len(p) + len(c) for p, c in zip(prompts, comps))
+    data_cost = PhaseCost("sft_data")
+    data_cost.teacher(num_params(teacher_model), seq_tokens)
+    data_cost.wall_s = time.time() - t0
+    t0 = time.time()
+    cost = PhaseCost("sft")
+    if cfg.student.path:
+        student_dir = local_model_dir(cfg, cfg.student.path)
+        check_vocab(tok, load_tokenizer(student_dir))
+        student = load_model(student_dir, device)
+    else:
+        student = build_llama(cfg.student.model, tok, cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
+                              seed=cfg.seed + 1).to(device)
+    losses = []
+    trainer = StudentTrainer.for_run(cfg, student, cfg.sft.train.lr, cfg.sft.train.weight_decay, stage="SFT warmup",
+                                     lr_field="sft.train.lr")
+    sft_train(trainer, list(zip(prompts, comps)), cfg.sft.train, tok.pad_token_id, cfg.seed,
+              on_step=lambda s, l: losses.append(l))
+    avg_len = seq_tokens / len(prompts)
+    cost.train(num_params(student), int(cfg.sft.train.steps * cfg.sft.train.batch_size * avg_len))
+    acc = slice_accuracy(student, tok, d["eval"], cfg.opd.eval_slice, cfg.opd.max_tokens)
+    cost.wall_s = time.time() - t0
+    metrics = {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "eval_slice_accuracy": acc}
+    log(f"SFT warmup: the teacher wrote {len(prompts)} completions in {data_cost.wall_s:.0f}s, "
+        f"{cfg.sft.train.steps} steps in {cost.wall_s:.0f}s; loss {metrics['final_loss']:.4f}, "
+        f"eval-slice accuracy {acc}")
+    tmp = fresh(out)
+    save_model(student, tok, tmp)
+    save_optimizer(student, trainer.torch_optimizer, tmp / "optimizer.pt")
+    publish_dir(tmp, out, {"params": num_params(student), "metrics": metrics, "cost": cost.as_dict(),
+                            "data_cost": data_cost.as_dict()})
+    return ModelRef(str(out), num_params(student), metrics, cost.as_dict(), data_cost.as_dict())
