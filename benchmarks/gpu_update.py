@@ -5,8 +5,9 @@
     python benchmarks/gpu_update.py --memory-limit-gib 80            # as if on an 80 GB card
     python benchmarks/gpu_update.py --device cpu --shape tiny        # smoke run in seconds (tests/test_gpu_update.py)
 
-The update is the OPD step of ``opd.training.opd_update`` with its default loss (``reverse_kl_is``)
-run the way ``opd.trainer.StudentTrainer.step`` runs it in one process: bf16 autocast over fp32 master
+The update is the OPD step of ``opd.learner.learn_step`` with its default loss (``reverse_kl_is``: the
+reverse-KL advantage of ``opd.losses.kl_advantages`` fed to ``importance_sampled_pg``) run the way
+``opd.trainer.StudentTrainer.step`` runs it in one process: bf16 autocast over fp32 master
 weights, micro-batches with gradient accumulation weighted by tokens, grad-norm clipping at 1.0, AdamW
 (betas 0.9/0.98). The student is random-init with a real model's shape (``--shape``); the rollouts are
 random tokens: ``--rollouts`` rows of ``--prompt-tokens`` prompt tokens and up to ``--max-completion``
@@ -48,7 +49,7 @@ import torch  # noqa: E402
 
 from opd.batching import PackedBatch, pack, scatter_completion  # noqa: E402
 from opd.lm_head import window_logprobs  # noqa: E402
-from opd.losses import reverse_kl_is, sampled_logprobs  # noqa: E402
+from opd.losses import importance_sampled_pg, kl_advantages, sampled_logprobs  # noqa: E402
 from opd.memory import apply_checkpointing, cpu_peak_bytes, parse_policy  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "gpu_update.json"
@@ -157,7 +158,7 @@ def build_student(a, device: torch.device):
 
 
 def full_logprobs(model, b: PackedBatch):
-    """Today's path (opd.training.opd_update): [B, T, V] logits, then the fused sampled log-prob."""
+    """The engine path (opd.learner.learn_step): [B, T, V] logits, then the fused sampled log-prob."""
     return sampled_logprobs(b.logits(model), b.targets)
 
 
@@ -168,7 +169,7 @@ def chunked_logprobs(block_rows: int | None) -> Callable:
 def update_step(model, optimizer, rows: list[Row], micro_batch: int, logprob_fn: Callable, device: torch.device,
                 amp_dtype: torch.dtype | None) -> dict[str, float]:
     """One optimizer step over all ``rows`` in micro-batches of ``micro_batch``: ``StudentTrainer.step`` with
-    ``opd_update``'s ``reverse_kl_is`` loss_fn, in one process. THE function to replace by the engine's step."""
+    ``learn_step``'s ``reverse_kl_is`` loss, in one process. THE function to replace by the engine's step."""
     optimizer.zero_grad(set_to_none=True)
     total = sum(len(r.completion_ids) for r in rows)
     step_loss = 0.0
@@ -179,7 +180,8 @@ def update_step(model, optimizer, rows: list[Row], micro_batch: int, logprob_fn:
             logp, _entropy = logprob_fn(model, b)
             lp_s = scatter_completion([r.sampler_logprobs for r in chunk], b)
             lp_t = scatter_completion([r.teacher_logprobs for r in chunk], b)
-            loss, _ = reverse_kl_is(logp, lp_s, lp_t, b.loss_mask)
+            advantage = kl_advantages(lp_s, lp_t, b.loss_mask)  # the engine fixes these at scoring time
+            loss, _ = importance_sampled_pg(logp, lp_s, advantage, b.loss_mask)
         weight = float(b.loss_mask.sum()) / total
         (loss * weight).backward()
         step_loss += float(loss.detach()) * weight

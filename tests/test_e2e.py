@@ -101,4 +101,5 @@ def test_distill_flow_end_to_end(stack, stack_env, s3, opd_home, tmp_path):
     assert not [ln for ln in lines if "Task run" in ln and "Finished in state Completed()" in ln]
     assert sum("Task run 'opd_round-" in ln for ln in lines) == 6 + 1  # a line per round, one for the engine start
     third = (rdir / "logs" / "third_party.log").read_text()
-    assert "RotaryEmbedding: Failed to load weights" in third and "EngineCore" in third
+    # vLLM's weight loading (printed on every engine start and reload) is there, not on the console
+    assert "Loading safetensors checkpoint shards" in third, third[-3000:]
