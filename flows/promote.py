@@ -41,8 +41,10 @@ def promote(config_path: str, version: int, to_alias: str, reason: str, override
     layout = RunLayout.of(cfg.home, promote_run_key(cfg.registry.model_name, version, to_alias, flow_run.get_id()))
     log = get_run_logger()
     t = {n: configured(getattr(stages, n), cfg) for n in
-         ("preflight", "prepare_data", "validate_dataset", "bootstrap_teacher", "evaluate_candidate", "set_alias")}
+         ("preflight", "check_candidate", "prepare_data", "validate_dataset", "bootstrap_teacher", "evaluate_candidate",
+          "set_alias")}
     t["preflight"](cfg)
+    t["check_candidate"](cfg, version)
     data = t["validate_dataset"](cfg, t["prepare_data"](cfg, layout))
     teacher = t["bootstrap_teacher"](cfg, data)
     results = t["evaluate_candidate"](cfg, data, teacher, version, to_alias, layout)

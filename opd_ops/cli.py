@@ -18,6 +18,27 @@ from opd_ops.console import (checked, console, flow_outcome, load_config_or_exit
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_show_locals=False)
 stack_app = typer.Typer(no_args_is_help=True, help="Local Prefect server + SeaweedFS S3 (loopback only).")
 app.add_typer(stack_app, name="stack")
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    """A table cell: data without answers has no accuracy, so print a dash rather than crash."""
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def results_table(results: dict[str, dict]) -> Table:
+    """The run's closing table: held-out accuracy and reverse KL per model."""
+    table = Table(title="Held-out evaluation")
+    table.add_column("model")
+    table.add_column("accuracy (greedy)", justify="right")
+    table.add_column("accuracy (sampled, T=1)", justify="right")
+    table.add_column("mean reverse KL / token", justify="right")
+    labels = {"teacher": "teacher", "sft_student": "student after SFT", "opd_student": "student after OPD"}
+    for k, v in results.items():
+        table.add_row(labels.get(k, k), _num(v.get("accuracy")), _num(v.get("sampled_accuracy")),
+                      _num(v.get("reverse_kl"), 4))
+    return table
+
+
 @app.command()
 def run(config: Path, set_: list[str] = typer.Option([], "--set", help="override, e.g. --set opd.rounds=3"),
         run_key: Optional[str] = typer.Option(None, help="reuse a run key to resume a crashed run")):
@@ -39,17 +60,7 @@ def run(config: Path, set_: list[str] = typer.Option([], "--set", help="override
     say("")
     flow_outcome(state, ui)
     out = state.result()
-    table = Table(title="Held-out evaluation")
-    table.add_column("model")
-    table.add_column("accuracy (greedy)", justify="right")
-    table.add_column("accuracy (sampled, T=1)", justify="right")
-    table.add_column("mean reverse KL / token", justify="right")
-    labels = {"teacher": "teacher", "sft_student": "student after SFT", "opd_student": "student after OPD"}
-    for k, v in out["results"].items():
-        sampled = v.get("sampled_accuracy")
-        table.add_row(labels.get(k, k), f"{v['accuracy']:.3f}", "-" if sampled is None else f"{sampled:.3f}",
-                      f"{v['reverse_kl']:.4f}")
-    console.print(table)
+    console.print(results_table(out["results"]))
     reg = out["registry"]
     say(f"Registered: {reg['uri']}  ({reg['model']}:{reg['version']})")
     if out.get("report"):

@@ -11,21 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from opd.config import GateConfig
-from opd.errors import PermanentError
+from opd.data.dataset import AnswersRequired, require_answers  # noqa: F401 (the gates' up-front rule)
 
 NO_ANSWERS = "skipped: no answers in the eval split"
-
-
-class AnswersRequired(PermanentError):
-    """A gate that needs accuracy on an eval split without answers."""
-
-
-def require_answers(g: GateConfig, has_answers: bool, source: str = "the eval split") -> None:
-    """Before any work: ``eval.gates.min_accuracy > 0`` cannot be checked without answers."""
-    if g.min_accuracy > 0 and not has_answers:
-        raise AnswersRequired(
-            f"eval.gates.min_accuracy: {g.min_accuracy} needs answers, but {source} has no 'answer' values; "
-            "add an 'answer' to the eval rows, or set eval.gates.min_accuracy: 0 (the reverse-KL gates still apply)")
 
 
 @dataclass(frozen=True)
@@ -34,14 +22,14 @@ class GateResult:
     checks: list[dict]
 
     def message(self) -> str:
-        return "\n".join(f"- {_verdict(c)} {c['name']}: {c['detail']}" for c in self.checks)
+        return "\n".join(f"- {verdict(c)} {c['name']}: {c['detail']}" for c in self.checks)
 
     def markdown(self, title: str) -> str:
-        rows = "\n".join(f"| {c['name']} | {_verdict(c)} | {c['detail']} |" for c in self.checks)
+        rows = "\n".join(f"| {c['name']} | {verdict(c)} | {c['detail']} |" for c in self.checks)
         return f"# {title}\n\n| gate | result | detail |\n|---|---|---|\n{rows}\n"
 
 
-def _verdict(c: dict) -> str:
+def verdict(c: dict) -> str:
     return "SKIP" if c.get("skipped") else "PASS" if c["passed"] else "FAIL"
 
 

@@ -4,12 +4,14 @@ Models are pulled from the registry (every sha256 verified) before they are load
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from opd.config import RunConfig
 from opd.storage import make_client
+from opd_ops.registry.client import named_s3_errors, user_endpoint_advice
 
 
 @dataclass(frozen=True)
@@ -23,13 +25,31 @@ def _s3(cfg: RunConfig):
     return make_client(cfg.registry.endpoint_url, cfg.registry.region)
 
 
+@contextlib.contextmanager
+def _registry(cfg: RunConfig, what: str):
+    """A client whose connection failures name the endpoint and the fix (retryable RegistryUnavailable)."""
+    s3 = _s3(cfg)
+    with user_endpoint_advice(cfg.registry.endpoint_url, what), named_s3_errors(s3, what):
+        yield s3
+
+
+def require_published(cfg: RunConfig, version: int) -> None:
+    """Before any data or evaluation work: the candidate must be a published version (a permanent
+    RegistryRefusal naming it otherwise)."""
+    from opd_ops.registry.refs import resolve
+
+    with _registry(cfg, "promote") as s3:
+        resolve(s3, cfg.registry.bucket, cfg.registry.prefix, f"{cfg.registry.model_name}:{int(version)}")
+
+
 def pull_version(cfg: RunConfig, ref: str, dest: Path) -> PulledModel:
     from opd_ops.registry.refs import pull
 
     dest = Path(dest)
     if dest.exists():  # a verified pull from an earlier attempt of this run
         shutil.rmtree(dest)
-    model, version, path = pull(_s3(cfg), cfg.registry.bucket, cfg.registry.prefix, ref, dest)
+    with _registry(cfg, f"pull {ref}") as s3:
+        model, version, path = pull(s3, cfg.registry.bucket, cfg.registry.prefix, ref, dest)
     return PulledModel(model, version, str(path))
 
 
@@ -39,7 +59,8 @@ def pull_alias(cfg: RunConfig, alias: str | None, dest: Path) -> PulledModel | N
 
     if not alias:
         return None
-    st = read_alias(_s3(cfg), cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, alias)
+    with _registry(cfg, f"read alias {alias!r}") as s3:
+        st = read_alias(s3, cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, alias)
     if st is None:
         return None
     return pull_version(cfg, f"{cfg.registry.model_name}:{st.version}", dest)
@@ -48,13 +69,15 @@ def pull_alias(cfg: RunConfig, alias: str | None, dest: Path) -> PulledModel | N
 def move_alias(cfg: RunConfig, version: int, alias: str, reason: str, by: str | None = None) -> dict:
     from opd_ops.registry.aliases import promote
 
-    st = promote(_s3(cfg), cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, version, alias,
-                 reason=reason, by=by)
+    with _registry(cfg, f"set alias {alias!r}") as s3:
+        st = promote(s3, cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, version, alias,
+                     reason=reason, by=by)
     return {"alias": alias, "version": st.version, "seq": st.seq, "by": st.by, "reason": st.reason}
 
 
 def current_alias_version(cfg: RunConfig, alias: str) -> int | None:
     from opd_ops.registry.aliases import read_alias
 
-    st = read_alias(_s3(cfg), cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, alias)
+    with _registry(cfg, f"read alias {alias!r}") as s3:
+        st = read_alias(s3, cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, alias)
     return st.version if st else None

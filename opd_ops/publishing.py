@@ -10,7 +10,7 @@ from pathlib import Path
 from opd.config import RunConfig
 from opd.records import DONE, ModelRef, RunLayout, fresh
 from opd.storage import make_client
-from opd_ops.registry.client import RegistryUnavailable
+from opd_ops.registry.client import user_endpoint_advice
 from opd_ops.registry.store import publish
 
 
@@ -31,16 +31,10 @@ def register(cfg: RunConfig, final: ModelRef, layout: RunLayout, lineage: dict) 
             except OSError:
                 shutil.copy2(f, staged / f.name)
     s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
-    try:  # the run key as claim token: a retry after a crash reuses (or returns) this run's version
+    # the run key as claim token: a retry after a crash reuses (or returns) this run's version
+    with user_endpoint_advice(cfg.registry.endpoint_url, "register"):
         pub = publish(s3, cfg.registry.bucket, cfg.registry.prefix, cfg.registry.model_name, staged, lineage,
                       claim_token=lineage.get("run_key"))
-    except RegistryUnavailable as e:
-        if cfg.registry.endpoint_url is None:  # the local stack's: its message says how to start it
-            raise
-        # the user's own endpoint (loopback or not): `opd stack up` would not bring it back
-        raise RegistryUnavailable(f"register: cannot reach S3 endpoint {cfg.registry.endpoint_url} "
-                                  f"({type(e.__cause__ or e).__name__}); check registry.endpoint_url and that the "
-                                  "endpoint is up (the task retries with backoff, tasks.registry_retries)") from e
     out = {"model": pub.model, "version": pub.version, "uri": pub.uri}
     marker.write_text(json.dumps(out))
     shutil.rmtree(staged, ignore_errors=True)  # the registry holds it now; the run keeps final.path

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd.records import RoundMetrics, RunLayout, read_done
+from opd_ops.gates import verdict
 
 SAVED_LINEAGE = "lineage.json"  # build_report writes the lineage it rendered next to the report
 PLOT_DPI = 100
@@ -295,7 +296,7 @@ def blocks(lineage: dict, compact: bool = False) -> list[tuple]:
     if gates.get("checks"):
         out.append(("p", f"Overall: **{'PASS' if gates.get('passed') else 'FAIL'}**"))
         out.append(_table(["gate", "result", "detail"],
-                          [[c.get("name", "?"), "PASS" if c.get("passed") else "FAIL", c.get("detail", "")]
+                          [[c.get("name", "?"), verdict(c), c.get("detail", "")]
                            for c in gates["checks"]], status_col=1))
     else:
         out.append(("p", "No gate results recorded for this run."))
@@ -378,7 +379,7 @@ _CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;ma
 padding:0 1em;color:#222}h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #ddd;padding:.3em .6em}
 th{background:#f4f4f4;text-align:left}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.pass{color:#0a7a2a;font-weight:600}.fail{color:#b00020;font-weight:600}
+.pass{color:#0a7a2a;font-weight:600}.skip{color:#8a6d00;font-weight:600}.fail{color:#b00020;font-weight:600}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}ul.facts{list-style:none;padding:0}
 ul.facts li{margin:.15em 0}figcaption{color:#666;font-size:.9em}"""
 
@@ -413,7 +414,7 @@ def to_html(bl: list[tuple], images: dict[str, str], title: str) -> str:
             for r in rows:
                 cells = []
                 for i, c in enumerate(r):
-                    cls = ("pass" if c == "PASS" else "fail") if i == status_col else \
+                    cls = _STATUS_CLASS.get(c, "fail") if i == status_col else \
                         ("num" if _NUMERIC.match(str(c)) else "")
                     cells.append(f"<td class='{cls}'>{html.escape(str(c))}</td>" if cls else
                                  f"<td>{html.escape(str(c))}</td>")
@@ -427,6 +428,8 @@ def to_html(bl: list[tuple], images: dict[str, str], title: str) -> str:
 
 
 _STATUS_STYLE = {"PASS": "bold green", "FAIL": "bold red"}
+_STATUS_CLASS = {"PASS": "pass", "SKIP": "skip", "FAIL": "fail"}  # SKIP: a gate with nothing to check (no answers)
+_STATUS_COLOR = {"PASS": "green", "SKIP": "yellow", "FAIL": "red"}
 
 
 def _styled(text: str):
@@ -469,7 +472,7 @@ def print_report(lineage: dict, console) -> None:
             for i, h in enumerate(headers):
                 t.add_column(Text(h), justify="left" if i == 0 or i == status_col or h == "detail" else "right")
             for r in rows:
-                t.add_row(*[Text(str(c), style=("green" if c == "PASS" else "red") if i == status_col else "")
+                t.add_row(*[Text(str(c), style=_STATUS_COLOR.get(c, "red") if i == status_col else "")
                             for i, c in enumerate(r)])
             console.print(t)
 

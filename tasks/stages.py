@@ -100,6 +100,14 @@ def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
+@task(name="check_candidate", cache_policy=NO_CACHE)
+def check_candidate(cfg: RunConfig, version: int) -> None:
+    """The promote flow's first question, before any data or evaluation work: is the version published?"""
+    from opd_ops import promotion
+
+    promotion.require_published(cfg, version)
+
+
 @task(name="evaluate_candidate", cache_policy=NO_CACHE)
 def evaluate_candidate(cfg: RunConfig, data: DataRef, teacher: ModelRef, version: int, alias: str,
                        layout: RunLayout) -> dict:

@@ -449,3 +449,30 @@ def test_report_prints_lineage_text_literally_on_any_console(markup):
     text = out.getvalue()
     assert f"run{markup}" in text and f"/t/{markup}" in text and f"min_accuracy{markup}" in text, text
     assert "PASS" in text and "FAIL" in text
+
+
+def test_the_results_table_prints_a_dash_for_data_without_answers():
+    """An eval split without answers has accuracy None: the closing table says '-', it does not crash."""
+    from rich.console import Console
+
+    from opd_ops.cli import results_table
+
+    con = Console(record=True, width=120)
+    con.print(results_table({"teacher": {"accuracy": None, "sampled_accuracy": None, "reverse_kl": 0.0},
+                             "opd_student": {"accuracy": None, "reverse_kl": 0.81234}}))
+    text = con.export_text()
+    assert "student after OPD" in text and "0.8123" in text, text
+    assert text.count(" - ") >= 4, text  # two accuracy cells for each model
+
+
+def test_a_skipped_gate_reads_skip_in_the_report_not_pass(tmp_path):
+    from opd_ops.gates import NO_ANSWERS
+    from opd_ops.report import build_report
+
+    lineage = {"run_key": "k", "gates": {"passed": True, "checks": [
+        {"name": "min_accuracy", "passed": True, "skipped": True, "detail": NO_ANSWERS},
+        {"name": "opd_beats_sft_kl", "passed": True, "detail": "0.81 < 0.93"}]}}
+    rep = build_report(lineage, tmp_path / "report")
+    md = Path(rep.markdown).read_text()
+    assert "| min_accuracy | SKIP |" in md and "| opd_beats_sft_kl | PASS |" in md, md
+    assert "class='skip'>SKIP<" in Path(rep.html).read_text()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 import uuid
 
@@ -80,3 +81,23 @@ def test_rejected_approval_leaves_aliases_unchanged_and_approval_moves_it(candid
     assert st is not None and st.version == version and "approved: lgtm" in st.reason
     events = [e for e in audit(s3, bucket, "models", "promo-model") if e.get("action") == "promote"]
     assert len(events) == 1 and events[0]["to"] == version
+
+
+def test_the_promote_flow_refuses_a_missing_version_before_any_data_work(candidate, stack_env, opd_home, tmp_path):
+    """Triggered from the UI or the API (no CLI check in front): the flow asks the registry right after
+    preflight, fails permanently (no retry), and has built no data set."""
+    bucket, version, _ = candidate
+    env = {**os.environ, **stack_env}
+    code = ("from flows.promote import promote\n"
+            f"s = promote({'configs/ci.yaml'!r}, {version + 40}, 'production', 'test', "
+            f"[{f'home={tmp_path}'!r}, {f'registry.bucket={bucket}'!r}, 'registry.model_name=promo-model', "
+            "'tasks.retries=2'], return_state=True)\n"
+            "print('STATE', s.type.value, s.message)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert "STATE FAILED" in out and f"promo-model:{version + 40} is not published" in out, out[-4000:]
+    runs = api_json(f"{stack_env['PREFECT_API_URL']}/task_runs/filter",
+                    {"task_runs": {"name": {"like_": "check_candidate"}}, "sort": "EXPECTED_START_TIME_DESC",
+                     "limit": 1})
+    assert runs and runs[0]["run_count"] == 1 and runs[0]["state"]["type"] == "FAILED", runs
+    assert not list(tmp_path.rglob("*.parquet")), "data was prepared for a version that does not exist"

@@ -92,3 +92,30 @@ def test_unreachable_user_endpoint_is_named_without_the_local_stack_hint(tmp_pat
         register(cfg, ModelRef(str(final), 1), RunLayout(tmp_path / "run"), {"run_key": "k"})
     assert endpoint in str(e.value) and "opd stack up" not in str(e.value), str(e.value)
     assert not RunLayout(tmp_path / "run").registered.exists()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_configured_loopback_endpoint_gets_no_local_stack_hint_from_any_registry_call(tmp_path, host, monkeypatch):
+    """A user's own S3 on this machine (a MinIO on loopback): `opd stack up` would not bring it back, so
+    neither register nor the alias reads and moves of promotion may suggest it."""
+    from opd.config import load_config
+    from opd.records import ModelRef, RunLayout
+    from opd_ops import promotion
+    from opd_ops.publishing import register
+    from opd_ops.registry.client import RegistryError
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "user-key")  # a user's endpoint comes with the user's keys
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "user-secret")
+    endpoint = f"http://{host}:{_free_block(8470, 1)}"
+    cfg = load_config("configs/ci.yaml", [f"home={tmp_path}", f"registry.endpoint_url={endpoint}"])
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "config.json").write_text("{}")
+    calls = {"register": lambda: register(cfg, ModelRef(str(final), 1), RunLayout(tmp_path / "run"), {"run_key": "k"}),
+             "move_alias": lambda: promotion.move_alias(cfg, 1, "staging", "test"),
+             "current_alias_version": lambda: promotion.current_alias_version(cfg, "staging")}
+    for name, call in calls.items():
+        with pytest.raises(RegistryError) as e:
+            call()
+        msg = str(e.value)
+        assert endpoint in msg and "check registry.endpoint_url" in msg and "opd stack up" not in msg, (name, msg)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
-from opd.config import DataConfig
+from opd.config import DataConfig, GateConfig
 from opd.errors import PermanentError
 from opd.data import task
 
@@ -26,6 +26,18 @@ class DataError(PermanentError, ValueError):
 
 MISSING = "<missing>"
 MAX_SHOWN_ROWS = 5  # rows named in one refusal; the count says how many more
+
+
+class AnswersRequired(PermanentError):
+    """A gate that needs accuracy on an eval split without answers."""
+
+
+def require_answers(g: GateConfig, has_answers: bool, source: str = "the eval split") -> None:
+    """Before any work: ``eval.gates.min_accuracy > 0`` cannot be checked without answers."""
+    if g.min_accuracy > 0 and not has_answers:
+        raise AnswersRequired(
+            f"eval.gates.min_accuracy: {g.min_accuracy} needs answers, but {source} has no 'answer' values; "
+            "add an 'answer' to the eval rows, or set eval.gates.min_accuracy: 0 (the reverse-KL gates still apply)")
 
 
 def shown(value: object, n: int = 40) -> str:
@@ -137,6 +149,15 @@ def _string_problem(obj: dict, key: str) -> str | None:
     return None
 
 
+def _id_problem(obj: dict) -> str | None:
+    """Ids may be integers (many public datasets number their rows); they are kept as strings."""
+    v = obj.get("id")
+    if isinstance(v, int) and not isinstance(v, bool):
+        return None
+    why = _string_problem(obj, "id")
+    return why and why.replace("must be a string,", "must be a string or an integer,")
+
+
 def _answer_problem(obj: dict) -> str | None:
     v = obj.get("answer")
     if v is None or isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)):
@@ -158,15 +179,15 @@ def rows_to_dataset(rows: list[tuple[int, dict]], name: str) -> Dataset:
     Every row needs a string ``id`` and ``prompt``; ``answer`` (a string or an integer) is
     optional, but a file gives it on every row or on none."""
     bad = [(i, why) for i, obj in rows
-           for why in (_string_problem(obj, "id"), _string_problem(obj, "prompt"), _answer_problem(obj)) if why]
-    _refuse(name, bad, "every row needs a string 'id' and a string 'prompt' (and 'answer', if any, a string "
-                       "or an integer)")
+           for why in (_id_problem(obj), _string_problem(obj, "prompt"), _answer_problem(obj)) if why]
+    _refuse(name, bad, "every row needs an 'id' (a string or an integer) and a string 'prompt' (and 'answer', "
+                       "if any, a string or an integer)")
     with_answer = [i for i, obj in rows if obj.get("answer") is not None]
     if with_answer and len(with_answer) < len(rows):
         lacking = [(i, f"'answer' is {MISSING}") for i, obj in rows if obj.get("answer") is None]
         _refuse(name, lacking, f"{len(with_answer)} row(s) have an 'answer' and these lack one: give every row "
                                "an answer, or none (then accuracy is not measured)")
-    cols = {"id": [obj["id"] for _, obj in rows], "prompt": [obj["prompt"] for _, obj in rows],
+    cols = {"id": [str(obj["id"]) for _, obj in rows], "prompt": [obj["prompt"] for _, obj in rows],
             "line": [i for i, _ in rows]}
     if with_answer:
         cols["answer"] = [str(obj["answer"]) for _, obj in rows]

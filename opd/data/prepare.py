@@ -23,6 +23,8 @@ def prepare_data(cfg: RunConfig, out: Path, s3=None) -> ds.DataRef:
         d = ds.synthetic(cfg.data, cfg.seed)
     else:
         d = ds.from_jsonl(cfg.data, cfg.seed, s3)
+    ds.require_answers(cfg.eval.gates, "answer" in d["eval"].column_names,  # before anything is written
+                       cfg.data.eval_source or cfg.data.source)
     return ds.save(d, out.with_name(out.name + UNVALIDATED))
 
 

@@ -40,6 +40,20 @@ def unreachable(s3, error: Exception) -> str:
 
 
 @contextlib.contextmanager
+def user_endpoint_advice(endpoint_url: str | None, what: str):
+    """For a configured ``registry.endpoint_url`` (loopback or not), an unreachable endpoint is the
+    user's to bring back: reword the local stack's `opd stack up` advice. Still retryable."""
+    try:
+        yield
+    except RegistryUnavailable as e:
+        if endpoint_url is None:  # the local stack's: its message says how to start it
+            raise
+        raise RegistryUnavailable(f"{what}: cannot reach S3 endpoint {endpoint_url} "
+                                  f"({type(e.__cause__ or e).__name__}); check registry.endpoint_url and that the "
+                                  "endpoint is up (the task retries with backoff, tasks.registry_retries)") from e
+
+
+@contextlib.contextmanager
 def named_s3_errors(s3, what: str):
     """Connection failures in the block -> RegistryUnavailable (retryable), missing credentials ->
     RegistryRefusal; both messages name the endpoint and what to check."""
