@@ -41,7 +41,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     one = _run([sys.executable], tmp_path / "one.json")
     port = _free_port()
     two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-                f"--master_addr=127.0.0.1", f"--master_port={port}"], tmp_path / "two.json", "--micro-batch", "3")
+                "--master_addr=127.0.0.1", f"--master_port={port}"], tmp_path / "two.json", "--micro-batch", "3")
     assert one["num_processes"] == 1 and two["num_processes"] == 2 and two["micro_batch"] == 3
     assert two["backend"] == "gloo", two
     a, b = one["losses"], two["losses"]

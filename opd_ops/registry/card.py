@@ -32,8 +32,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _config_summary(cfg: dict) -> list[list[Any]]:
-    rows = []
-
     def model_shape(section: dict | None) -> str | None:
         m = (section or {}).get("model")
         if isinstance(m, dict):
@@ -48,7 +46,7 @@ def _config_summary(cfg: dict) -> list[list[Any]]:
         ("SFT steps", ((cfg.get("sft") or {}).get("train") or {}).get("steps")),
     ]
     opd = cfg.get("opd") or {}
-    for k in ("rounds", "steps_per_round", "prompts_per_step", "samples_per_prompt", "temperature", "lr", "sampler"):
+    for k in ("rounds", "steps_per_round", "prompts_per_step", "samples_per_prompt", "temperature", "lr", "sampler", "loss"):
         if k in opd:
             pick.append((f"OPD {k}", opd[k]))
     return [[k, v] for k, v in pick if v is not None]
