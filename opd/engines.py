@@ -27,6 +27,10 @@ def make_sampler(cfg: RunConfig, model_dir: str, eos_id: int) -> Sampler:
                        **({"lora_rank": o.lora.r} if o.lora is not None else {}))
 
 
+# vLLM's "the engine process is gone": every later call fails the same way, so never retry on it as is
+DEAD_ENGINE_ERRORS = ("EngineDeadError",)
+
+
 class Engines:
     """The student's sampler and the teacher (scorer and, where this process runs it, its weights)."""
 
@@ -81,8 +85,23 @@ class Engines:
                     gpu_memory_utilization=0.3)  # shares the GPU with the sampler engine (0.5) and the trainer
         return self._teacher
 
+    def drop_if_dead(self, error: BaseException) -> bool:
+        """After a failed step: if an engine died (vLLM's EngineDeadError anywhere in the cause chain),
+        close them all so the task's retry starts fresh ones instead of calling a dead engine again."""
+        seen, e = set(), error
+        while e is not None and id(e) not in seen:
+            if type(e).__name__ in DEAD_ENGINE_ERRORS:
+                self.close()
+                return True
+            seen.add(id(e))
+            e = e.__cause__ or e.__context__
+        return False
+
     def close(self) -> None:
         for engine in (self._sampler, self._teacher):
             if engine is not None:
-                engine.close()
+                try:
+                    engine.close()
+                except Exception:  # a dead engine may fail its own shutdown; it is gone either way
+                    pass
         self._sampler = self._teacher = self._teacher_model = None

@@ -153,6 +153,10 @@ def opd_round(cfg: RunConfig, k: int, data: DataRef, teacher: ModelRef, student:
                            publish=s < o.steps_per_round - 1))
         tmp = fresh(out)
         model = learner.finish(tmp)
+    except BaseException as e:
+        if engines.drop_if_dead(e):
+            log(f"round {k}: an inference engine died ({type(e).__name__}); the retry starts fresh engines")
+        raise
     finally:
         learner.close()
     metrics = stats.metrics(k, eval_slice_accuracy(cfg, model, tok, d["eval"]), cfg.training.num_processes)

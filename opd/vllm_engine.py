@@ -24,6 +24,23 @@ def cpu_thread_binding(tp: int, cpus: list[int] | None = None) -> str:
     return "|".join(str(p[0]) if len(p) == 1 else f"{p[0]}-{p[-1]}" for p in parts)
 
 
+def whole_prefills(max_model_len: int, on_gpu: bool) -> dict:
+    """Scheduler settings that never split a prompt's prefill across engine steps, on CPU.
+
+    With per-request seeds, a step that computes only part of a prompt samples a token for it, throws
+    it away and rewinds the request's generator; CPU generators cannot rewind ("CPU Generator does not
+    use offset"), and the engine dies. Without chunked prefill the scheduler admits only prompts that
+    fit the step's token budget whole and leaves the rest for the next step (a budget of at least one
+    whole sequence), so any prompt length and batch size samples, each prompt's seed still its own.
+    GPU generators rewind fine and keep vLLM's chunked prefill."""
+    if on_gpu:
+        return {}
+    from vllm.config import SchedulerConfig
+
+    return {"enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(max_model_len, SchedulerConfig.DEFAULT_MAX_NUM_BATCHED_TOKENS)}
+
+
 def start_llm(model_dir: str, *, seed: int, max_model_len: int, dtype: str = "float32",
               gpu_memory_utilization: float = 0.5, kv_cache_gib: int = 1, enforce_eager: bool = True,
               trust_remote_code: bool = False, tensor_parallel_size: int = 1, max_lora_rank: int | None = None,
@@ -40,6 +57,7 @@ def start_llm(model_dir: str, *, seed: int, max_model_len: int, dtype: str = "fl
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(tensor_parallel_size)
     try:
         return LLM(model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
+                   **whole_prefills(max_model_len, on_gpu=torch.cuda.is_available()),
                    max_model_len=max_model_len, enforce_eager=enforce_eager,
                    gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
                    tensor_parallel_size=tensor_parallel_size,
