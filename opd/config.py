@@ -161,6 +161,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+
+
 class ModelSpec(_Strict):
     """A Llama-architecture model built from scratch (demo teacher/student)."""
 
@@ -265,6 +268,10 @@ class TeacherConfig(_Strict):
     endpoint: str | None = None  # e.g. http://127.0.0.1:8000; required for scorer=remote
     served_model_name: str | None = Field(None, min_length=1, max_length=256)  # None = the only model served
     tensor_parallel_size: int = Field(1, ge=1, le=64)  # scorer=vllm: GPUs the in-process teacher engine spans
+    # auto = the checkpoint's dtype on a GPU, float32 on CPU; every load of the teacher and its vLLM engine
+    dtype: Dtype = "auto"
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)  # scorer=vllm: the teacher engine's share of the GPU
+    enforce_eager: bool = True  # scorer=vllm: False captures CUDA graphs (faster decode, slower start)
 
     @field_validator("path")
     @classmethod
@@ -301,6 +308,9 @@ class TeacherConfig(_Strict):
 class StudentConfig(_Strict):
     model: ModelSpec | None = None  # build from scratch (demo) ...
     path: str | None = Field(None, min_length=1)  # ... or start from a pretrained student
+    # the sampler engine and evaluation copies; the trainer keeps float32 master weights (bf16 compute
+    # is training.mixed_precision)
+    dtype: Dtype = "auto"
 
     @field_validator("path")
     @classmethod
@@ -414,6 +424,8 @@ class OPDConfig(_Strict):
     sampler: Literal["vllm", "hf"] = "vllm"
     weight_sync: Literal["inplace", "restart"] = "inplace"
     tensor_parallel_size: int = Field(1, ge=1, le=64)  # GPUs the vLLM sampler engine spans
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # the vLLM sampler engine's share of the GPU
+    enforce_eager: bool = True  # False: the sampler engine captures CUDA graphs (faster decode, slower start)
     lora: LoraSpec | None = None  # None = full fine-tuning
 
     @model_validator(mode="before")
@@ -600,6 +612,18 @@ class RunConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     tasks: TaskPolicy = TaskPolicy()
     deployment: DeploymentConfig = DeploymentConfig()
+
+    @model_validator(mode="after")
+    def _engine_shares(self) -> "RunConfig":
+        """Two in-process vLLM engines on one GPU each take their share of its memory up front."""
+        both = self.teacher.scorer == "vllm" and self.opd.sampler == "vllm" and self.device != "cpu"
+        total = self.teacher.gpu_memory_utilization + self.opd.gpu_memory_utilization
+        if both and total > 0.9:
+            raise ValueError(f"opd.gpu_memory_utilization ({self.opd.gpu_memory_utilization}) + "
+                             f"teacher.gpu_memory_utilization ({self.teacher.gpu_memory_utilization}) = {total:.2f} of "
+                             "one GPU, leaving the trainer under 10%: lower them, or serve the teacher elsewhere "
+                             "(teacher.scorer=remote)")
+        return self
 
     @model_validator(mode="after")
     def _lora_strategy(self) -> "RunConfig":

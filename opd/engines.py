@@ -8,9 +8,17 @@ owns the engines.
 from __future__ import annotations
 
 from opd.config import RunConfig
-from opd.models import load_model, pick_device
+from opd.models import load_model, pick_device, resolve_dtype
 from opd.sampling.base import Sampler, Weights
 from opd.teachers import HFTeacher, TeacherScorer, make_teacher
+
+
+def student_dtype(cfg: RunConfig, model_dir: str) -> str:
+    return resolve_dtype(cfg.student.dtype, model_dir, pick_device(cfg.device))
+
+
+def teacher_dtype(cfg: RunConfig, model_dir: str) -> str:
+    return resolve_dtype(cfg.teacher.dtype, model_dir, pick_device(cfg.device))
 
 
 def make_sampler(cfg: RunConfig, model_dir: str, eos_id: int) -> Sampler:
@@ -19,11 +27,13 @@ def make_sampler(cfg: RunConfig, model_dir: str, eos_id: int) -> Sampler:
     if o.sampler == "hf":
         from opd.sampling.hf_sampler import HFSampler
 
-        return HFSampler(model_dir, eos_id=eos_id, device=cfg.device)
+        return HFSampler(model_dir, eos_id=eos_id, device=cfg.device, dtype=student_dtype(cfg, model_dir))
     from opd.sampling.vllm_sampler import VLLMSampler
 
     return VLLMSampler(model_dir, eos_id=eos_id, seed=cfg.seed, max_model_len=cfg.data.max_prompt_tokens + o.max_tokens,
                        weight_sync=o.weight_sync, device=cfg.device, tensor_parallel_size=o.tensor_parallel_size,
+                       dtype=student_dtype(cfg, model_dir), gpu_memory_utilization=o.gpu_memory_utilization,
+                       enforce_eager=o.enforce_eager,
                        **({"lora_rank": o.lora.r} if o.lora is not None else {}))
 
 
@@ -65,7 +75,8 @@ class Engines:
         """The teacher's weights in this process (the hf scorer, or a loss on the teacher's logits)."""
         if self._teacher_model is None:
             self._teacher_model = load_model(teacher_dir, pick_device(self.cfg.device),
-                                             trust_remote_code=self.cfg.teacher.trust_remote_code)
+                                             trust_remote_code=self.cfg.teacher.trust_remote_code,
+                                             dtype=teacher_dtype(self.cfg, teacher_dir))
         return self._teacher_model
 
     def teacher(self, teacher_dir: str, pad_id: int) -> TeacherScorer:
@@ -82,7 +93,8 @@ class Engines:
                     max_model_len=c.data.max_prompt_tokens + o.max_tokens + 1,  # +1: scoring generates 1 token
                     endpoint=c.teacher.endpoint, served_model_name=c.teacher.served_model_name,
                     trust_remote_code=c.teacher.trust_remote_code, tensor_parallel_size=c.teacher.tensor_parallel_size,
-                    gpu_memory_utilization=0.3)  # shares the GPU with the sampler engine (0.5) and the trainer
+                    gpu_memory_utilization=c.teacher.gpu_memory_utilization, enforce_eager=c.teacher.enforce_eager,
+                    dtype=teacher_dtype(c, teacher_dir))
         return self._teacher
 
     def drop_if_dead(self, error: BaseException) -> bool:

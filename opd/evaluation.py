@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from opd.data.task import is_correct
 from opd.generation import generate
 from opd.logprobs import score_completions
-from opd.models import load_model, load_tokenizer, num_params, pick_device, set_threads
+from opd.models import load_model, load_tokenizer, num_params, pick_device, resolve_dtype, set_threads
 from opd.records import ModelRef
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def evaluate_models(cfg: RunConfig, data: DataRef, teacher: ModelRef, students: 
                        "params": num_params(t_model)}}
     scorer = engines.teacher(teacher.path, tok.pad_token_id)
     for name, path in students.items():
-        m = load_model(path, device)
+        m = load_model(path, device, dtype=resolve_dtype(cfg.student.dtype, path, device))
         out[name] = {**evaluate(m, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed,
                                 cfg.eval.kl_samples_per_prompt, teacher_scorer=scorer).as_dict(),
                      "params": num_params(m)}

@@ -77,13 +77,50 @@ def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None
     return out
 
 
-def load_model(path: str | Path, device: torch.device | None = None, trust_remote_code: bool = False):
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(requested: str, path: str | Path | None, device: torch.device) -> str:
+    """``auto``: the checkpoint's own dtype (config.json ``torch_dtype``/``dtype``) on a GPU, float32 on
+    CPU (CPU bf16 matmuls are slow or missing, and our CPU runs are small); anything else as asked."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda" or path is None:
+        return "float32"
+    import json
+
+    conf = json.loads((Path(path) / "config.json").read_text())
+    found = str(conf.get("torch_dtype") or conf.get("dtype") or "float32").removeprefix("torch.")
+    return found if found in DTYPES else "float32"
+
+
+def count_params(path: str | Path) -> int:
+    """Parameters of a safetensors checkpoint from its headers alone: no weights are read, so a 32B
+    teacher served elsewhere is never loaded into this process to be counted."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                size = 1
+                for dim in shape:
+                    size *= dim
+                n += size
+    return n
+
+
+def load_model(path: str | Path, device: torch.device | None = None, trust_remote_code: bool = False,
+               dtype: str = "float32"):
+    """``dtype``: a name from ``DTYPES`` (``resolve_dtype`` turns ``auto`` into one). The trainer's copy
+    stays float32 (master weights; bf16 autocast is training.mixed_precision)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path} (config.json missing): check the model path")
     if not list(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path} holds no .safetensors weights; only safetensors are loaded")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True,
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     return model.to(device or torch.device("cpu"))
 

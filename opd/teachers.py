@@ -119,14 +119,14 @@ class HFTeacher:
     """``model``: an already loaded teacher to reuse (then ``model_dir`` may be None)."""
 
     def __init__(self, model_dir: str | None, device=None, micro_batch: int = 64,
-                 trust_remote_code: bool = False, model=None, pad_id: int | None = None):
+                 trust_remote_code: bool = False, model=None, pad_id: int | None = None, dtype: str = "float32"):
         from opd.models import load_model, pick_device
 
         if model is not None:
             self.model, self.device = model, next(model.parameters()).device
         else:
             self.device = device if hasattr(device, "type") else pick_device(device or "auto")
-            self.model = load_model(model_dir, self.device, trust_remote_code=trust_remote_code)
+            self.model = load_model(model_dir, self.device, trust_remote_code=trust_remote_code, dtype=dtype)
         cfg = self.model.config
         self.pad_id = pad_id if pad_id is not None else next(
             (t for t in (cfg.pad_token_id, cfg.eos_token_id, 0) if isinstance(t, int)), 0)
@@ -317,7 +317,8 @@ def make_teacher(kind: str, model_dir: str | None = None, *, device: str | None 
                  max_model_len: int = 256, seed: int = 0, endpoint: str | None = None,
                  served_model_name: str | None = None, timeout: float = 300.0,
                  trust_remote_code: bool = False, model=None, pad_id: int | None = None,
-                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1) -> TeacherScorer:
+                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1, dtype: str = "float32",
+                 enforce_eager: bool = True) -> TeacherScorer:
     """Chosen by config (teacher.scorer), never silently: an unknown kind is an error.
 
     ``model``/``pad_id`` (hf only): reuse a teacher already loaded in this process."""
@@ -326,7 +327,8 @@ def make_teacher(kind: str, model_dir: str | None = None, *, device: str | None 
                          model=model, pad_id=pad_id)
     if kind == "vllm":
         return VLLMTeacher(model_dir, max_model_len=max_model_len, seed=seed, trust_remote_code=trust_remote_code,
-                           gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
+                           gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                           dtype=dtype, enforce_eager=enforce_eager)
     if kind == "remote":
         if not endpoint:
             raise ValueError("teacher.scorer='remote' needs teacher.endpoint (e.g. http://127.0.0.1:8000)")

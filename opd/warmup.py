@@ -16,8 +16,8 @@ from opd.data import dataset as ds
 from opd.evaluation import accuracy, slice_accuracy
 from opd.generation import generate
 from opd.ledger import PhaseCost
-from opd.models import (build_char_tokenizer, build_llama, check_vocab, load_model, load_tokenizer, num_params,
-                        pick_device, save_model, set_threads)
+from opd.models import (build_char_tokenizer, build_llama, check_vocab, count_params, load_model, load_tokenizer,
+                        num_params, pick_device, resolve_dtype, save_model, set_threads)
 from opd.records import ModelRef, fresh, publish_dir, read_done
 from opd.sft import sft_train
 from opd.storage import local_model_dir
@@ -35,7 +35,7 @@ def bootstrap_teacher(cfg: RunConfig, data: ds.DataRef, log=print, use_shipped: 
     The config allows a bootstrap only on the synthetic task (RunConfig._bootstrap_needs_task)."""
     if cfg.teacher.path:
         path = local_model_dir(cfg, cfg.teacher.path)
-        return ModelRef(path, num_params(load_model(path, trust_remote_code=cfg.teacher.trust_remote_code)))
+        return ModelRef(path, count_params(path))  # from the headers: the teacher may be served elsewhere
     teachers = Path(cfg.home) / "cache" / "teachers"
     key = teacher_cache_key(cfg, data.fingerprint)
     final = teachers / key
@@ -90,7 +90,8 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
     t0 = time.time()
     device = pick_device(cfg.device)
     tok = load_tokenizer(teacher.path)
-    teacher_model = load_model(teacher.path, device)
+    teacher_model = load_model(teacher.path, device, trust_remote_code=cfg.teacher.trust_remote_code,
+                               dtype=resolve_dtype(cfg.teacher.dtype, teacher.path, device))
     d = data.load()
     rng = random.Random(cfg.seed)
     idx = rng.sample(range(len(d["train"])), min(cfg.sft.num_prompts, len(d["train"])))

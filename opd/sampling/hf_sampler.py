@@ -11,10 +11,11 @@ from opd.sampling.base import Weights
 
 
 class HFSampler:
-    def __init__(self, model_dir: str, eos_id: int, device: str | None = None):
+    def __init__(self, model_dir: str, eos_id: int, device: str | None = None, dtype: str = "float32"):
         self.device = pick_device(device or "auto")
+        self.dtype = dtype
         self.weights, self.version = Weights(str(model_dir)), 0
-        self.model = load_model(model_dir, self.device)
+        self.model = load_model(model_dir, self.device, dtype=dtype)
         self.eos_id = eos_id
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else eos_id
 
@@ -29,7 +30,7 @@ class HFSampler:
     def publish(self, weights: Weights) -> int:
         if weights.adapter:
             raise RuntimeError("the hf sampler serves full weights only (opd.lora needs opd.sampler=vllm)")
-        self.model = load_model(weights.path, self.device)
+        self.model = load_model(weights.path, self.device, dtype=self.dtype)
         self.weights, self.version = weights, self.version + 1
         return self.version
 

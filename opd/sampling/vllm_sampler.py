@@ -16,7 +16,7 @@ class VLLMSampler:
     def __init__(self, model_dir: str, eos_id: int, max_model_len: int = 256, seed: int = 0,
                  weight_sync: str = "inplace", gpu_memory_utilization: float = 0.5,
                  kv_cache_gib: int = 1, device: str | None = None, tensor_parallel_size: int = 1,
-                 lora_rank: int | None = None):
+                 lora_rank: int | None = None, dtype: str = "float32", enforce_eager: bool = True):
         self.weights, self.version = Weights(str(model_dir)), 0
         self.eos_id = eos_id
         self.max_model_len = max_model_len
@@ -26,12 +26,14 @@ class VLLMSampler:
         self.kv_cache_gib = kv_cache_gib
         self.tensor_parallel_size = tensor_parallel_size
         self.lora_rank = lora_rank
+        self.dtype, self.enforce_eager = dtype, enforce_eager
         self.lora_request = None  # the adapters sampled with, on top of the engine's weights
         self._lora_ids = 0
         self.llm = self._start()
 
     def _start(self):
-        return start_llm(self.weights.path, seed=self.seed, max_model_len=self.max_model_len,
+        return start_llm(self.weights.path, seed=self.seed, max_model_len=self.max_model_len, dtype=self.dtype,
+                         enforce_eager=self.enforce_eager,
                          gpu_memory_utilization=self.gpu_memory_utilization, kv_cache_gib=self.kv_cache_gib,
                          tensor_parallel_size=self.tensor_parallel_size, max_lora_rank=self.lora_rank)
 

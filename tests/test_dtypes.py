@@ -1,0 +1,66 @@
+"""dtype per model, engine settings from config, and a teacher counted without being loaded."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from opd.config import ModelSpec, load_config
+from opd.errors import PermanentError
+from opd.models import (build_char_tokenizer, build_llama, count_params, load_model, num_params, resolve_dtype,
+                        save_model)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tok = build_char_tokenizer()
+    model = build_llama(ModelSpec(num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128), tok, 48, 0)
+    return save_model(model, tok, tmp_path_factory.mktemp("m")), num_params(model)
+
+
+def test_parameters_are_counted_from_the_safetensors_headers_without_loading(model_dir, tmp_path):
+    path, n = model_dir
+    assert count_params(path) == n
+    # a checkpoint transformers cannot even build is still counted: nothing is instantiated
+    alien = tmp_path / "alien"
+    alien.mkdir()
+    for f in path.iterdir():
+        (alien / f.name).write_bytes(f.read_bytes())
+    conf = json.loads((alien / "config.json").read_text())
+    conf.update(model_type="no-such-architecture", architectures=["NoSuchForCausalLM"])
+    (alien / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(Exception):
+        load_model(alien)
+    assert count_params(alien) == n
+
+
+def test_auto_dtype_is_the_checkpoints_on_gpu_and_float32_on_cpu(model_dir, tmp_path):
+    path, _ = model_dir
+    conf = json.loads((path / "config.json").read_text())
+    for key, value in (("torch_dtype", "bfloat16"), ("dtype", "float16"), ("torch_dtype", "torch.bfloat16")):
+        d = tmp_path / f"{key}-{value}"
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({**{k: v for k, v in conf.items() if "dtype" not in k}, key: value}))
+        assert resolve_dtype("auto", d, torch.device("cuda")) == value.removeprefix("torch.")
+        assert resolve_dtype("auto", d, torch.device("cpu")) == "float32"
+    assert resolve_dtype("bfloat16", path, torch.device("cpu")) == "bfloat16"  # asked for: as asked
+
+
+def test_a_model_loads_in_the_dtype_asked_for(model_dir):
+    path, _ = model_dir
+    assert next(load_model(path, dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    assert next(load_model(path).parameters()).dtype == torch.float32
+
+
+def test_engine_settings_and_dtypes_are_config(tmp_path):
+    cfg = load_config("configs/ci.yaml", [f"home={tmp_path}"])
+    assert (cfg.student.dtype, cfg.teacher.dtype) == ("auto", "auto")
+    assert (cfg.opd.gpu_memory_utilization, cfg.teacher.gpu_memory_utilization) == (0.5, 0.3)
+    cfg = load_config("configs/ci.yaml", ["teacher.dtype=bfloat16", "opd.enforce_eager=false",
+                                          "teacher.gpu_memory_utilization=0.2"])
+    assert cfg.teacher.dtype == "bfloat16" and cfg.opd.enforce_eager is False
+    with pytest.raises(PermanentError, match="teacher.dtype"):
+        load_config("configs/ci.yaml", ["teacher.dtype=fp8"])
+    with pytest.raises(PermanentError, match=r"= 1.10 of one GPU.*teacher.scorer=remote"):
+        load_config("configs/ci.yaml", ["teacher.scorer=vllm", "device=cuda", "opd.gpu_memory_utilization=0.8"])
