@@ -605,13 +605,20 @@ class RunConfig(_Strict):
     data: DataConfig = DataConfig()
     teacher: TeacherConfig
     student: StudentConfig
-    sft: SFTConfig
+    sft: SFTConfig | None  # null: OPD starts from student.path as it is (the reference report's setting)
     opd: OPDConfig
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig
     training: TrainingConfig = TrainingConfig()
     tasks: TaskPolicy = TaskPolicy()
     deployment: DeploymentConfig = DeploymentConfig()
+
+    @model_validator(mode="after")
+    def _sft_or_pretrained(self) -> "RunConfig":
+        if self.sft is None and self.student.path is None:
+            raise ValueError("sft: null starts OPD from a trained student: set student.path, or give an sft section "
+                             "to warm up the student built from student.model")
+        return self
 
     @model_validator(mode="after")
     def _engine_shares(self) -> "RunConfig":

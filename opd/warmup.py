@@ -81,11 +81,22 @@ def _train_teacher(cfg: RunConfig, data: ds.DataRef, final: Path, ckpt: Path, lo
 
 # ---------------------------------------------------------------- SFT warmup
 
+def starting_student(cfg: RunConfig, teacher: ModelRef, log=print) -> ModelRef:
+    """``sft: null``: OPD starts from student.path as it is; nothing is trained or written, and the
+    gates' baseline is this student (its tokenizer must be the teacher's)."""
+    student_dir = local_model_dir(cfg, cfg.student.path)
+    check_vocab(load_tokenizer(teacher.path), load_tokenizer(student_dir))
+    log(f"SFT warmup skipped (sft: null): OPD starts from {cfg.student.path}")
+    return ModelRef(student_dir, count_params(student_dir))
+
+
 def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, log=print) -> ModelRef:
     """Off-policy distillation: the teacher writes completions, the student imitates them."""
     if (meta := read_done(out)) is not None:
         log(f"SFT warmup: done by an earlier attempt, reused from {out}")
         return ModelRef(str(out), meta["params"], meta["metrics"], meta["cost"], meta.get("data_cost", {}))
+    if cfg.sft is None:
+        return starting_student(cfg, teacher, log)
     set_threads()
     t0 = time.time()
     device = pick_device(cfg.device)
