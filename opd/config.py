@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from urllib.parse import urlsplit
 
 import yaml
+from opd.data.verifiers import IntegerSpec, VerifierSpec
 from opd.errors import PermanentError
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
                       model_validator)
@@ -400,7 +401,32 @@ def _loss_shorthand(v: Any) -> Any:
 LossSpec = Annotated[Union[ReverseKLIS, ReverseKLFull, ReverseKLTopK, GKDJSD], Field(discriminator="kind"),
                      BeforeValidator(_loss_shorthand)]
 LOSS_SPEC = TypeAdapter(LossSpec)
+
+
+def _verifier_shorthand(v: Any) -> Any:
+    """``verifier: math`` is short for ``verifier: {kind: math}``."""
+    return {"kind": v} if isinstance(v, str) else v
+
+
+class TaskConfig(_Strict):
+    """What a prompt looks like to the models and which completions count as correct.
+
+    ``prompt_format: chat`` renders each prompt as a user turn (after ``system_prompt``, if any) with the
+    tokenizer's chat template and the generation prompt, so sampling stops at the template's end-of-turn
+    token (the tokenizer's EOS). ``verifier`` (opd.data.verifiers) drives evaluation, the gates, the
+    sampled accuracy and the GX answer check; ``none`` is a KL-only run."""
+
+    prompt_format: Literal["raw", "chat"] = "raw"
+    system_prompt: str | None = Field(None, min_length=1, max_length=100_000)
+    verifier: Annotated[VerifierSpec, BeforeValidator(_verifier_shorthand)] = IntegerSpec()
+
+    @model_validator(mode="after")
+    def _system_needs_chat(self) -> "TaskConfig":
+        if self.system_prompt is not None and self.prompt_format != "chat":
+            raise ValueError("task.system_prompt applies to task.prompt_format=chat (raw prompts are sent as written)")
+        return self
 LOSS_KINDS = ("reverse_kl_is", "reverse_kl_full", "reverse_kl_topk", "gkd_jsd")
+VERIFIER_KINDS = ("integer", "exact", "math", "regex", "none")
 
 # loss settings that lived directly under opd: before the specs; where each one went
 _MOVED_LOSS_KEYS = {"kl_coef": "kl_coef", "clip_ratio": "clip_ratio", "advantage_baseline": "baseline",
@@ -607,11 +633,19 @@ class RunConfig(_Strict):
     student: StudentConfig
     sft: SFTConfig | None  # null: OPD starts from student.path as it is (the reference report's setting)
     opd: OPDConfig
+    task: TaskConfig = TaskConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig
     training: TrainingConfig = TrainingConfig()
     tasks: TaskPolicy = TaskPolicy()
     deployment: DeploymentConfig = DeploymentConfig()
+
+    @model_validator(mode="after")
+    def _accuracy_needs_a_verifier(self) -> "RunConfig":
+        if self.task.verifier.kind == "none" and self.eval.gates.min_accuracy > 0:
+            raise ValueError(f"eval.gates.min_accuracy: {self.eval.gates.min_accuracy} needs a verifier, but "
+                             "task.verifier is none (a KL-only run): choose a verifier or set it to 0")
+        return self
 
     @model_validator(mode="after")
     def _sft_or_pretrained(self) -> "RunConfig":
@@ -713,9 +747,10 @@ def _format_error(err: ValidationError) -> str:
     """One line per problem, each starting with the field's dotted path (named once)."""
     lines = []
     for e in err.errors():
-        # a loss spec's own settings are named opd.loss.<key>, without the union's tag in between
-        path = ".".join(str(p) for i, p in enumerate(e["loc"]) if not (i and e["loc"][i - 1] == "loss"
-                                                                        and p in LOSS_KINDS))
+        # a loss's or verifier's own settings are named opd.loss.<key> / task.verifier.<key>, without the
+        # union's tag in between
+        path = ".".join(str(p) for i, p in enumerate(e["loc"]) if not (i and (
+            (e["loc"][i - 1] == "loss" and p in LOSS_KINDS) or (e["loc"][i - 1] == "verifier" and p in VERIFIER_KINDS))))
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see configs/demo.yaml for every key)"

@@ -10,9 +10,10 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from opd.data.task import is_correct
+from opd.prompting import RAW, PromptFormat, prompt_format
 from opd.generation import generate
 from opd.logprobs import score_completions
 from opd.models import load_model, load_tokenizer, num_params, pick_device, resolve_dtype, set_threads
@@ -46,50 +47,65 @@ class EvalResult:
                 "model_tokens": self.model_tokens, "teacher_tokens": self.teacher_tokens, "wall_s": self.wall_s}
 
 
-def _share_correct(tokenizer, comps: list[list[int]], answers: list[str | None]) -> float | None:
+Check = Callable[[str, str], bool]  # (completion text, answer) -> correct: a task verifier's is_correct
+
+
+def _share_correct(tokenizer, comps: list[list[int]], answers: list[str | None], check: Check = is_correct
+                   ) -> float | None:
     """The share of completions the task's verifier accepts, over those whose ``answers`` entry (paired
     with ``comps``) is not None; None when no completion has an answer to check."""
     pairs = [(c, a) for c, a in zip(comps, answers) if a is not None]
     if not pairs:
         return None
     texts = tokenizer.batch_decode([c for c, _ in pairs], skip_special_tokens=True)
-    return sum(is_correct(t, a) for t, (_, a) in zip(texts, pairs)) / len(pairs)
+    return sum(check(t, a) for t, (_, a) in zip(texts, pairs)) / len(pairs)
 
 
 def has_answers(answers: list[str | None] | None) -> bool:
     return answers is not None and any(a is not None for a in answers)
 
 
-def _greedy(model, tokenizer, prompts: list[str], answers: list[str | None], max_tokens: int) -> tuple[float | None, int]:
-    ids = [tokenizer(p).input_ids for p in prompts]
+def _greedy(model, tokenizer, prompts: list[str], answers: list[str | None], max_tokens: int,
+            fmt: PromptFormat = RAW, check: Check = is_correct) -> tuple[float | None, int]:
+    ids = fmt.encode_all(tokenizer, prompts)
     comps = generate(model, ids, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens, temperature=0.0)
-    return _share_correct(tokenizer, comps, answers), sum(len(p) + len(c) for p, c in zip(ids, comps))
+    return _share_correct(tokenizer, comps, answers, check), sum(len(p) + len(c) for p, c in zip(ids, comps))
 
 
-def accuracy(model, tokenizer, prompts: list[str], answers: list[str | None], max_tokens: int) -> float | None:
+def accuracy(model, tokenizer, prompts: list[str], answers: list[str | None], max_tokens: int,
+             fmt: PromptFormat = RAW, check: Check = is_correct) -> float | None:
     """Greedy decoding: the deterministic answer a user would get."""
-    return _greedy(model, tokenizer, prompts, answers, max_tokens)[0]
+    return _greedy(model, tokenizer, prompts, answers, max_tokens, fmt, check)[0]
 
 
-def slice_accuracy(model, tokenizer, ev, n: int, max_tokens: int) -> float | None:
+def slice_accuracy(model, tokenizer, ev, n: int, max_tokens: int, fmt: PromptFormat = RAW,
+                   check: Check | None = is_correct) -> float | None:
     """Greedy accuracy on the first ``n`` rows of the eval split: each stage's cheap progress line;
-    None when the data has no answers."""
-    if "answer" not in ev.column_names:
+    None when the data has no answers or the task no verifier (``check`` None)."""
+    if "answer" not in ev.column_names or check is None:
         return None
     n = min(n, len(ev))
-    return accuracy(model, tokenizer, ev["prompt"][:n], ev["answer"][:n], max_tokens)
+    return accuracy(model, tokenizer, ev["prompt"][:n], ev["answer"][:n], max_tokens, fmt, check)
+
+
+def task_check(cfg: RunConfig) -> Check | None:
+    """The run's verifier as a check; None for ``task.verifier: none`` (a KL-only run: no accuracy)."""
+    from opd.data.verifiers import verifier
+
+    return None if cfg.task.verifier.kind == "none" else verifier(cfg.task.verifier).is_correct
 
 
 def _reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int, seed: int,
                 micro_batch: int = 64, samples_per_prompt: int = 4, teacher_scorer=None,
-                answers: list[str | None] | None = None) -> tuple[float, int, float | None]:
+                answers: list[str | None] | None = None, fmt: PromptFormat = RAW,
+                check: Check = is_correct) -> tuple[float, int, float | None]:
     """Monte-Carlo reverse KL on the student's own samples (temperature 1), per token; with
     ``answers``, also the share of those samples the verifier accepts.
 
     Several samples per prompt: the per-token values are heavy-tailed (one wrong digit the
     teacher is sure about costs ~10 nats), so one sample per prompt is too noisy to gate on.
     """
-    prompt_ids = [tokenizer(p).input_ids for p in prompts]
+    prompt_ids = fmt.encode_all(tokenizer, prompts)
     comps = generate(student, prompt_ids, tokenizer.eos_token_id, tokenizer.pad_token_id, max_tokens,
                      temperature=1.0, n=samples_per_prompt, seed=seed)
     ids = [p for p in prompt_ids for _ in range(samples_per_prompt)]
@@ -99,23 +115,24 @@ def _reverse_kl(student, teacher, tokenizer, prompts: list[str], max_tokens: int
                                 device=next(teacher.parameters()).device))
     diffs = [a - b for qs, ps in zip(q, p) for a, b in zip(qs, ps)]
     sampled = (None if answers is None else
-               _share_correct(tokenizer, comps, [a for a in answers for _ in range(samples_per_prompt)]))
+               _share_correct(tokenizer, comps, [a for a in answers for _ in range(samples_per_prompt)], check))
     return sum(diffs) / max(1, len(diffs)), sum(len(i) + len(c) for i, c in zip(ids, comps)), sampled
 
 
 def evaluate(student, teacher, tokenizer, prompts, answers: list[str | None] | None, max_tokens, seed,
-             kl_samples: int = 4, teacher_scorer=None) -> EvalResult:
+             kl_samples: int = 4, teacher_scorer=None, fmt: PromptFormat = RAW,
+             check: Check = is_correct) -> EvalResult:
     """Greedy accuracy (skipped, None, without answers), the reverse KL on ``kl_samples`` samples per
     prompt, and the sampled accuracy of those samples."""
     t0 = time.time()
     answered = sum(a is not None for a in answers) if answers is not None else 0
-    acc, greedy_tokens = (_greedy(student, tokenizer, prompts, answers, max_tokens) if has_answers(answers)
+    acc, greedy_tokens = (_greedy(student, tokenizer, prompts, answers, max_tokens, fmt, check) if has_answers(answers)
                           else (None, 0))
     if student is teacher:
         return EvalResult(acc, 0.0, len(prompts), None, greedy_tokens, 0, time.time() - t0, answered)
     kl, kl_tokens, sampled = _reverse_kl(student, teacher, tokenizer, prompts, max_tokens, seed,
                                          samples_per_prompt=kl_samples, teacher_scorer=teacher_scorer,
-                                         answers=answers if has_answers(answers) else None)
+                                         answers=answers if has_answers(answers) else None, fmt=fmt, check=check)
     # KL samples are generated, then re-scored by the student: each of their tokens is processed twice
     return EvalResult(acc, kl, len(prompts), sampled, greedy_tokens + 2 * kl_tokens, kl_tokens, time.time() - t0,
                       answered)
@@ -132,15 +149,19 @@ def evaluate_models(cfg: RunConfig, data: DataRef, teacher: ModelRef, students: 
     ev = data.load()["eval"]
     n = min(cfg.eval.max_examples, len(ev))
     # answer is optional in user data: no column (or no values) -> accuracies None, the KL still measured
-    prompts, answers = ev["prompt"][:n], ev["answer"][:n] if "answer" in ev.column_names else None
+    check, fmt = task_check(cfg), prompt_format(cfg)
+    prompts = ev["prompt"][:n]
+    answers = ev["answer"][:n] if "answer" in ev.column_names and check is not None else None
     t_model = engines.teacher_model(teacher.path)
-    out = {"teacher": {**evaluate(t_model, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed).as_dict(),
+    out = {"teacher": {**evaluate(t_model, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed,
+                                  fmt=fmt, check=check or is_correct).as_dict(),
                        "params": num_params(t_model)}}
     scorer = engines.teacher(teacher.path, tok.pad_token_id)
     for name, path in students.items():
         m = load_model(path, device, dtype=resolve_dtype(cfg.student.dtype, path, device))
         out[name] = {**evaluate(m, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed,
-                                cfg.eval.kl_samples_per_prompt, teacher_scorer=scorer).as_dict(),
+                                cfg.eval.kl_samples_per_prompt, teacher_scorer=scorer, fmt=fmt,
+                                check=check or is_correct).as_dict(),
                      "params": num_params(m)}
     return out
 
@@ -156,7 +177,7 @@ def evaluation_key(cfg: RunConfig, data: DataRef, teacher: ModelRef, students: d
     """What an evaluation measured: the models' files, the eval data and settings. The incumbent is
     named by its registry version (immutable, verified on pull), not its freshly pulled files."""
     spec = {"eval": cfg.eval.model_dump(mode="json", exclude={"gates"}), "max_tokens": cfg.opd.max_tokens,
-            "seed": cfg.seed, "scorer": cfg.teacher.scorer, "data": [data.fingerprint, data.n_eval],
+            "seed": cfg.seed, "scorer": cfg.teacher.scorer, "task": cfg.task.model_dump(mode="json"), "data": [data.fingerprint, data.n_eval],
             "teacher": [teacher.path, _dir_identity(teacher.path)], "incumbent_version": incumbent_version,
             "students": {k: [p, _dir_identity(p)] for k, p in sorted(students.items()) if k != "incumbent"}}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()

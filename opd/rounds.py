@@ -15,12 +15,13 @@ from pathlib import Path
 from opd.config import RunConfig
 from opd.data.dataset import DataRef
 from opd.engines import Engines
-from opd.evaluation import accuracy
+from opd.evaluation import slice_accuracy, task_check
 from opd.learner import Learner, LocalLearner
 from opd.learner_group import GroupLearner, GroupSpec
 from opd.ledger import PhaseCost
 from opd.models import load_model, load_tokenizer, pick_device, set_threads
 from opd.objectives import signal_for
+from opd.prompting import prompt_format
 from opd.records import ModelRef, RoundMetrics, RoundResult, RunLayout, fresh, publish_dir, read_done
 from opd.schedule import lr_at
 from opd.step import StepResult, step
@@ -115,11 +116,8 @@ class RoundStats:
 
 
 def eval_slice_accuracy(cfg: RunConfig, model, tok, ev) -> float | None:
-    """Greedy accuracy on the first ``opd.eval_slice`` eval rows; None when the data has no answers."""
-    if "answer" not in ev.column_names:
-        return None
-    n = min(cfg.opd.eval_slice, len(ev))
-    return accuracy(model, tok, ev["prompt"][:n], ev["answer"][:n], cfg.opd.max_tokens)
+    """Greedy accuracy on the first ``opd.eval_slice`` eval rows; None without answers or a verifier."""
+    return slice_accuracy(model, tok, ev, cfg.opd.eval_slice, cfg.opd.max_tokens, prompt_format(cfg), task_check(cfg))
 
 
 def opd_round(cfg: RunConfig, k: int, data: DataRef, teacher: ModelRef, student: ModelRef, layout: RunLayout,
@@ -133,7 +131,7 @@ def opd_round(cfg: RunConfig, k: int, data: DataRef, teacher: ModelRef, student:
     o, spec = cfg.opd, cfg.opd.loss
     tok = load_tokenizer(teacher.path)
     d = data.load()
-    train_prompts = d["train"]["prompt"]
+    train_prompts, fmt = d["train"]["prompt"], prompt_format(cfg)
     stats = RoundStats()
     t, starting = time.time(), not engines.sampling
     sampler = engines.sampler(student.path, tok.eos_token_id)
@@ -146,7 +144,7 @@ def opd_round(cfg: RunConfig, k: int, data: DataRef, teacher: ModelRef, student:
     try:
         for s in range(o.steps_per_round):
             idx, seed = step_prompts(cfg.seed, k, s, len(train_prompts), o.prompts_per_step)
-            prompts_P = [tok(train_prompts[i]).input_ids for i in idx]
+            prompts_P = fmt.encode_all(tok, [train_prompts[i] for i in idx])
             lr = lr_at((k - 1) * o.steps_per_round + s, o.lr, o.warmup_steps)
             stats.add(step(sampler, grader, learner, spec, prompts_P, samples_per_prompt=o.samples_per_prompt,
                            max_tokens=o.max_tokens, seed=seed, lr=lr, signal=signal,

@@ -13,7 +13,8 @@ from opd import bootstrap as boot, shipped
 from opd.checkpoints import save_optimizer
 from opd.config import RunConfig
 from opd.data import dataset as ds
-from opd.evaluation import accuracy, slice_accuracy
+from opd.evaluation import accuracy, slice_accuracy, task_check
+from opd.prompting import prompt_format
 from opd.generation import generate
 from opd.ledger import PhaseCost
 from opd.models import (build_char_tokenizer, build_llama, check_vocab, count_params, load_model, load_tokenizer,
@@ -106,7 +107,7 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
     d = data.load()
     rng = random.Random(cfg.seed)
     idx = rng.sample(range(len(d["train"])), min(cfg.sft.num_prompts, len(d["train"])))
-    prompts = [tok(d["train"][i]["prompt"]).input_ids for i in idx]
+    prompts = prompt_format(cfg).encode_all(tok, [d["train"][i]["prompt"] for i in idx])
     comps = generate(teacher_model, prompts, tok.eos_token_id, tok.pad_token_id, cfg.opd.max_tokens,
                      temperature=cfg.sft.teacher_temperature, seed=cfg.seed)
     seq_tokens = sum(len(p) + len(c) for p, c in zip(prompts, comps))
@@ -129,7 +130,8 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
               on_step=lambda s, l: losses.append(l))
     avg_len = seq_tokens / len(prompts)
     cost.train(num_params(student), int(cfg.sft.train.steps * cfg.sft.train.batch_size * avg_len))
-    acc = slice_accuracy(student, tok, d["eval"], cfg.opd.eval_slice, cfg.opd.max_tokens)
+    acc = slice_accuracy(student, tok, d["eval"], cfg.opd.eval_slice, cfg.opd.max_tokens, prompt_format(cfg),
+                         task_check(cfg))
     cost.wall_s = time.time() - t0
     metrics = {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "eval_slice_accuracy": acc}
     log(f"SFT warmup: the teacher wrote {len(prompts)} completions in {data_cost.wall_s:.0f}s, "

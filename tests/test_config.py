@@ -122,6 +122,12 @@ def test_every_float_refuses_inf_and_nan(path, value):
         key = path.rsplit(".", 1)[1]
         kind = next(c for c in (ReverseKLIS, GKDJSD) if key in c.model_fields).model_fields["kind"].default
         override = f"opd.loss={{kind: {kind}, {key}: {value}}}"
+    if path.startswith("task.verifier."):  # likewise a verifier's own setting
+        from opd.data.verifiers import MathSpec, RegexSpec
+
+        key = path.rsplit(".", 1)[1]
+        kind = next(c for c in (MathSpec, RegexSpec) if key in c.model_fields).model_fields["kind"].default
+        override = f"task.verifier={{kind: {kind}, {key}: {value}}}"
     with pytest.raises(ConfigError) as e:
         load_config("configs/ci.yaml", [override])
     assert f"{path}: Input should be a finite number" in str(e.value)

@@ -11,7 +11,13 @@ from pathlib import Path
 from opd.config import RunConfig
 from opd.data import dataset as ds
 from opd.data.validate import ValidationReport, validate
+from opd.data.verifiers import verifier
 from opd.models import tokenizer_for
+from opd.prompting import prompt_format
+
+# how the GX answer check names what a task.verifier accepts as a ground-truth answer
+ANSWER_RULES = {"integer": "an integer", "exact": "a non-empty string", "math": "a number or a math expression "
+                "(task.verifier=math)", "regex": "a non-empty string", "none": "anything"}
 
 
 UNVALIDATED = ".unvalidated"
@@ -31,8 +37,11 @@ def prepare_data(cfg: RunConfig, out: Path, s3=None) -> ds.DataRef:
 def validate_data(cfg: RunConfig, data: ds.DataRef) -> tuple[ValidationReport, ds.DataRef | None]:
     """GX checks; valid data moves into place, invalid data is deleted (a refused run leaves nothing)."""
     d = data.load()
-    report = validate(d["train"].to_pandas(), d["eval"].to_pandas(), tokenizer_for(cfg),
-                      cfg.data.min_prompt_tokens, cfg.data.max_prompt_tokens, sources=ds.source_names(cfg.data))
+    tok, fmt, spec = tokenizer_for(cfg), prompt_format(cfg), cfg.task.verifier
+    report = validate(d["train"].to_pandas(), d["eval"].to_pandas(), tok,
+                      cfg.data.min_prompt_tokens, cfg.data.max_prompt_tokens, sources=ds.source_names(cfg.data),
+                      encode=lambda p: fmt.encode(tok, p), check_answers=spec.kind != "none",
+                      answer_ok=verifier(spec).answer_ok, answer_rule=ANSWER_RULES[spec.kind])
     src = Path(data.dir)
     if not report.success:
         shutil.rmtree(src, ignore_errors=True)

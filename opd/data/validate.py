@@ -46,14 +46,16 @@ def _prompts(df: pd.DataFrame) -> set[str]:
     return {p for p in df["prompt"] if isinstance(p, str)} if "prompt" in df else set()
 
 
-def _answer_ok(a) -> bool:
-    """A missing answer passes (answers are optional); a given one must parse."""
+def _answer_ok(a, parses=answer_parses) -> bool:
+    """A missing answer passes (answers are optional); a given one must parse (the task verifier's
+    ``answer_ok``; the addition task's integer rule by default)."""
     if a is None or (isinstance(a, float) and pd.isna(a)):
         return True
-    return isinstance(a, str) and answer_parses(a)
+    return isinstance(a, str) and parses(a)
 
 
-def build_frame(train: pd.DataFrame, ev: pd.DataFrame, tokenizer) -> pd.DataFrame:
+def build_frame(train: pd.DataFrame, ev: pd.DataFrame, tokenizer, encode=None, answer_ok=answer_parses
+                ) -> pd.DataFrame:
     """One frame with derived columns so every rule is a stock GX expectation.
 
     ``row`` is the file line when the data carries one (column ``line``), else the 1-based position."""
@@ -67,11 +69,12 @@ def build_frame(train: pd.DataFrame, ev: pd.DataFrame, tokenizer) -> pd.DataFram
     for col in ("id", "prompt"):
         if col not in df.columns:
             df[col] = None
-    df["prompt_tokens"] = [len(tokenizer(p).input_ids) if isinstance(p, str) else 0 for p in df["prompt"]]
+    encode = encode or (lambda p: tokenizer(p).input_ids)  # the run's prompt format (opd.prompting)
+    df["prompt_tokens"] = [len(encode(p)) if isinstance(p, str) else 0 for p in df["prompt"]]
     shared = _prompts(ev) & _prompts(train)
     df["in_both_splits"] = [isinstance(p, str) and p in shared for p in df["prompt"]]
     if "answer" in df.columns:
-        df["answer_parses"] = [_answer_ok(a) for a in df["answer"]]
+        df["answer_parses"] = [_answer_ok(a, answer_ok) for a in df["answer"]]
     return df
 
 
@@ -81,13 +84,16 @@ def _row_label(h, sources: dict[str, str]) -> str:
 
 
 def validate(train: pd.DataFrame, ev: pd.DataFrame, tokenizer, min_tokens: int, max_tokens: int,
-             check_answers: bool = True, sources: dict[str, str] | None = None) -> ValidationReport:
-    """``sources``: the file each split's ``line`` column refers to (opd.data.dataset.source_names)."""
+             check_answers: bool = True, sources: dict[str, str] | None = None, encode=None,
+             answer_ok=answer_parses, answer_rule: str = "an integer") -> ValidationReport:
+    """``sources``: the file each split's ``line`` column refers to (opd.data.dataset.source_names);
+    ``encode``: prompt text -> the token ids the models will see; ``answer_ok``/``answer_rule``: the
+    task verifier's answer check and how to name it."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    df = build_frame(train, ev, tokenizer)
+    df = build_frame(train, ev, tokenizer, encode, answer_ok)
     ctx = gx.get_context(mode="ephemeral")
     batch_def = (ctx.data_sources.add_pandas("opd").add_dataframe_asset("rows")
                  .add_batch_definition_whole_dataframe("all"))
@@ -129,7 +135,7 @@ def validate(train: pd.DataFrame, ev: pd.DataFrame, tokenizer, min_tokens: int, 
         detail = {
             "in_both_splits": "prompt appears in both train and eval (leakage); drop it from one split",
             "prompt_tokens": f"prompt token length outside [{min_tokens}, {max_tokens}]; shorten or raise data.max_prompt_tokens",
-            "answer_parses": "answer does not parse as an integer",
+            "answer_parses": f"answer does not parse as {answer_rule}",
             "id": "ids must be present and unique",
             "prompt": "prompt must be a non-empty string",
         }.get(col, "")
