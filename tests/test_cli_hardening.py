@@ -389,6 +389,17 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
+def _curl_json(line: str, attempts: int = 4) -> dict:
+    """Run a printed curl line; a busy test server's SQLite can answer 503 ("database is locked"), which
+    Prefect's own clients retry, so retry it too (the body of the last answer is in the failure)."""
+    for i in range(attempts):
+        body = json.loads(subprocess.run(line, shell=True, capture_output=True, text=True, check=True).stdout)
+        if "id" in body:
+            return body
+        time.sleep(2 * (i + 1))
+    raise AssertionError(f"{line} answered {body}")
+
+
 def test_deploy_hints_run_as_printed_in_a_plain_shell(stack, stack_env, s3, sandbox, teacher, tmp_path_factory):
     """`opd deploy`'s worker and curl lines work from a shell with no Prefect/S3 variables set: the
     worker finds the local stack, its run reaches S3 (no NoCredentialsError) and fails only on the data."""
@@ -404,13 +415,13 @@ def test_deploy_hints_run_as_printed_in_a_plain_shell(stack, stack_env, s3, sand
     curls = [ln.strip() for ln in out.splitlines() if ln.strip().startswith("curl ")]
     assert worker_cmd.startswith("opd worker --config configs/ci.yaml") and len(curls) == 2, out
     api = stack_env["PREFECT_API_URL"]
-    dep = json.loads(subprocess.run(curls[0], shell=True, capture_output=True, text=True, check=True).stdout)
+    dep = _curl_json(curls[0])
     assert dep["name"] == "ci" and dep["work_pool_name"] == pool and dep["id"] in curls[1], (dep, curls)
     argv = [opd_bin(), *shlex.split(worker_cmd)[1:]]
     worker = subprocess.Popen(argv, cwd=REPO, env=plain, stdout=open(sandbox / "worker.log", "w"),
                               stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        run = json.loads(subprocess.run(curls[1], shell=True, capture_output=True, text=True, check=True).stdout)
+        run = _curl_json(curls[1])
         environ = _environ_once_exec(worker.pid, "-m prefect worker start")
         assert environ["OPD_S3_ENDPOINT"] == stack_env["OPD_S3_ENDPOINT"]
         assert environ["PREFECT_API_URL"] == stack_env["PREFECT_API_URL"]
