@@ -505,6 +505,12 @@ class TrainingConfig(_Strict):
     # autocast for every student update (teacher bootstrap, SFT, OPD): bf16 on GPUs that have it;
     # fp16 (GPU only) adds loss scaling. Weights and Adam state stay fp32; losses upcast to fp32.
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # activation checkpointing of the student's decoder layers in OPD updates (opd.memory): none, full,
+    # selective (keep matmul outputs, recompute the elementwise ops), every_<k>, mixed_<k>
+    gradient_checkpointing: str = Field(
+        "none", pattern=r"^(none|full|selective|every_[1-9][0-9]{0,2}|mixed_[1-9][0-9]{0,2})$")
+    # full: [tokens, vocab] logits per micro-batch; chunked: the LM head in row blocks (reverse_kl_is only)
+    lm_head: Literal["full", "chunked"] = "full"
 
     @model_validator(mode="after")
     def _devices(self) -> "TrainingConfig":
@@ -536,7 +542,9 @@ class GateConfig(_Strict):
 
 class EvalConfig(_Strict):
     max_examples: int = Field(256, ge=1, le=1_000_000)
+    # temperature-1 samples per prompt: the reverse KL and the sampled accuracy (pass@1 averaged over them)
     kl_samples_per_prompt: int = Field(4, ge=1, le=1024)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_CONTEXT)  # None: opd.max_tokens (reasoning evals want more)
     gates: GateConfig = GateConfig()
 
 
@@ -645,6 +653,14 @@ class RunConfig(_Strict):
         if self.task.verifier.kind == "none" and self.eval.gates.min_accuracy > 0:
             raise ValueError(f"eval.gates.min_accuracy: {self.eval.gates.min_accuracy} needs a verifier, but "
                              "task.verifier is none (a KL-only run): choose a verifier or set it to 0")
+        return self
+
+    @model_validator(mode="after")
+    def _chunked_head_needs_sampled_token_loss(self) -> "RunConfig":
+        if self.training.lm_head == "chunked" and self.opd.loss.signal != "logprobs":
+            raise ValueError(f"training.lm_head=chunked computes only the sampled token's log-prob, but opd.loss "
+                             f"{self.opd.loss.kind} needs the student's full logits: use training.lm_head=full or "
+                             "opd.loss=reverse_kl_is")
         return self
 
     @model_validator(mode="after")

@@ -90,7 +90,8 @@ class Engines:
             else:
                 self._teacher = make_teacher(
                     c.teacher.scorer, teacher_dir, micro_batch=o.micro_batch, seed=c.seed,
-                    max_model_len=c.data.max_prompt_tokens + o.max_tokens + 1,  # +1: scoring generates 1 token
+                    # +1: scoring generates 1 token; evaluation may grade longer completions than training
+                    max_model_len=c.data.max_prompt_tokens + max(o.max_tokens, c.eval.max_tokens or 0) + 1,
                     endpoint=c.teacher.endpoint, served_model_name=c.teacher.served_model_name,
                     trust_remote_code=c.teacher.trust_remote_code, tensor_parallel_size=c.teacher.tensor_parallel_size,
                     gpu_memory_utilization=c.teacher.gpu_memory_utilization, enforce_eager=c.teacher.enforce_eager,

@@ -88,6 +88,11 @@ def slice_accuracy(model, tokenizer, ev, n: int, max_tokens: int, fmt: PromptFor
     return accuracy(model, tokenizer, ev["prompt"][:n], ev["answer"][:n], max_tokens, fmt, check)
 
 
+def eval_max_tokens(cfg: RunConfig) -> int:
+    """Completion budget of the held-out evaluation: eval.max_tokens, else the training rollouts'."""
+    return cfg.eval.max_tokens or cfg.opd.max_tokens
+
+
 def task_check(cfg: RunConfig) -> Check | None:
     """The run's verifier as a check; None for ``task.verifier: none`` (a KL-only run: no accuracy)."""
     from opd.data.verifiers import verifier
@@ -153,13 +158,13 @@ def evaluate_models(cfg: RunConfig, data: DataRef, teacher: ModelRef, students: 
     prompts = ev["prompt"][:n]
     answers = ev["answer"][:n] if "answer" in ev.column_names and check is not None else None
     t_model = engines.teacher_model(teacher.path)
-    out = {"teacher": {**evaluate(t_model, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed,
+    out = {"teacher": {**evaluate(t_model, t_model, tok, prompts, answers, eval_max_tokens(cfg), cfg.seed,
                                   fmt=fmt, check=check or is_correct).as_dict(),
                        "params": num_params(t_model)}}
     scorer = engines.teacher(teacher.path, tok.pad_token_id)
     for name, path in students.items():
         m = load_model(path, device, dtype=resolve_dtype(cfg.student.dtype, path, device))
-        out[name] = {**evaluate(m, t_model, tok, prompts, answers, cfg.opd.max_tokens, cfg.seed,
+        out[name] = {**evaluate(m, t_model, tok, prompts, answers, eval_max_tokens(cfg), cfg.seed,
                                 cfg.eval.kl_samples_per_prompt, teacher_scorer=scorer, fmt=fmt,
                                 check=check or is_correct).as_dict(),
                      "params": num_params(m)}
@@ -176,7 +181,7 @@ def evaluation_key(cfg: RunConfig, data: DataRef, teacher: ModelRef, students: d
                    incumbent_version: int | None) -> str:
     """What an evaluation measured: the models' files, the eval data and settings. The incumbent is
     named by its registry version (immutable, verified on pull), not its freshly pulled files."""
-    spec = {"eval": cfg.eval.model_dump(mode="json", exclude={"gates"}), "max_tokens": cfg.opd.max_tokens,
+    spec = {"eval": cfg.eval.model_dump(mode="json", exclude={"gates"}), "max_tokens": eval_max_tokens(cfg),
             "seed": cfg.seed, "scorer": cfg.teacher.scorer, "task": cfg.task.model_dump(mode="json"), "data": [data.fingerprint, data.n_eval],
             "teacher": [teacher.path, _dir_identity(teacher.path)], "incumbent_version": incumbent_version,
             "students": {k: [p, _dir_identity(p)] for k, p in sorted(students.items()) if k != "incumbent"}}

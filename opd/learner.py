@@ -13,6 +13,7 @@ from typing import Protocol
 
 from opd.batching import pack, scatter_completion
 from opd.checkpoints import write_checkpoint, write_sync
+from opd.lm_head import window_logprobs
 from opd.losses import masked_mean, sampled_logprobs
 from opd.objectives import MicroBatch, micro_batch_loss, topk_grid
 from opd.rollouts import TrainBatch
@@ -37,17 +38,25 @@ class Learner(Protocol):
 
 
 def learn_step(trainer: StudentTrainer, batch: TrainBatch, spec, pad_id: int, micro_batch: int,
-               lr: float | None = None, teacher_model=None) -> dict[str, float]:
+               lr: float | None = None, teacher_model=None, lm_head: str = "full") -> dict[str, float]:
     """One optimizer step over ``batch.rollouts`` with the loss of ``spec`` (a loss spec of
     ``opd.config``: ``kind`` and its settings); ``teacher_model`` for the specs whose signal is the
-    teacher's logits. Every loss reports ``student_entropy`` (mean over completion tokens)."""
+    teacher's logits. Every loss reports ``student_entropy`` (mean over completion tokens).
+
+    ``lm_head="chunked"`` (training.lm_head; losses on the sampled token only) runs the LM head in row
+    blocks inside the model's forward (``opd.lm_head.window_logprobs``): the [tokens, vocab] logits never
+    exist at once, so a 152k vocabulary costs one block of them, not the micro-batch's."""
     rollouts = batch.rollouts
 
     def loss_fn(model, s: int, e: int):
         chunk = rollouts[s:e]
         b = pack([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], pad_id).to(trainer.device)
-        logits_BTV = b.logits(model)
-        logp_new_BT, entropy_BT = sampled_logprobs(logits_BTV, b.targets)
+        if lm_head == "chunked":
+            logits_BTV = None
+            logp_new_BT, entropy_BT = window_logprobs(model, b)
+        else:
+            logits_BTV = b.logits(model)
+            logp_new_BT, entropy_BT = sampled_logprobs(logits_BTV, b.targets)
         mb = MicroBatch(b, logits_BTV, logp_new_BT, scatter_completion([r.sampler_logprobs for r in chunk], b),
                         advantages_BT=None if batch.advantages is None else scatter_completion(batch.advantages[s:e], b),
                         topk=None if batch.teacher_topk is None else topk_grid(batch.teacher_topk, s, e, b),
@@ -63,13 +72,13 @@ class LocalLearner:
     """The student in this process (training.num_processes == 1)."""
 
     def __init__(self, trainer: StudentTrainer, tok, spec, micro_batch: int, sync_dir: Path, lora: bool,
-                 teacher_model=None):
+                 teacher_model=None, lm_head: str = "full"):
         self.trainer, self.tok, self.spec, self.micro_batch = trainer, tok, spec, micro_batch
-        self.sync_dir, self.lora, self.teacher_model = Path(sync_dir), lora, teacher_model
+        self.sync_dir, self.lora, self.teacher_model, self.lm_head = Path(sync_dir), lora, teacher_model, lm_head
 
     def update(self, batch: TrainBatch, lr: float) -> dict[str, float]:
         return learn_step(self.trainer, batch, self.spec, self.tok.pad_token_id, self.micro_batch, lr,
-                          self.teacher_model)
+                          self.teacher_model, self.lm_head)
 
     def weights(self) -> Weights:
         write_sync(self.trainer, self.tok, self.sync_dir, lora=self.lora)

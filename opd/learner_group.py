@@ -50,6 +50,8 @@ class GroupSpec:
     devices: list[int] | None = None  # CUDA_VISIBLE_DEVICES for the ranks
     lora: dict | None = None  # opd.config.LoraSpec fields: train adapters, sync adapters, merge at the end
     mixed_precision: str = "no"
+    gradient_checkpointing: str = "none"  # opd.memory policy
+    lm_head: str = "full"  # "full" | "chunked"
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -172,6 +174,10 @@ def _serve(workdir: Path) -> None:
         from opd.lora import apply_lora
 
         model = apply_lora(model, LoraSpec(**spec.lora))
+    if spec.gradient_checkpointing != "none":
+        from opd.memory import apply_checkpointing
+
+        apply_checkpointing(model, spec.gradient_checkpointing)
     # accelerate starts the process group (NCCL on GPUs, gloo on CPU) and picks this rank's device
     trainer = StudentTrainer(model, spec.lr, mixed_precision=spec.mixed_precision, strategy=spec.strategy,
                              device=spec.device, stage="OPD update", lr_field="opd.lr")
@@ -184,7 +190,7 @@ def _serve(workdir: Path) -> None:
     while _wait_for(workdir, f"step_{i}.pt", spec.driver_pid):
         msg = torch.load(workdir / f"step_{i}.pt", weights_only=True)
         metrics = learn_step(trainer, TrainBatch.from_message(msg), loss, spec.pad_id, spec.micro_batch, msg["lr"],
-                             teacher)
+                             teacher, spec.lm_head)
         write_sync(trainer, tok, spec.sync_dir, lora=spec.lora is not None)
         if rank == 0:
             metrics["num_processes"] = world

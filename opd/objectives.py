@@ -79,7 +79,7 @@ class MicroBatch:
     """What a loss sees of one micro-batch, every tensor on the packed [B, T] target grid."""
 
     batch: PackedBatch
-    logits_BTV: torch.Tensor
+    logits_BTV: torch.Tensor | None  # None under training.lm_head=chunked (sampled-token losses only)
     logp_new_BT: torch.Tensor  # the trainer's log-prob of each sampled token (differentiable)
     logp_sampler_BT: torch.Tensor
     advantages_BT: torch.Tensor | None = None  # "logprobs" signal

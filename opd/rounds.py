@@ -53,12 +53,17 @@ def make_learner(cfg: RunConfig, k: int, student: ModelRef, teacher: ModelRef, t
             teacher_dir=teacher.path if signal == "logits" else None, sync_dir=str(layout.round_sync(k)),
             final_dir=str(layout.round_group(k) / "final"), lr=o.lr, pad_id=tok.pad_token_id,
             micro_batch=o.micro_batch, loss=spec.model_dump_json(), driver_pid=os.getpid(), devices=t.devices,
-            lora=o.lora.model_dump() if o.lora else None, mixed_precision=t.mixed_precision), layout.round_group(k))
+            lora=o.lora.model_dump() if o.lora else None, mixed_precision=t.mixed_precision,
+            gradient_checkpointing=t.gradient_checkpointing, lm_head=t.lm_head), layout.round_group(k))
     model = load_model(student.path, pick_device(cfg.device))
     if o.lora is not None:
         from opd.lora import apply_lora
 
         model = apply_lora(model, o.lora)
+    if cfg.training.gradient_checkpointing != "none":
+        from opd.memory import apply_checkpointing
+
+        apply_checkpointing(model, cfg.training.gradient_checkpointing)
     trainer = StudentTrainer(model, o.lr, mixed_precision=cfg.training.mixed_precision, device=cfg.device,
                              stage="OPD update", lr_field="opd.lr")
     if opt_state is not None:
@@ -66,7 +71,8 @@ def make_learner(cfg: RunConfig, k: int, student: ModelRef, teacher: ModelRef, t
 
         load_optimizer(trainer.model, trainer.torch_optimizer, opt_state)
     return LocalLearner(trainer, tok, spec, o.micro_batch, layout.round_sync(k), lora=o.lora is not None,
-                        teacher_model=engines.teacher_model(teacher.path) if signal == "logits" else None)
+                        teacher_model=engines.teacher_model(teacher.path) if signal == "logits" else None,
+                        lm_head=cfg.training.lm_head)
 
 
 @dataclass

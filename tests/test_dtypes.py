@@ -64,3 +64,10 @@ def test_engine_settings_and_dtypes_are_config(tmp_path):
         load_config("configs/ci.yaml", ["teacher.dtype=fp8"])
     with pytest.raises(PermanentError, match=r"= 1.10 of one GPU.*teacher.scorer=remote"):
         load_config("configs/ci.yaml", ["teacher.scorer=vllm", "device=cuda", "opd.gpu_memory_utilization=0.8"])
+
+
+def test_evaluation_has_its_own_completion_budget():
+    from opd.evaluation import eval_max_tokens
+
+    assert eval_max_tokens(load_config("configs/ci.yaml")) == load_config("configs/ci.yaml").opd.max_tokens
+    assert eval_max_tokens(load_config("configs/ci.yaml", ["eval.max_tokens=512"])) == 512
