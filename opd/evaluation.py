@@ -16,7 +16,7 @@ from opd.data.task import is_correct
 from opd.prompting import RAW, PromptFormat, prompt_format
 from opd.generation import generate
 from opd.logprobs import score_completions
-from opd.models import load_model, load_tokenizer, num_params, pick_device, resolve_dtype, set_threads
+from opd.models import count_params, load_model, load_tokenizer, num_params, pick_device, resolve_dtype, set_threads
 from opd.records import ModelRef
 
 if TYPE_CHECKING:
@@ -145,6 +145,20 @@ def evaluate(student, teacher, tokenizer, prompts, answers: list[str | None] | N
 
 # ---------------------------------------------------------------- the evaluation stage
 
+def teacher_accuracy(scorer, tokenizer, prompts: list[str], answers: list[str | None] | None, max_tokens: int,
+                     fmt: PromptFormat = RAW, check: Check = is_correct) -> EvalResult:
+    """The teacher's greedy accuracy, its completions written by the scorer (opd.teachers), wherever the
+    teacher runs; its reverse KL to itself is 0."""
+    t0 = time.time()
+    answered = sum(a is not None for a in answers) if answers is not None else 0
+    if not has_answers(answers):
+        return EvalResult(None, 0.0, len(prompts), None, 0, 0, time.time() - t0, answered)
+    ids = fmt.encode_all(tokenizer, prompts)
+    comps = scorer.complete(ids, max_tokens, tokenizer.eos_token_id, temperature=0.0)
+    return EvalResult(_share_correct(tokenizer, comps, answers, check), 0.0, len(prompts), None,
+                      sum(len(p) + len(c) for p, c in zip(ids, comps)), 0, time.time() - t0, answered)
+
+
 def evaluate_models(cfg: RunConfig, data: DataRef, teacher: ModelRef, students: dict[str, str],
                     engines: Engines) -> dict[str, dict]:
     """Teacher and each named student on the same eval prompts, answers and sampling seed."""
@@ -157,14 +171,12 @@ def evaluate_models(cfg: RunConfig, data: DataRef, teacher: ModelRef, students: 
     check, fmt = task_check(cfg), prompt_format(cfg)
     prompts = ev["prompt"][:n]
     answers = ev["answer"][:n] if "answer" in ev.column_names and check is not None else None
-    t_model = engines.teacher_model(teacher.path)
-    out = {"teacher": {**evaluate(t_model, t_model, tok, prompts, answers, eval_max_tokens(cfg), cfg.seed,
-                                  fmt=fmt, check=check or is_correct).as_dict(),
-                       "params": num_params(t_model)}}
-    scorer = engines.teacher(teacher.path, tok.pad_token_id)
+    scorer = engines.teacher(teacher.path, tok.pad_token_id)  # a vllm/remote teacher never loads here
+    out = {"teacher": {**teacher_accuracy(scorer, tok, prompts, answers, eval_max_tokens(cfg), fmt,
+                                          check or is_correct).as_dict(), "params": count_params(teacher.path)}}
     for name, path in students.items():
         m = load_model(path, device, dtype=resolve_dtype(cfg.student.dtype, path, device))
-        out[name] = {**evaluate(m, t_model, tok, prompts, answers, eval_max_tokens(cfg), cfg.seed,
+        out[name] = {**evaluate(m, None, tok, prompts, answers, eval_max_tokens(cfg), cfg.seed,
                                 cfg.eval.kl_samples_per_prompt, teacher_scorer=scorer, fmt=fmt,
                                 check=check or is_correct).as_dict(),
                      "params": num_params(m)}

@@ -31,6 +31,12 @@ class TeacherScorer(Protocol):
         """``score`` plus the teacher's top-k (ids, logprobs) at every completion position."""
         ...
 
+    def complete(self, prompts: list[list[int]], max_tokens: int, eos_id: int, temperature: float = 0.0,
+                 seed: int | None = None) -> list[list[int]]:
+        """The teacher's own completion of each prompt (ending at and including ``eos_id`` if produced):
+        SFT data and the teacher's accuracy, from wherever the teacher runs."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -141,6 +147,12 @@ class HFTeacher:
             return []
         return score_completions(self.model, prompts, completions, self.pad_id, self.micro_batch, self.device)
 
+    def complete(self, prompts: list[list[int]], max_tokens: int, eos_id: int, temperature: float = 0.0,
+                 seed: int | None = None) -> list[list[int]]:
+        from opd.generation import generate
+
+        return generate(self.model, prompts, eos_id, self.pad_id, max_tokens, temperature=temperature, seed=seed)
+
     def score_topk(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> TopKScores:
         import torch
 
@@ -209,6 +221,18 @@ class VLLMTeacher:
             if k:
                 out.ids[i], out.logprobs[i] = _pick_topk(o.prompt_logprobs, seqs[i], len(prompts[i]), k)
         return out
+
+    def complete(self, prompts: list[list[int]], max_tokens: int, eos_id: int, temperature: float = 0.0,
+                 seed: int | None = None) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        if self.llm is None:
+            raise RuntimeError("VLLMTeacher is closed")
+        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=[eos_id],
+                                 seed=None if seed is None else seed + i, detokenize=False)
+                  for i in range(len(prompts))]
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
@@ -303,6 +327,22 @@ class RemoteTeacher:
                 if k:
                     ids, lps = _pick_topk(ch["prompt_logprobs"], seq, len(prompts[i]), k)
                     out.ids[i], out.logprobs[i] = ids, [[unclamp(v) for v in row] for row in lps]
+        return out
+
+    def complete(self, prompts: list[list[int]], max_tokens: int, eos_id: int, temperature: float = 0.0,
+                 seed: int | None = None) -> list[list[int]]:
+        """Token ids in, token ids out (``return_token_ids``): the server needs no tokenizer."""
+        out: list[list[int]] = []
+        for s in range(0, len(prompts), self.batch_size):
+            chunk = [list(p) for p in prompts[s : s + self.batch_size]]
+            body = {"model": self.model_name, "prompt": chunk, "max_tokens": max_tokens, "temperature": temperature,
+                    "n": 1, "stop_token_ids": [eos_id], "return_token_ids": True, "add_special_tokens": False,
+                    **({} if seed is None else {"seed": seed + s})}
+            choices = sorted(self._request("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])
+            if len(choices) != len(chunk) or any(c.get("token_ids") is None for c in choices):
+                raise TeacherServerError(f"teacher server {self.endpoint} did not return token ids for {len(chunk)} "
+                                         "prompts: it needs vLLM's return_token_ids (vLLM >= 0.10)")
+            out.extend(list(c["token_ids"]) for c in choices)
         return out
 
     def close(self) -> None:

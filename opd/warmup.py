@@ -91,6 +91,21 @@ def starting_student(cfg: RunConfig, teacher: ModelRef, log=print) -> ModelRef:
     return ModelRef(student_dir, count_params(student_dir))
 
 
+def teacher_completions(cfg: RunConfig, teacher: ModelRef, tok, prompts: list[list[int]], device) -> list[list[int]]:
+    """SFT's training data, written where the teacher runs: transformers here (teacher.scorer=hf), else its
+    vLLM engine or server, so a served teacher is never loaded into this process."""
+    if cfg.teacher.scorer == "hf":
+        model = load_model(teacher.path, device, trust_remote_code=cfg.teacher.trust_remote_code,
+                           dtype=resolve_dtype(cfg.teacher.dtype, teacher.path, device))
+        return generate(model, prompts, tok.eos_token_id, tok.pad_token_id, cfg.opd.max_tokens,
+                        temperature=cfg.sft.teacher_temperature, seed=cfg.seed)
+    from opd.engines import Engines
+
+    with Engines(cfg) as engines:
+        return engines.teacher(teacher.path, tok.pad_token_id).complete(
+            prompts, cfg.opd.max_tokens, tok.eos_token_id, temperature=cfg.sft.teacher_temperature, seed=cfg.seed)
+
+
 def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, log=print) -> ModelRef:
     """Off-policy distillation: the teacher writes completions, the student imitates them."""
     if (meta := read_done(out)) is not None:
@@ -102,17 +117,14 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
     t0 = time.time()
     device = pick_device(cfg.device)
     tok = load_tokenizer(teacher.path)
-    teacher_model = load_model(teacher.path, device, trust_remote_code=cfg.teacher.trust_remote_code,
-                               dtype=resolve_dtype(cfg.teacher.dtype, teacher.path, device))
     d = data.load()
     rng = random.Random(cfg.seed)
     idx = rng.sample(range(len(d["train"])), min(cfg.sft.num_prompts, len(d["train"])))
     prompts = prompt_format(cfg).encode_all(tok, [d["train"][i]["prompt"] for i in idx])
-    comps = generate(teacher_model, prompts, tok.eos_token_id, tok.pad_token_id, cfg.opd.max_tokens,
-                     temperature=cfg.sft.teacher_temperature, seed=cfg.seed)
+    comps = teacher_completions(cfg, teacher, tok, prompts, device)
     seq_tokens = sum(len(p) + len(c) for p, c in zip(prompts, comps))
     data_cost = PhaseCost("sft_data")
-    data_cost.teacher(num_params(teacher_model), seq_tokens)
+    data_cost.teacher(count_params(teacher.path), seq_tokens)
     data_cost.wall_s = time.time() - t0
     t0 = time.time()
     cost = PhaseCost("sft")

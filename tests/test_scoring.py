@@ -273,3 +273,17 @@ def test_vllm_teacher_scores_a_sequence_as_long_as_its_context(tmp_path):
         assert _max_abs_diff(t.score([prompt], [completion]), ref) < TOL
     finally:
         t.close()
+
+
+def test_every_scorer_writes_the_same_greedy_completions(teacher_dir, vllm_teacher, vllm_server):
+    """SFT data and the teacher's accuracy come from wherever the teacher runs: transformers here, the
+    in-process engine, or the server (token ids both ways: the server needs no tokenizer)."""
+    eos = 2
+    hf = HFTeacher(teacher_dir, device="cpu", micro_batch=4, pad_id=0).complete(PROMPTS, 8, eos)
+    assert all(0 < len(c) <= 8 for c in hf) and any(c[-1] == eos or len(c) == 8 for c in hf)
+    assert vllm_teacher.complete(PROMPTS, 8, eos) == hf
+    remote = RemoteTeacher(vllm_server, SERVED, model_dir=teacher_dir, batch_size=4)
+    try:
+        assert remote.complete(PROMPTS, 8, eos) == hf
+    finally:
+        remote.close()
