@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from opd_ops.cli_registry import registry_app
-from opd_ops.console import (checked, console, flow_outcome, load_config_or_exit, point_at_stack, prefect_api,
+from opd_ops.console import (checked, console, fail, flow_outcome, load_config_or_exit, point_at_stack, prefect_api,
                              promote_args, refusals, say, stack_settings, ui_url)
 
 # Locals in a traceback can hold credentials: never print them.
@@ -65,6 +65,49 @@ def run(config: Path, set_: list[str] = typer.Option([], "--set", help="override
     say(f"Registered: {reg['uri']}  ({reg['model']}:{reg['version']})")
     if out.get("report"):
         say(f"Report: {out['report']}  (re-render: opd report {out['run_key']} --config {config})")
+
+
+@app.command()
+def plan(config: Path, set_: list[str] = typer.Option([], "--set", help="override, e.g. --set opd.micro_batch=2"),
+         gpu_gib: float = typer.Option(80.0, help="memory of each GPU, GiB"),
+         host_gib: Optional[float] = typer.Option(None, help="memory of the host for a CPU run (default: this one's)")):
+    """Which process holds which model, its dtype and estimated memory, without loading a weight; refuse
+    (exit 2) a placement that cannot fit, naming the fix."""
+    from opd_ops import plan as planning
+
+    cfg = load_config_or_exit(config, set_)
+    s3 = None
+    if any(p and p.startswith("s3://") for p in (cfg.student.path, cfg.teacher.path)):
+        from opd.storage import make_client
+
+        s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
+    try:
+        student = planning.read_shape(cfg.student.path, s3) if cfg.student.path else None
+        teacher = planning.read_shape(cfg.teacher.path, s3) if cfg.teacher.path else None
+    except planning.PlanError as e:
+        fail(str(e), 2)
+    if student is None or teacher is None:
+        fail("opd plan sizes trained models: set student.path and teacher.path (a built demo model is tiny)", 2)
+    if host_gib is None:
+        import psutil
+
+        host_gib = psutil.virtual_memory().total / planning.GiB
+    p = planning.plan(cfg, student, teacher, gpu_gib=gpu_gib, host_gib=host_gib)
+    where = f"GPUs of {gpu_gib:g} GiB" if cfg.device != "cpu" else f"CPU, {host_gib:.0f} GiB"
+    table = Table(title=f"Placement of {cfg.name} ({where})")
+    for col in ("process", "device", "holds", "GiB", "of which"):
+        table.add_column(col, justify="right" if col == "GiB" else "left")
+    for h in p.holdings:
+        table.add_row(h.process, h.device, h.holds, f"{h.total / planning.GiB:.1f}",
+                      ", ".join(f"{k} {v / planning.GiB:.1f}" for k, v in h.parts.items()))
+    console.print(table)
+    for dev, used in p.per_device().items():
+        say(f"{dev}: {used / planning.GiB:.1f} of {p.capacity / planning.GiB:.0f} GiB")
+    for n in p.notes:
+        say(n)
+    if p.problems:
+        fail("does not fit:\n" + "\n".join(f"  {x}" for x in p.problems), 2)
+    say("fits")
 
 
 @app.command()

@@ -1,0 +1,220 @@
+"""`opd plan CONFIG`: which process holds which model, in which dtype, and how many bytes, before any
+weight is loaded; a placement that cannot fit is refused with the fix named.
+
+Shapes come from each model's config.json (a local directory, or the object under an s3:// path); the
+parameter count from its safetensors headers when they are local, else from the Llama/Qwen3 formula.
+Estimates, per GPU (or the host, on CPU):
+
+- trainer: fp32 master weights + grads + AdamW moments, 16 B/param (FSDP: over the ranks; LoRA: frozen
+  weights in their dtype, the adapters' 16 B/param small enough to ignore), plus activations:
+  micro_batch x (max prompt + max completion) tokens x layers x bytes held per token-layer under the
+  checkpointing policy (opd.memory: none ~63.5 B, selective ~25.4 B, full 4 B per hidden unit, measured
+  on Qwen3-1.7B layers; one layer recomputed at a time on top), plus the LM head: the full logits
+  (fp32 values and gradient, a bf16 copy: 10 B per token x vocab) or one chunked block;
+- a vLLM engine: its gpu_memory_utilization share of each GPU it spans (reserved up front), of which
+  its weights / tensor_parallel_size; the rest is KV cache, which must hold one longest sequence;
+- a transformers copy (hf sampler, hf scorer, a logit loss's teacher): weights in their dtype.
+
+A row is an estimate to plan with, not a promise: allocator fragmentation and framework workspaces add
+a few GiB, which is why a GPU is judged full at 95%.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opd.config import RunConfig
+
+GiB = 2**30
+HEADROOM = 0.95  # of a device's memory a plan may fill
+CPU_KV_CACHE = 1 * 2**30  # opd.vllm_engine's default VLLM_CPU_KVCACHE_SPACE
+HELD_PER_HIDDEN = {"none": 63.5, "selective": 25.4, "full": 4.0}  # bytes per token-layer per hidden unit
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class PlanError(ValueError):
+    """A model whose shape cannot be read (no config.json where the config points)."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    params: int
+    layers: int
+    hidden: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    dtype: str  # the checkpoint's own
+
+    def weight_bytes(self, dtype: str) -> int:
+        return self.params * BYTES[dtype]
+
+    def kv_bytes_per_token(self, dtype: str) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * BYTES[dtype]
+
+
+def formula_params(c: dict) -> int:
+    """Llama/Qwen3 decoder: embeddings, attention (q, k, v, o; Qwen3's q/k norms), SwiGLU MLP, norms, head."""
+    h, n_layers, inter, vocab = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["vocab_size"]
+    heads = c["num_attention_heads"]
+    kv, hd = c.get("num_key_value_heads") or heads, c.get("head_dim") or h // heads
+    attn = h * heads * hd + 2 * h * kv * hd + heads * hd * h + (2 * hd if c.get("model_type") == "qwen3" else 0)
+    layer = attn + 3 * h * inter + 2 * h
+    return vocab * h * (1 if c.get("tie_word_embeddings") else 2) + n_layers * layer + h
+
+
+def read_shape(path: str, s3=None) -> Shape:
+    """The shape of the model at ``path`` (a directory or s3://bucket/prefix) from its config.json."""
+    try:
+        if path.startswith("s3://"):
+            bucket, _, prefix = path[5:].partition("/")
+            body = s3.get_object(Bucket=bucket, Key=f"{prefix.rstrip('/')}/config.json")["Body"].read()
+            c, local = json.loads(body), None
+        else:
+            local = Path(path)
+            c = json.loads((local / "config.json").read_text())
+    except Exception as e:  # noqa: BLE001 - any way of not finding it is the same refusal
+        raise PlanError(f"no config.json readable at {path} ({type(e).__name__}): opd plan needs each model's "
+                        "config.json (a local directory, or the S3 prefix holding it)") from None
+    c = {**c, **(c.get("text_config") or {})}
+    params = formula_params(c)
+    if local is not None and list(local.glob("*.safetensors")):
+        from opd.models import count_params
+
+        params = count_params(local)
+    heads = c["num_attention_heads"]
+    dtype = str(c.get("torch_dtype") or c.get("dtype") or "float32").removeprefix("torch.")
+    return Shape(params, c["num_hidden_layers"], c["hidden_size"], c.get("num_key_value_heads") or heads,
+                 c.get("head_dim") or c["hidden_size"] // heads, c["vocab_size"], dtype if dtype in BYTES else "float32")
+
+
+@dataclass
+class Holding:
+    """One process's share of one device: what it holds there."""
+
+    process: str
+    device: str  # "cuda:0", "host", "remote"
+    holds: str
+    parts: dict[str, float] = field(default_factory=dict)  # bytes by kind
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+@dataclass
+class Plan:
+    holdings: list[Holding]
+    capacity: float  # bytes per device
+    problems: list[str]
+    notes: list[str]
+
+    def per_device(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for h in self.holdings:
+            if h.device != "remote":
+                out[h.device] = out.get(h.device, 0.0) + h.total
+        return out
+
+
+def _dtype(requested: str, shape: Shape, on_gpu: bool) -> str:
+    return requested if requested != "auto" else (shape.dtype if on_gpu else "float32")
+
+
+def _trainer_parts(cfg: RunConfig, s: Shape, ranks: int) -> dict[str, float]:
+    t, o = cfg.training, cfg.opd
+    shard = ranks if t.strategy == "fsdp" else 1
+    if o.lora is not None:
+        state = {"weights (frozen)": s.weight_bytes(_dtype(cfg.student.dtype, s, True)) / shard}
+    else:
+        state = {"weights + grads + Adam (fp32)": 16 * s.params / shard}
+    tokens = o.micro_batch * (cfg.data.max_prompt_tokens + o.max_tokens)
+    policy = t.gradient_checkpointing
+    kept = {"none": "none", "selective": "selective", "full": "full"}.get(policy, "full")
+    if policy.startswith("mixed_"):  # every k-th layer selective, the rest full
+        k = int(policy.split("_")[1])
+        per_layer = (HELD_PER_HIDDEN["selective"] + (k - 1) * HELD_PER_HIDDEN["full"]) / k
+    elif policy.startswith("every_"):  # every k-th layer full, the rest nothing
+        k = int(policy.split("_")[1])
+        per_layer = (HELD_PER_HIDDEN["full"] + (k - 1) * HELD_PER_HIDDEN["none"]) / k
+    else:
+        per_layer = HELD_PER_HIDDEN[kept]
+    act = tokens * s.hidden * (s.layers * per_layer + (HELD_PER_HIDDEN["none"] if policy != "none" else 0))
+    head = 10 * tokens * s.vocab if t.lm_head == "full" else 2.5 * 512 * 2**20
+    return {**state, "activations": act, "LM head": head}
+
+
+def plan(cfg: RunConfig, student: Shape, teacher: Shape, gpu_gib: float = 80.0, host_gib: float | None = None,
+         ) -> Plan:
+    on_gpu = cfg.device != "cpu"
+    o, t = cfg.opd, cfg.training
+    cap = gpu_gib * GiB if on_gpu else (host_gib or 0) * GiB
+    gpu = (lambda i: f"cuda:{i}") if on_gpu else (lambda i: "host")
+    hs: list[Holding] = []
+    problems: list[str] = []
+    notes: list[str] = []
+    seq = cfg.data.max_prompt_tokens + o.max_tokens
+    s_dt, t_dt = _dtype(cfg.student.dtype, student, on_gpu), _dtype(cfg.teacher.dtype, teacher, on_gpu)
+
+    def engine(process: str, shape: Shape, dtype: str, share: float, tp: int, field_: str) -> None:
+        for i in range(tp):
+            reserved = share * cap if on_gpu else 0
+            w = shape.weight_bytes(dtype) / tp
+            kv = max(reserved - w, 0) if on_gpu else CPU_KV_CACHE  # vLLM-cpu: VLLM_CPU_KVCACHE_SPACE
+            hs.append(Holding(process, gpu(i), f"{'student' if 'sampler' in process else 'teacher'} ({dtype})",
+                              {"weights": w, "KV cache": kv}))
+            if on_gpu and kv < shape.kv_bytes_per_token(dtype) / tp * seq:
+                problems.append(f"{process} on {gpu(i)}: {field_}={share} reserves {reserved / GiB:.1f} GiB, "
+                                f"under its weights ({w / GiB:.1f} GiB) plus one {seq}-token sequence's KV cache: "
+                                f"raise {field_} or the engine's tensor_parallel_size")
+            elif on_gpu and i == 0:
+                per_seq = shape.kv_bytes_per_token(dtype) / tp * seq
+                notes.append(f"{process}: KV cache for {int(kv // per_seq)} concurrent {seq}-token sequences "
+                             f"(a step samples {o.prompts_per_step * o.samples_per_prompt})")
+
+    if o.sampler == "vllm":
+        engine("sampler engine (vLLM)", student, s_dt, o.gpu_memory_utilization, o.tensor_parallel_size,
+               "opd.gpu_memory_utilization")
+    else:
+        hs.append(Holding("driver (hf sampler)", gpu(0), f"student ({s_dt})", {"weights": student.weight_bytes(s_dt)}))
+    logits = o.loss.signal == "logits"
+    if cfg.teacher.scorer == "remote":
+        hs.append(Holding("teacher server (teacher.endpoint)", "remote", f"teacher ({t_dt})",
+                          {"weights": teacher.weight_bytes(t_dt)}))
+    elif cfg.teacher.scorer == "vllm":
+        engine("teacher engine (vLLM)", teacher, t_dt, cfg.teacher.gpu_memory_utilization,
+               cfg.teacher.tensor_parallel_size, "teacher.gpu_memory_utilization")
+    elif not logits:
+        hs.append(Holding("driver (hf scorer)", gpu(0), f"teacher ({t_dt})", {"weights": teacher.weight_bytes(t_dt)}))
+    ranks = t.num_processes
+    devices = t.devices or list(range(ranks))
+    for r in range(ranks):
+        parts = _trainer_parts(cfg, student, ranks)
+        if logits:
+            parts["teacher (logit loss)"] = teacher.weight_bytes(t_dt)
+        name = "driver (trainer)" if ranks == 1 else f"learner rank {r}"
+        hs.append(Holding(name, gpu(devices[r] if ranks > 1 else 0), "student (fp32 master)", parts))
+    for dev, used in Plan(hs, cap, [], []).per_device().items():
+        if cap and used > HEADROOM * cap:
+            who = ", ".join(f"{h.process} {h.total / GiB:.1f}" for h in hs if h.device == dev)
+            problems.append(f"{dev}: {used / GiB:.1f} GiB planned of {cap / GiB:.0f} ({who}): " + _fixes(cfg))
+    return Plan(hs, cap, problems, notes)
+
+
+def _fixes(cfg: RunConfig) -> str:
+    t, o = cfg.training, cfg.opd
+    fixes = []
+    if t.lm_head == "full" and o.loss.signal == "logprobs":
+        fixes.append("training.lm_head=chunked")
+    if t.gradient_checkpointing != "full":
+        fixes.append("training.gradient_checkpointing=full")
+    if o.micro_batch > 1:
+        fixes.append(f"a smaller opd.micro_batch (now {o.micro_batch})")
+    if t.strategy != "fsdp" or t.num_processes == 1:
+        fixes.append("training.strategy=fsdp over more training.num_processes")
+    if o.sampler == "vllm" and t.num_processes == 1:
+        fixes.append("the update on its own GPUs (training.num_processes, training.devices)")
+    if cfg.teacher.scorer != "remote":
+        fixes.append("teacher.scorer=remote")
+    return "try " + "; ".join(fixes)
