@@ -329,6 +329,14 @@ class SFTConfig(_Strict):
     num_prompts: int = Field(ge=1, le=MAX_EXAMPLES)  # train prompts the teacher completes (off-policy data)
     teacher_temperature: float = Field(1.0, ge=0, le=10)
     train: TrainSpec
+    # precomputed teacher completions (JSONL, local or s3://, rows {"prompt", "completion"}): the teacher
+    # writes none; the first num_prompts rows are used
+    completions: str | None = Field(None, min_length=1)
+
+    @field_validator("completions")
+    @classmethod
+    def _completions(cls, v: str | None) -> str | None:
+        return check_s3_uri(v, "sft.completions") if v is not None and v.startswith("s3://") else v
 
 
 class LoraSpec(_Strict):

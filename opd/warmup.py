@@ -91,6 +91,19 @@ def starting_student(cfg: RunConfig, teacher: ModelRef, log=print) -> ModelRef:
     return ModelRef(student_dir, count_params(student_dir))
 
 
+def precomputed_completions(cfg: RunConfig, tok) -> tuple[list[list[int]], list[list[int]]]:
+    """sft.completions as token ids: prompts in the run's format, completions + EOS (the end of the turn)."""
+    s3 = None
+    if cfg.sft.completions.startswith("s3://"):
+        from opd.storage import make_client
+
+        s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
+    pairs = ds.sft_pairs(cfg.sft.completions, cfg.sft.num_prompts, s3)
+    fmt = prompt_format(cfg)
+    return ([fmt.encode(tok, p) for p, _ in pairs],
+            [tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id] for _, c in pairs])
+
+
 def teacher_completions(cfg: RunConfig, teacher: ModelRef, tok, prompts: list[list[int]], device) -> list[list[int]]:
     """SFT's training data, written where the teacher runs: transformers here (teacher.scorer=hf), else its
     vLLM engine or server, so a served teacher is never loaded into this process."""
@@ -118,13 +131,17 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
     device = pick_device(cfg.device)
     tok = load_tokenizer(teacher.path)
     d = data.load()
-    rng = random.Random(cfg.seed)
-    idx = rng.sample(range(len(d["train"])), min(cfg.sft.num_prompts, len(d["train"])))
-    prompts = prompt_format(cfg).encode_all(tok, [d["train"][i]["prompt"] for i in idx])
-    comps = teacher_completions(cfg, teacher, tok, prompts, device)
-    seq_tokens = sum(len(p) + len(c) for p, c in zip(prompts, comps))
     data_cost = PhaseCost("sft_data")
-    data_cost.teacher(count_params(teacher.path), seq_tokens)
+    if cfg.sft.completions:  # written earlier (by this teacher or any other): nothing to generate
+        prompts, comps = precomputed_completions(cfg, tok)
+        seq_tokens = sum(len(p) + len(c) for p, c in zip(prompts, comps))
+    else:
+        rng = random.Random(cfg.seed)
+        idx = rng.sample(range(len(d["train"])), min(cfg.sft.num_prompts, len(d["train"])))
+        prompts = prompt_format(cfg).encode_all(tok, [d["train"][i]["prompt"] for i in idx])
+        comps = teacher_completions(cfg, teacher, tok, prompts, device)
+        seq_tokens = sum(len(p) + len(c) for p, c in zip(prompts, comps))
+        data_cost.teacher(count_params(teacher.path), seq_tokens)
     data_cost.wall_s = time.time() - t0
     t0 = time.time()
     cost = PhaseCost("sft")
@@ -146,7 +163,9 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
                          task_check(cfg))
     cost.wall_s = time.time() - t0
     metrics = {"final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])), "eval_slice_accuracy": acc}
-    log(f"SFT warmup: the teacher wrote {len(prompts)} completions in {data_cost.wall_s:.0f}s, "
+    source = (f"{len(prompts)} completions read from {cfg.sft.completions}" if cfg.sft.completions else
+              f"the teacher wrote {len(prompts)} completions in {data_cost.wall_s:.0f}s")
+    log(f"SFT warmup: {source}, "
         f"{cfg.sft.train.steps} steps in {cost.wall_s:.0f}s; loss {metrics['final_loss']:.4f}, "
         f"eval-slice accuracy {acc}")
     tmp = fresh(out)

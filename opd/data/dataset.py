@@ -173,6 +173,19 @@ def _refuse(name: str, problems: list[tuple[int, str]], fix: str) -> None:
     raise DataError(f"{name}: {len(problems)} bad row(s): {fix}\n" + "\n".join(lines) + more)
 
 
+def sft_pairs(uri: str, limit: int, s3_client=None) -> list[tuple[str, str]]:
+    """(prompt, completion) rows of a precomputed SFT file (sft.completions), the first ``limit``; a bad
+    row is refused by file line, like a data source's."""
+    name = uri if uri.startswith("s3://") else str(uri)
+    rows = parse_jsonl(_read_bytes(uri, s3_client), name)
+    bad = [(i, why) for i, obj in rows for why in (_string_problem(obj, "prompt"), _string_problem(obj, "completion"))
+           if why]
+    _refuse(name, bad, "every row of sft.completions needs a string 'prompt' and a string 'completion'")
+    if not rows:
+        raise DataError(f"{name}: no rows; sft.completions needs (prompt, completion) rows")
+    return [(obj["prompt"], obj["completion"]) for _, obj in rows[:limit]]
+
+
 def rows_to_dataset(rows: list[tuple[int, dict]], name: str) -> Dataset:
     """Checked rows as a Dataset with columns id, prompt, line[, answer].
 
