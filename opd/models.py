@@ -60,6 +60,22 @@ def build_llama(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, max_positio
     return LlamaForCausalLM(cfg)
 
 
+def build_qwen3(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, max_positions: int, seed: int,
+                head_dim: int = 64, kv_heads: int | None = None):
+    """A Qwen3-architecture decoder of our size (q/k RMSNorm, grouped-query attention, untied head), the
+    real-model shape the pipeline distills; head_dim 64 is one vLLM's CPU attention accepts."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                      num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                      num_key_value_heads=kv_heads or spec.num_heads, head_dim=head_dim,
+                      max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      tie_word_embeddings=False, torch_dtype="float32")
+    return Qwen3ForCausalLM(cfg)
+
+
 def pick_device(pref: str = "auto") -> torch.device:
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
