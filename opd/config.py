@@ -362,7 +362,7 @@ class ReverseKLIS(_Strict):
     gradient on it. Needs only the teacher's log-prob of each sampled token (any teacher.scorer)."""
 
     kind: Literal["reverse_kl_is"] = "reverse_kl_is"
-    kl_coef: float = Field(1.0, gt=0, le=1000)
+    kl_coef: float = Field(1.0, ge=0, le=1000)  # 0: no reverse-KL reward (with opd.reward: plain RL)
     clip_ratio: float | None = Field(None, gt=0, le=1000)  # cap on the importance ratio; None = no cap
     # "mean" subtracts the batch's mean advantage (a constant: the estimate stays unbiased)
     baseline: Literal["none", "mean"] = "none"
@@ -441,6 +441,13 @@ _MOVED_LOSS_KEYS = {"kl_coef": "kl_coef", "clip_ratio": "clip_ratio", "advantage
                     "discount": "discount", "topk": "topk", "gkd_beta": "beta", "forward_kl_coef": "forward_kl_coef"}
 
 
+class RewardSpec(_Strict):
+    """The task verifier's sparse reward (1 correct, 0 not) minus its group's mean, on every completion
+    token, ``weight`` x beside the reverse-KL advantage (opd.rewards)."""
+
+    weight: float = Field(1.0, gt=0, le=1000)
+
+
 class OPDConfig(_Strict):
     rounds: int = Field(ge=1, le=10_000)
     steps_per_round: int = Field(1, ge=1, le=100_000)  # on-policy steps: sample, grade, update, sync
@@ -461,6 +468,7 @@ class OPDConfig(_Strict):
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)  # the vLLM sampler engine's share of the GPU
     enforce_eager: bool = True  # False: the sampler engine captures CUDA graphs (faster decode, slower start)
     lora: LoraSpec | None = None  # None = full fine-tuning
+    reward: RewardSpec | None = None  # None = OPD only; set: + the task verifier's reward (opd.rewards)
 
     @model_validator(mode="before")
     @classmethod
@@ -661,6 +669,19 @@ class RunConfig(_Strict):
         if self.task.verifier.kind == "none" and self.eval.gates.min_accuracy > 0:
             raise ValueError(f"eval.gates.min_accuracy: {self.eval.gates.min_accuracy} needs a verifier, but "
                              "task.verifier is none (a KL-only run): choose a verifier or set it to 0")
+        return self
+
+    @model_validator(mode="after")
+    def _reward_needs(self) -> "RunConfig":
+        o = self.opd
+        if o.reward is not None and o.loss.kind != "reverse_kl_is":
+            raise ValueError(f"opd.reward adds to reverse_kl_is's per-token advantages; opd.loss is {o.loss.kind}: "
+                             "use opd.loss=reverse_kl_is")
+        if o.reward is not None and self.task.verifier.kind == "none":
+            raise ValueError("opd.reward needs a verifier to score completions; task.verifier is none")
+        if o.loss.kind == "reverse_kl_is" and o.loss.kl_coef == 0 and o.reward is None:
+            raise ValueError("opd.loss.kl_coef: 0 leaves nothing to learn from without opd.reward: set a kl_coef > 0 "
+                             "or add opd.reward (plain RL)")
         return self
 
     @model_validator(mode="after")

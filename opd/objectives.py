@@ -58,15 +58,24 @@ def signal_for(spec, scorer: str) -> str:
     return "logits" if spec.signal == "topk" and scorer == "hf" else spec.signal
 
 
-def score(spec, teacher, rollouts: list[Rollout], signal: str | None = None) -> tuple[TrainBatch, dict[str, float]]:
+def score(spec, teacher, rollouts: list[Rollout], signal: str | None = None, rewards: list[float] | None = None,
+          reward_weight: float = 0.0) -> tuple[TrainBatch, dict[str, float]]:
     """Ask ``teacher`` for the ``signal`` (default: the spec's own) and turn it into a train batch
-    (+ scoring metrics)."""
+    (+ scoring metrics). ``rewards`` (one per rollout, opd.rewards) add ``reward_weight`` x their group
+    advantage to every token of the sampled-token loss's advantages."""
     prompts_P, completions_P = [r.prompt_ids for r in rollouts], [r.completion_ids for r in rollouts]
     signal = signal or spec.signal
     if signal == "logprobs":
         adv_P, reverse_kl = advantages(spec, [r.sampler_logprobs for r in rollouts],
                                        teacher.score(prompts_P, completions_P))
-        return TrainBatch(rollouts, advantages=adv_P), {"reverse_kl": reverse_kl}
+        metrics = {"reverse_kl": reverse_kl}
+        if rewards is not None:
+            from opd.rewards import group_baseline
+
+            group_P = group_baseline(rewards, [r.prompt_index for r in rollouts])
+            adv_P = [[a + reward_weight * g for a in row] for row, g in zip(adv_P, group_P)]
+            metrics["reward_mean"] = sum(rewards) / max(1, len(rewards))
+        return TrainBatch(rollouts, advantages=adv_P), metrics
     if signal == "topk":
         return TrainBatch(rollouts, teacher_topk=teacher.score_topk(prompts_P, completions_P, spec.topk)), {}
     return TrainBatch(rollouts), {}  # "logits": the teacher runs beside the learner, on each micro-batch

@@ -116,6 +116,7 @@ class RoundMetrics:
     sync_s: float
     engine_start_s: float = 0.0  # the sampler engine starts once per run: not part of sync_s
     student_topk_mass: float | None = None  # reverse_kl_topk: the student's mass on the teacher's top-k
+    reward_mean: float | None = None  # opd.reward: share of the round's rollouts the verifier accepted
 
     TIMINGS = ("sample_s", "score_s", "update_s", "sync_s")
 

@@ -22,6 +22,7 @@ from opd.ledger import PhaseCost
 from opd.models import load_model, load_tokenizer, pick_device, set_threads
 from opd.objectives import signal_for
 from opd.prompting import prompt_format
+from opd.rewards import verifier_rewards
 from opd.records import ModelRef, RoundMetrics, RoundResult, RunLayout, fresh, publish_dir, read_done
 from opd.schedule import lr_at
 from opd.step import StepResult, step
@@ -110,7 +111,8 @@ class RoundStats:
             score_tokens_per_s=self.sequence_tokens / max(sec["score_s"], 1e-9),
             update_tokens_per_s=self.sequence_tokens / max(sec["update_s"], 1e-9),
             update_processes=processes, **sec,
-            student_topk_mass=mean("student_topk_mass") if "student_topk_mass" in self.steps[0] else None)
+            student_topk_mass=mean("student_topk_mass") if "student_topk_mass" in self.steps[0] else None,
+            reward_mean=mean("reward_mean") if "reward_mean" in self.steps[0] else None)
 
     def cost(self, k: int, student_params: int, teacher_params: int) -> dict:
         cost = PhaseCost(f"opd_round_{k}")
@@ -138,6 +140,7 @@ def opd_round(cfg: RunConfig, k: int, data: DataRef, teacher: ModelRef, student:
     tok = load_tokenizer(teacher.path)
     d = data.load()
     train_prompts, fmt = d["train"]["prompt"], prompt_format(cfg)
+    answers = d["train"]["answer"] if o.reward is not None else None  # prepare_data refused data without
     stats = RoundStats()
     t, starting = time.time(), not engines.sampling
     sampler = engines.sampler(student.path, tok.eos_token_id)
@@ -152,9 +155,12 @@ def opd_round(cfg: RunConfig, k: int, data: DataRef, teacher: ModelRef, student:
             idx, seed = step_prompts(cfg.seed, k, s, len(train_prompts), o.prompts_per_step)
             prompts_P = fmt.encode_all(tok, [train_prompts[i] for i in idx])
             lr = lr_at((k - 1) * o.steps_per_round + s, o.lr, o.warmup_steps)
+            rewards = (None if answers is None else
+                       verifier_rewards(tok, task_check(cfg), [answers[i] for i in idx]))
             stats.add(step(sampler, grader, learner, spec, prompts_P, samples_per_prompt=o.samples_per_prompt,
                            max_tokens=o.max_tokens, seed=seed, lr=lr, signal=signal,
-                           publish=s < o.steps_per_round - 1))
+                           publish=s < o.steps_per_round - 1, reward_fn=rewards,
+                           reward_weight=o.reward.weight if o.reward is not None else 0.0))
         tmp = fresh(out)
         model = learner.finish(tmp)
     except BaseException as e:

@@ -33,7 +33,8 @@ class StepResult:
 
 
 def step(sampler: Sampler, teacher, learner: Learner, spec, prompts_P: list[list[int]], *, samples_per_prompt: int,
-         max_tokens: int, seed: int, lr: float, signal: str | None = None, publish: bool = True) -> StepResult:
+         max_tokens: int, seed: int, lr: float, signal: str | None = None, publish: bool = True,
+         reward_fn=None, reward_weight: float = 0.0) -> StepResult:
     """``samples_per_prompt`` completions per prompt at temperature 1 (importance ratios need the
     student's own distribution), graded by ``teacher`` with ``signal`` (default: the one ``spec`` asks for;
     ``opd.objectives.signal_for``), one optimizer step, and (``publish``) the new weights handed to the
@@ -41,7 +42,8 @@ def step(sampler: Sampler, teacher, learner: Learner, spec, prompts_P: list[list
     t0 = time.time()
     rollouts = sampler.sample(prompts_P, n=samples_per_prompt, max_tokens=max_tokens, seed=seed)
     t1 = time.time()
-    batch, score_metrics = score(spec, teacher, rollouts, signal)
+    rewards = reward_fn(rollouts) if reward_fn is not None else None  # opd.rewards: the verifier's 0/1
+    batch, score_metrics = score(spec, teacher, rollouts, signal, rewards, reward_weight)
     t2 = time.time()
     metrics = {**learner.update(batch, lr), **score_metrics}
     t3 = time.time()

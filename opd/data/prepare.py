@@ -31,6 +31,9 @@ def prepare_data(cfg: RunConfig, out: Path, s3=None) -> ds.DataRef:
         d = ds.from_jsonl(cfg.data, cfg.seed, s3)
     ds.require_answers(cfg.eval.gates, "answer" in d["eval"].column_names,  # before anything is written
                        cfg.data.eval_source or cfg.data.source)
+    if cfg.opd.reward is not None and "answer" not in d["train"].column_names:
+        raise ds.DataError(f"opd.reward checks completions against answers, but {cfg.data.source} has no 'answer' "
+                           "values: add them, or remove opd.reward")
     return ds.save(d, out.with_name(out.name + UNVALIDATED))
 
 
