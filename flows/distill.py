@@ -41,8 +41,10 @@ def _distill(cfg, run_key: str, layout: RunLayout) -> dict:
     log = get_run_logger()
     log.info(f"run {run_key}: {cfg.opd.rounds} OPD rounds, run dir {layout.root}")
     t = {name: configured(getattr(stages, name), cfg) for name in
-         ("preflight", "prepare_data", "validate_dataset", "bootstrap_teacher", "sft_warmup", "opd_round", "evaluate", "register", "set_alias")}
+         ("resolve_teacher", "preflight", "prepare_data", "validate_dataset", "bootstrap_teacher", "sft_warmup",
+          "opd_round", "evaluate", "register", "set_alias")}
 
+    given, cfg = cfg, t["resolve_teacher"](cfg)  # teacher.ref -> a verified local teacher.path
     t["preflight"](cfg)
     data = t["validate_dataset"](cfg, t["prepare_data"](cfg, layout))
     teacher = t["bootstrap_teacher"](cfg, data)
@@ -63,7 +65,7 @@ def _distill(cfg, run_key: str, layout: RunLayout) -> dict:
                                                      for k, v in c.items()} for c in costs],
                           description="Work per phase: tokens and FLOPs (6ND train, 2ND sample/score), wall s")
     lineage = {
-        "run_key": run_key, "flow_run_id": str(flow_run.get_id()), "config": cfg.model_dump(mode="json"),
+        "run_key": run_key, "flow_run_id": str(flow_run.get_id()), "config": given.model_dump(mode="json"),
         "dataset_fingerprint": data.fingerprint, "teacher": teacher.path, "teacher_params": teacher.params,
         "student_params": student.params, "metrics": results, "gates": gate, "rounds": [r.metrics for r in rounds],
         "cost": costs,

@@ -41,8 +41,9 @@ def promote(config_path: str, version: int, to_alias: str, reason: str, override
     layout = RunLayout.of(cfg.home, promote_run_key(cfg.registry.model_name, version, to_alias, flow_run.get_id()))
     log = get_run_logger()
     t = {n: configured(getattr(stages, n), cfg) for n in
-         ("preflight", "check_candidate", "prepare_data", "validate_dataset", "bootstrap_teacher", "evaluate_candidate",
-          "set_alias")}
+         ("resolve_teacher", "preflight", "check_candidate", "prepare_data", "validate_dataset", "bootstrap_teacher",
+          "evaluate_candidate", "set_alias")}
+    cfg = t["resolve_teacher"](cfg)
     t["preflight"](cfg)
     t["check_candidate"](cfg, version)
     data = t["validate_dataset"](cfg, t["prepare_data"](cfg, layout))

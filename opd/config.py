@@ -261,6 +261,9 @@ class TeacherBootstrap(_Strict):
 
 class TeacherConfig(_Strict):
     path: str | None = Field(None, min_length=1)  # local dir or s3:// URI of a trained teacher; None = bootstrap
+    # ... or a version in this run's registry (MODEL:N, MODEL@alias, MODEL = its latest), e.g. an earlier
+    # student: pulled (sha256-verified) into <home>/cache/registry before preflight
+    ref: str | None = Field(None, min_length=1, max_length=300)
     bootstrap: TeacherBootstrap | None = None
     trust_remote_code: bool = False
     # how the teacher grades tokens (opd.teachers.make_teacher): in-process transformers, in-process
@@ -289,9 +292,29 @@ class TeacherConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> "TeacherConfig":
-        if self.path is None and self.bootstrap is None:
-            raise ValueError("set teacher.path (a trained teacher) or teacher.bootstrap (train the demo teacher)")
+        if self.path is None and self.ref is None and self.bootstrap is None:
+            raise ValueError("set teacher.path (a trained teacher), teacher.ref (a registry version) or "
+                             "teacher.bootstrap (train the demo teacher)")
+        if self.path is not None and self.ref is not None:
+            raise ValueError("set one of teacher.path and teacher.ref")
         return self
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, v: str | None) -> str | None:
+        if v is not None:
+            from opd.names import split_ref
+
+            try:
+                split_ref(v)
+            except ValueError as e:
+                raise ValueError(f"teacher.ref: {e} (use MODEL:N, MODEL@alias or MODEL)") from None
+        return v
+
+    @property
+    def trained(self) -> bool:
+        """Given (path or registry ref) rather than bootstrapped here."""
+        return self.path is not None or self.ref is not None
 
     @model_validator(mode="after")
     def _endpoint(self) -> "TeacherConfig":
@@ -720,7 +743,7 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _bootstrap_needs_task(self) -> "RunConfig":
-        if self.teacher.path is None and self.data.source != "synthetic":
+        if not self.teacher.trained and self.data.source != "synthetic":
             raise ValueError("teacher.bootstrap trains the demo teacher on the synthetic task's ground truth; "
                              f"data.source={self.data.source!r} is your own data: set teacher.path to a "
                              "trained teacher")
@@ -731,7 +754,7 @@ class RunConfig(_Strict):
         # models built here get exactly prompt + completion positions (opd.models.build_llama);
         # a pretrained model's own context is checked by preflight from its config.json
         built = [f for f, on in (("student.model", self.student.model is not None),
-                                 ("teacher.bootstrap", self.teacher.path is None)) if on]
+                                 ("teacher.bootstrap", not self.teacher.trained)) if on]
         need = self.data.max_prompt_tokens + self.opd.max_tokens
         if built and need > MAX_BUILT_CONTEXT:
             raise ValueError(f"data.max_prompt_tokens + opd.max_tokens = {need} tokens, but {' and '.join(built)} "

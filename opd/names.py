@@ -31,3 +31,21 @@ def validate_model_name(name: object) -> str:
 def validate_alias_name(alias: object) -> str:
     """``alias`` if it is a valid alias name (``production``, ``candidate``), else UnsafePathError."""
     return _validate(alias, "alias")
+
+
+def split_ref(ref: str) -> tuple[str, str | None, int | None]:
+    """'MODEL' | 'MODEL@alias' | 'MODEL:version' -> (model, alias, version); BadRef or UnsafePathError (both
+    permanent ValueErrors) naming what is wrong otherwise."""
+    alias = version = None
+    if "@" in ref:
+        model, alias = ref.split("@", 1)
+        validate_alias_name(alias)
+    elif ":" in ref:
+        model, v = ref.rsplit(":", 1)
+        if not (v.isascii() and v.isdigit()) or int(v) < 1:
+            raise BadRef(f"bad version in {ref!r}: use MODEL:N with N >= 1")
+        version = int(v)
+    else:
+        model = ref
+    validate_model_name(model)
+    return model, alias, version

@@ -34,6 +34,9 @@ def bootstrap_teacher(cfg: RunConfig, data: ds.DataRef, log=print, use_shipped: 
     """The demo teacher: cached by ``teacher_cache_key``, else the checkpoint shipped in the package
     for that key (sha256 verified), else trained on ground truth (resumable) until min_accuracy.
     The config allows a bootstrap only on the synthetic task (RunConfig._bootstrap_needs_task)."""
+    if cfg.teacher.ref is not None:  # the flow's resolve_teacher task turns it into a path first
+        raise ValueError(f"teacher.ref {cfg.teacher.ref!r} is unresolved: resolve it to a local path first "
+                         "(opd_ops.promotion.resolve_teacher)")
     if cfg.teacher.path:
         path = local_model_dir(cfg, cfg.teacher.path)
         return ModelRef(path, count_params(path))  # from the headers: the teacher may be served elsewhere

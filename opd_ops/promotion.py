@@ -5,6 +5,7 @@ Models are pulled from the registry (every sha256 verified) before they are load
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,27 @@ def require_published(cfg: RunConfig, version: int) -> None:
 
     with _registry(cfg, "promote") as s3:
         resolve(s3, cfg.registry.bucket, cfg.registry.prefix, f"{cfg.registry.model_name}:{int(version)}")
+
+
+def resolve_teacher(cfg: RunConfig, log=print) -> RunConfig:
+    """``teacher.ref`` (a registry version, e.g. an earlier student) as a local ``teacher.path``: pulled once
+    per version into ``<home>/cache/registry/<model>/<version>`` (versions never change; every file's
+    sha256 checked on the pull), then the run proceeds as with any local teacher."""
+    if cfg.teacher.ref is None:
+        return cfg
+    from opd.records import DONE, read_done
+    from opd_ops.registry.refs import pull, resolve
+
+    with _registry(cfg, f"teacher.ref {cfg.teacher.ref}") as s3:
+        model, version = resolve(s3, cfg.registry.bucket, cfg.registry.prefix, cfg.teacher.ref)
+        dest = Path(cfg.home) / "cache" / "registry" / model / str(version)
+        if read_done(dest) is None:
+            if dest.exists():
+                shutil.rmtree(dest)  # an interrupted pull
+            pull(s3, cfg.registry.bucket, cfg.registry.prefix, f"{model}:{version}", dest)
+            (dest / DONE).write_text(json.dumps({"ref": cfg.teacher.ref, "model": model, "version": version}))
+    log(f"teacher: {cfg.teacher.ref} is {model}:{version} (sha256 verified), at {dest}")
+    return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"path": str(dest), "ref": None})})
 
 
 def pull_version(cfg: RunConfig, ref: str, dest: Path) -> PulledModel:

@@ -31,6 +31,14 @@ def preflight(cfg: RunConfig) -> None:
     _log()("preflight: model paths, data sources and the registry are reachable")
 
 
+@task(name="resolve_teacher", cache_policy=NO_CACHE)
+def resolve_teacher(cfg: RunConfig) -> RunConfig:
+    """teacher.ref -> a verified local copy of that registry version as teacher.path (else cfg as is)."""
+    from opd_ops import promotion
+
+    return promotion.resolve_teacher(cfg, log=_log())
+
+
 @task(name="prepare_data", cache_policy=NO_CACHE)
 def prepare_data(cfg: RunConfig, layout: RunLayout) -> DataRef:
     from opd.storage import make_client

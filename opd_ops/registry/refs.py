@@ -9,7 +9,7 @@ from pathlib import Path
 
 from botocore.exceptions import ClientError
 
-from opd.names import BadRef, validate_alias_name, validate_model_name
+from opd.names import BadRef, split_ref  # noqa: F401 (BadRef: what parse_ref raises, re-exported)
 from opd.paths import safe_rel, within
 from opd.storage import sha256_file
 from opd_ops.registry.aliases import read_alias
@@ -20,19 +20,7 @@ from opd_ops.registry.store import TRANSFER, list_versions, read_manifest
 
 def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
     """'MODEL' | 'MODEL@alias' | 'MODEL:version' -> (model, alias, version)."""
-    alias = version = None
-    if "@" in ref:
-        model, alias = ref.split("@", 1)
-        validate_alias_name(alias)
-    elif ":" in ref:
-        model, v = ref.rsplit(":", 1)
-        if not (v.isascii() and v.isdigit()) or int(v) < 1:
-            raise BadRef(f"bad version in {ref!r}: use MODEL:N with N >= 1")
-        version = int(v)
-    else:
-        model = ref
-    validate_model_name(model)
-    return model, alias, version
+    return split_ref(ref)
 
 
 def resolve(s3, bucket: str, prefix: str, ref: str) -> tuple[str, int]:
