@@ -16,6 +16,8 @@ from opd.logprobs import score_completions  # noqa: E402
 from opd.models import build_qwen3, load_model, save_model  # noqa: E402
 from opd.prompting import PromptFormat  # noqa: E402
 
+pytestmark = pytest.mark.slow  # ~60 s (BPE training, an engine start); `make test-all` runs it
+
 MAX_TOKENS = 64  # a near-uniform 800-token model ends ~8% of its turns within this (~10 of 128)
 
 

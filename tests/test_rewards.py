@@ -64,6 +64,7 @@ def test_reward_settings_are_checked_up_front():
             load_config("configs/ci.yaml", bad)
 
 
+@pytest.mark.slow  # ~40 s: a round of the flow's own code; the advantages themselves are tested above
 def test_a_plain_rl_round_runs_and_reports_its_reward(opd_home, tmp_path):
     from opd.data.prepare import prepare_data, validate_data
     from opd.engines import Engines
