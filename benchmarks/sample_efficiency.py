@@ -27,9 +27,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+if TYPE_CHECKING:
+    from opd.data.dataset import DataRef
+    from opd.records import ModelRef
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "sample_efficiency.json"
 EVAL_SEED = 1234  # one sampling seed for every reverse-KL point, so curves differ only by the model
 
@@ -54,6 +58,30 @@ def parse_args(argv=None):
     if a.quick:
         a.seeds, a.sft_steps, a.opd_steps, a.evals = a.seeds[:1], 200, 20, 2
     return a
+
+
+# ---------------------------------------------------------------- the shared start: data, teacher, SFT warmup
+
+def warm_start(cfg, log=print) -> tuple[Path, DataRef, ModelRef, ModelRef]:
+    """The bench dir, data, teacher and SFT-warmup checkpoint of ``cfg``, each cached under
+    ``<home>/bench/sample_efficiency/<teacher key>/`` so every benchmark starting from the same
+    checkpoint (benchmarks/opd_vs_rl.py too) trains it once."""
+    from opd.data import dataset as ds
+    from opd.data.prepare import prepare_data, validate_data
+    from opd.warmup import bootstrap_teacher, sft_warmup, teacher_cache_key
+
+    synthetic_fp = ds.fingerprint(ds.synthetic(cfg.data, cfg.seed))  # what prepare_data below will build
+    bench = Path(cfg.home) / "bench" / "sample_efficiency" / teacher_cache_key(cfg, synthetic_fp)
+    data = prepare_data(cfg, bench / "data")
+    report, data = validate_data(cfg, data)
+    if data is None:
+        raise SystemExit(f"dataset failed validation: {report}")
+    teacher = bootstrap_teacher(cfg, data, log=log)
+    # the warmup checkpoint is reused across invocations with the same teacher, student and SFT recipe
+    warm_key = json.dumps([cfg.seed, cfg.sft.model_dump(mode="json"), cfg.student.model_dump(mode="json")])
+    warm = sft_warmup(cfg, data, teacher, bench / ("warm-" + hashlib.sha256(warm_key.encode()).hexdigest()[:12]),
+                      log=log)
+    return bench, data, teacher, warm
 
 
 # ---------------------------------------------------------------- one evaluation point
@@ -141,10 +169,10 @@ def run_opd_branch(cfg, data, teacher, warm, ev, seed: int, lr: float, steps: in
 
 # ---------------------------------------------------------------- the comparison
 
-def first_reach(curve: list[dict], target: float) -> tuple[dict, bool]:
-    """The first eval point at or above target; else the last one (its compute is a lower bound)."""
+def first_reach(curve: list[dict], target: float, key: str = "accuracy") -> tuple[dict, bool]:
+    """The first eval point whose ``key`` is at or above target; else the last one (its compute is a lower bound)."""
     for p in curve:
-        if p["accuracy"] >= target - 1e-12:
+        if p[key] >= target - 1e-12:
             return p, True
     return curve[-1], False
 
@@ -277,10 +305,8 @@ def main(argv=None) -> int:
         return 0
     from opd.config import load_config
     from opd.models import load_model, load_tokenizer, set_threads
-    from opd.data.prepare import prepare_data, validate_data
     from opd.engines import Engines
     from opd.evaluation import accuracy
-    from opd.warmup import bootstrap_teacher, sft_warmup, teacher_cache_key
 
     cfg = load_config(a.config, a.overrides)
     if cfg.data.source != "synthetic":
@@ -289,20 +315,7 @@ def main(argv=None) -> int:
     import torch
 
     t_start = time.time()
-    home = Path(cfg.home)
-    from opd.data import dataset as ds
-
-    synthetic_fp = ds.fingerprint(ds.synthetic(cfg.data, cfg.seed))  # what prepare_data below will build
-    bench = home / "bench" / "sample_efficiency" / teacher_cache_key(cfg, synthetic_fp)
-    data_dir = bench / "data"
-    data = prepare_data(cfg, data_dir)
-    report, data = validate_data(cfg, data)
-    if data is None:
-        raise SystemExit(f"dataset failed validation: {report}")
-    teacher = bootstrap_teacher(cfg, data)
-    # the warmup checkpoint is reused across invocations with the same teacher, student and SFT recipe
-    warm_key = json.dumps([cfg.seed, cfg.sft.model_dump(mode="json"), cfg.student.model_dump(mode="json")])
-    warm = sft_warmup(cfg, data, teacher, bench / ("warm-" + hashlib.sha256(warm_key.encode()).hexdigest()[:12]))
+    bench, data, teacher, warm = warm_start(cfg)
     d = data.load()
     n = min(cfg.eval.max_examples, len(d["eval"]))
     ev = {"prompt": d["eval"]["prompt"][:n], "answer": d["eval"]["answer"][:n]}

@@ -64,3 +64,49 @@ def test_sample_efficiency_quick(tmp_path, opd_home):
     row = res["per_seed"]["0"]
     assert isinstance(row["sft_reached"], bool) and isinstance(row["opd_reached"], bool)
     assert "ratio SFT/OPD, student FLOPs" in proc.stdout
+
+
+@pytest.mark.slow  # ~100 s: four arms of 20 steps on the CI config (plus the CI teacher and warmup if not cached)
+def test_opd_vs_rl_quick(tmp_path, opd_home):
+    """Every arm runs the product's round from one warmup checkpoint and the JSON has the pre-registered
+    shape; OPD lowers the reverse KL, RL's reward is a real share, and rl_distilled is graded by the
+    rl arm's (student-sized) checkpoint, not the demo teacher."""
+    import math
+
+    out = tmp_path / "ovr.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "opd_vs_rl.py"), "--quick",
+                           "--config", str(REPO / "configs" / "ci.yaml"), "--set", f"home={opd_home}",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in ("steps_ratio_rl_over_opd", "flops_ratio_rl_over_opd", "seeds", "target_accuracy", "curves",
+                "lr_search", "protocol_commit", "verdict", "threshold"):
+        assert key in res, key
+    assert res["protocol_commit"] == "f59a3c1" and res["threshold"]["value"] == 5 and res["seeds"] == [0]
+    assert res["verdict"].startswith(("confirmed", "refuted", "undetermined")), res["verdict"]
+    assert (tmp_path / "ovr.png").stat().st_size > 10_000
+    assert "steps RL/OPD to (a)" in (tmp_path / "ovr.txt").read_text()
+    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+    assert set(res["curves"]) == {"opd", "rl", "opd_rl", "rl_distilled"}
+    curves = {arm: by_seed["0"] for arm, by_seed in res["curves"].items()}
+    for arm, curve in curves.items():
+        assert [p["step"] for p in curve] == [0, 10, 20], arm  # the branch point + --quick's 2 eval points
+        assert curve[0] == res["start"], arm  # one shared starting checkpoint
+        assert res["lr_search"][arm]["grid"] == [1e-4] and res["lr_search"][arm]["chosen"] == 1e-4
+        for p in curve:
+            assert 0 <= p["accuracy"] <= 1 and 0 <= p["sampled_accuracy"] <= 1 and finite(p["reverse_kl"]), (arm, p)
+        for a, b in zip(curve, curve[1:]):
+            assert b["student_flops"] > a["student_flops"] and b["teacher_flops"] > a["teacher_flops"], arm
+    # the reward is the verifier's share of correct rollouts where an arm has one, and absent where not
+    for arm in ("rl", "opd_rl"):
+        assert all(finite(p["train_reward_mean"]) and 0 <= p["train_reward_mean"] <= 1 for p in curves[arm][1:])
+    assert all(p["train_reward_mean"] is None for p in curves["opd"][1:])
+    assert finite(res["target_accuracy"]["a"]) and 0 < res["target_accuracy"]["b"] < 1
+    # OPD moves the student toward the teacher: the held-out reverse KL falls
+    assert curves["opd"][-1]["reverse_kl"] < curves["opd"][0]["reverse_kl"]
+    # teacher FLOPs / student train FLOPs = N_teacher / (3 N_student) on the same tokens: the demo
+    # teacher grades opd and (as counted: opd_round grades at kl_coef 0 too) rl; the rl checkpoint grades rl_distilled
+    n_t, n_s = res["teacher"]["params"], res["student"]["params"]
+    for arm, graders in (("opd", n_t), ("rl", n_t), ("rl_distilled", n_s)):
+        p = curves[arm][-1]
+        assert p["teacher_flops"] / p["student_train_flops"] == pytest.approx(graders / (3 * n_s)), arm
