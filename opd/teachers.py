@@ -331,19 +331,30 @@ class RemoteTeacher:
 
     def complete(self, prompts: list[list[int]], max_tokens: int, eos_id: int, temperature: float = 0.0,
                  seed: int | None = None) -> list[list[int]]:
-        """Token ids in, token ids out (``return_token_ids``): the server needs no tokenizer."""
-        out: list[list[int]] = []
-        for s in range(0, len(prompts), self.batch_size):
-            chunk = [list(p) for p in prompts[s : s + self.batch_size]]
+        """Token ids in, token ids out (``return_token_ids``): the server needs no tokenizer.
+
+        Sampled with a seed, each prompt is its own request with seed + its index, as the in-process
+        engines seed them: one request for a batch applies one seed to every prompt in it, so all of
+        them would draw from the same random stream (identical prompts, identical completions)."""
+        def post(chunk: list[list[int]], chunk_seed: int | None) -> list[list[int]]:
             body = {"model": self.model_name, "prompt": chunk, "max_tokens": max_tokens, "temperature": temperature,
                     "n": 1, "stop_token_ids": [eos_id], "return_token_ids": True, "add_special_tokens": False,
-                    **({} if seed is None else {"seed": seed + s})}
+                    **({} if chunk_seed is None else {"seed": chunk_seed})}
             choices = sorted(self._request("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])
             if len(choices) != len(chunk) or any(c.get("token_ids") is None for c in choices):
                 raise TeacherServerError(f"teacher server {self.endpoint} did not return token ids for {len(chunk)} "
                                          "prompts: it needs vLLM's return_token_ids (vLLM >= 0.10)")
-            out.extend(list(c["token_ids"]) for c in choices)
-        return out
+            return [list(c["token_ids"]) for c in choices]
+
+        prompts = [list(p) for p in prompts]
+        if seed is not None and temperature > 0:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(16, self.batch_size)) as pool:  # the server batches them
+                return [c for done in pool.map(lambda i: post([prompts[i]], seed + i), range(len(prompts)))
+                        for c in done]
+        return [c for s in range(0, len(prompts), self.batch_size)
+                for c in post(prompts[s : s + self.batch_size], None if seed is None else seed + s)]
 
     def close(self) -> None:
         client, self.client = getattr(self, "client", None), None

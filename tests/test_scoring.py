@@ -287,3 +287,16 @@ def test_every_scorer_writes_the_same_greedy_completions(teacher_dir, vllm_teach
         assert remote.complete(PROMPTS, 8, eos) == hf
     finally:
         remote.close()
+
+
+def test_a_served_teacher_samples_each_prompt_with_its_own_seed(vllm_server, teacher_dir):
+    """SFT data at temperature > 0 from a server: the same prompt 32 times gives different completions
+    (one seed for a whole batch would give 32 copies), and the same seed gives the same data again."""
+    remote = RemoteTeacher(vllm_server, SERVED, model_dir=teacher_dir, batch_size=8)
+    try:
+        # the server's highest temperature, against the fixture's x20 sharpening
+        a = remote.complete([PROMPTS[0]] * 32, 8, eos_id=2, temperature=2.0, seed=11)
+        assert len({tuple(c) for c in a}) > 1, a
+        assert remote.complete([PROMPTS[0]] * 32, 8, eos_id=2, temperature=2.0, seed=11) == a
+    finally:
+        remote.close()
