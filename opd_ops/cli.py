@@ -76,18 +76,28 @@ def plan(config: Path, set_: list[str] = typer.Option([], "--set", help="overrid
     from opd_ops import plan as planning
 
     cfg = load_config_or_exit(config, set_)
+    teacher_path = cfg.teacher.path
+    if cfg.teacher.ref is not None:  # a registry version: its config.json is read there, nothing is pulled
+        from opd_ops import promotion
+        from opd_ops.registry.client import RegistryError
+
+        try:
+            teacher_path = promotion.version_uri(cfg, cfg.teacher.ref)
+        except RegistryError as e:
+            fail(f"teacher.ref {cfg.teacher.ref}: {e}", 2)
     s3 = None
-    if any(p and p.startswith("s3://") for p in (cfg.student.path, cfg.teacher.path)):
+    if any(p and p.startswith("s3://") for p in (cfg.student.path, teacher_path)):
         from opd.storage import make_client
 
         s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
     try:
         student = planning.read_shape(cfg.student.path, s3) if cfg.student.path else None
-        teacher = planning.read_shape(cfg.teacher.path, s3) if cfg.teacher.path else None
+        teacher = planning.read_shape(teacher_path, s3) if teacher_path else None
     except planning.PlanError as e:
         fail(str(e), 2)
     if student is None or teacher is None:
-        fail("opd plan sizes trained models: set student.path and teacher.path (a built demo model is tiny)", 2)
+        fail("opd plan sizes trained models: set student.path and teacher.path or teacher.ref (a built demo "
+             "model is tiny)", 2)
     if host_gib is None:
         import psutil
 

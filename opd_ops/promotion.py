@@ -64,6 +64,17 @@ def resolve_teacher(cfg: RunConfig, log=print) -> RunConfig:
     return cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"path": str(dest), "ref": None})})
 
 
+def version_uri(cfg: RunConfig, ref: str) -> str:
+    """The s3:// prefix of a registry version (an alias or ``MODEL`` resolved to its number), for reading
+    one of its files (e.g. ``opd plan`` reading config.json) without pulling the weights."""
+    from opd_ops.registry.refs import resolve
+    from opd_ops.registry.s3io import versions_prefix
+
+    with _registry(cfg, f"teacher.ref {ref}") as s3:
+        model, version = resolve(s3, cfg.registry.bucket, cfg.registry.prefix, ref)
+    return f"s3://{cfg.registry.bucket}/{versions_prefix(cfg.registry.prefix, model)}{version}"
+
+
 def pull_version(cfg: RunConfig, ref: str, dest: Path) -> PulledModel:
     from opd_ops.registry.refs import pull
 

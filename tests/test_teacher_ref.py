@@ -3,11 +3,14 @@ checked into the home's cache once, then used as a local teacher.path."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
+from conftest import REPO
 from opd.config import ModelSpec, load_config
 from opd.errors import PermanentError
 from opd.models import build_char_tokenizer, build_llama, count_params, load_model, save_model
@@ -41,6 +44,19 @@ def test_a_registry_reference_resolves_as_the_teacher(stack_env, s3, tmp_path):
                                           "teacher.ref=old-student:9"])
     with pytest.raises(RegistryRefusal, match="old-student:9 is not published"):
         resolve_teacher(cfg)
+
+    # `opd plan` sizes a registry teacher from its config.json in S3 (nothing pulled), and names a missing one
+    plan = [sys.executable, "-m", "opd_ops.cli", "plan", "configs/ci.yaml", "--set", f"home={tmp_path / 'plan'}",
+            "--set", f"registry.bucket={bucket}", "--set", f"student.path={src}", "--set", "student.model=null",
+            "--set", "device=cpu", "--host-gib", "24"]
+    env = {**os.environ, "COLUMNS": "250"}
+    ok = subprocess.run([*plan, "--set", "teacher.ref=old-student@production"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.rstrip().endswith("fits"), ok.stdout + ok.stderr
+    assert not (tmp_path / "plan").exists()  # nothing pulled or written
+    bad = subprocess.run([*plan, "--set", "teacher.ref=old-student:9"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "old-student:9 is not published" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
 
 
 def test_teacher_ref_is_checked_up_front():
