@@ -48,17 +48,17 @@ def _distill(cfg, run_key: str, layout: RunLayout) -> dict:
     t["preflight"](cfg)
     data = t["validate_dataset"](cfg, t["prepare_data"](cfg, layout))
     teacher = t["bootstrap_teacher"](cfg, data)
-    sft = t["sft_warmup"](cfg, data, teacher, layout)
-    student, rounds = sft, []
-    with Engines(cfg) as engines:  # the sampler and teacher live across rounds, then close
+    with Engines(cfg) as engines:  # one teacher and one sampler from SFT's completions to evaluation
+        sft = t["sft_warmup"](cfg, data, teacher, layout, engines)
+        student, rounds = sft, []
         for k in range(1, cfg.opd.rounds + 1):
             r = t["opd_round"](cfg, k, data, teacher, student, layout, engines)
             rounds.append(r)
             student = r.student
+        results = t["evaluate"](cfg, data, teacher, sft, student, layout, engines)
     create_table_artifact(key="opd-rounds", table=[{k: (round(v, 4) if isinstance(v, float) else v)
                                                      for k, v in r.metrics.items()} for r in rounds],
                           description="Per-round OPD metrics")
-    results = t["evaluate"](cfg, data, teacher, sft, student, layout)
     gate = stages.gates(cfg, results)
     costs = [c for c in [teacher.cost, sft.data_cost, sft.cost] + [r.cost for r in rounds] + [eval_phase(results)] if c]
     create_table_artifact(key="cost-ledger", table=[{k: (f"{v:.3g}" if isinstance(v, float) else v)

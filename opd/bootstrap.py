@@ -30,14 +30,21 @@ class TeacherBootstrapFailed(PermanentError, RuntimeError):
 def _recipe(cfg: RunConfig) -> dict:
     """Every input of the training trajectory except the data itself and where it stops."""
     task = cfg.data.synthetic.model_dump()
-    if task["term_order"] == "given":  # options added later keep their default out of the key
-        del task["term_order"]
+    # options added later keep their default out of the key, so earlier teachers (and the shipped one) keep theirs
+    if task["kind"] == "addition":
+        del task["kind"]
+        if task["term_order"] == "given":
+            del task["term_order"]
     boot = cfg.teacher.bootstrap.model_dump(mode="json")
     if boot["train"]["micro_batch"] is None:
         del boot["train"]["micro_batch"]
+    if boot["model"]["architecture"] == "llama":
+        del boot["model"]["architecture"]
     spec = {"bootstrap": boot, "task": task, "seed": cfg.seed, "max_tokens": cfg.opd.max_tokens,
             # the teacher's position table is sized for prompt + completion
             "max_prompt_tokens": cfg.data.max_prompt_tokens, "v": KEY_VERSION}
+    if cfg.task.prompt_format != "raw":  # the teacher learns the prompts as the chat template renders them
+        spec["prompt"] = {"format": cfg.task.prompt_format, "system": cfg.task.system_prompt}
     if cfg.training.mixed_precision != "no":  # a bf16-trained teacher is a different teacher
         spec["mixed_precision"] = cfg.training.mixed_precision
     return spec

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 import yaml
 from opd.data.verifiers import IntegerSpec, VerifierSpec
 from opd.errors import PermanentError
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError,
+                      field_validator, model_validator)
 
 VLLM_CPU_HEAD_DIMS = (32, 64, 128)
 
@@ -166,8 +166,10 @@ Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 class ModelSpec(_Strict):
-    """A Llama-architecture model built from scratch (demo teacher/student)."""
+    """A model built from scratch (demo and word-problem teachers/students): Llama (the addition demo) or
+    Qwen3 (q/k norms, untied head: the real-model shape the word-problem pair uses)."""
 
+    architecture: Literal["llama", "qwen3"] = "llama"
     num_layers: int = Field(ge=1, le=64)
     hidden_size: int = Field(ge=16, le=8192)
     num_heads: int = Field(ge=1, le=128)
@@ -195,6 +197,7 @@ class StackConfig(_Strict):
 class SyntheticTask(_Strict):
     """Multi-number addition with a scratchpad of partial sums (see opd.data.task)."""
 
+    kind: Literal["addition"] = "addition"
     num_terms: int = Field(3, ge=2, le=8)
     max_digits: int = Field(3, ge=1, le=8)
     n_train: int = Field(4000, ge=16, le=MAX_EXAMPLES)
@@ -214,11 +217,47 @@ class SyntheticTask(_Strict):
         return self
 
 
+class WordProblemTask(_Strict):
+    """Multi-step arithmetic word problems with worked solutions ending in ``\\boxed{N}``, tokenized by a
+    byte-level BPE our code trains on the task (opd.data.word_problems); ``context_sentences`` puts that
+    many irrelevant sentences before each problem (20: prompts of 200+ tokens)."""
+
+    kind: Literal["word_problems"]
+    n_train: int = Field(4000, ge=16, le=MAX_EXAMPLES)
+    n_eval: int = Field(256, ge=8, le=MAX_EXAMPLES)
+    min_steps: int = Field(2, ge=1, le=6)
+    max_steps: int = Field(4, ge=1, le=6)
+    max_operand: int = Field(20, ge=2, le=1000)
+    max_value: int = Field(99, ge=2, le=100_000)
+    context_sentences: int = Field(0, ge=0, le=32)
+    vocab_size: int = Field(1024, ge=300, le=65536)  # the task's BPE (bytes + specials + merges)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "WordProblemTask":
+        if self.min_steps > self.max_steps:
+            raise ValueError(f"data.synthetic.min_steps={self.min_steps} > max_steps={self.max_steps}: "
+                             "lower the first or raise the second")
+        if self.max_value < self.max_operand:
+            raise ValueError(f"data.synthetic.max_value={self.max_value} < max_operand={self.max_operand}: "
+                             "every running total must be able to hold an operand; raise max_value")
+        return self
+
+
+def _synthetic_kind(v: Any) -> str:
+    # a section without `kind` is the addition task every existing config means
+    return (v.get("kind", "addition") if isinstance(v, dict) else getattr(v, "kind", "addition"))
+
+
+SyntheticSpec = Annotated[Union[Annotated[SyntheticTask, Tag("addition")],
+                                Annotated[WordProblemTask, Tag("word_problems")]],
+                          Discriminator(_synthetic_kind)]
+
+
 class DataConfig(_Strict):
     source: str = Field("synthetic", min_length=1)  # "synthetic", a local JSONL path, or an s3:// URI
     eval_source: str | None = Field(None, min_length=1)  # for a user JSONL; else eval is split off the source
     eval_fraction: float = Field(0.1, gt=0, lt=1)
-    synthetic: SyntheticTask = SyntheticTask()
+    synthetic: SyntheticSpec = SyntheticTask()
     max_prompt_tokens: int = Field(64, ge=4, le=MAX_CONTEXT)
     min_prompt_tokens: int = Field(1, ge=1, le=MAX_CONTEXT)
 

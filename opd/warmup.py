@@ -13,12 +13,13 @@ from opd import bootstrap as boot, shipped
 from opd.checkpoints import save_optimizer
 from opd.config import RunConfig
 from opd.data import dataset as ds
+from opd.data.task import is_correct
+from opd.engines import Engines
 from opd.evaluation import accuracy, slice_accuracy, task_check
 from opd.prompting import prompt_format
-from opd.generation import generate
 from opd.ledger import PhaseCost
-from opd.models import (build_char_tokenizer, build_llama, check_vocab, count_params, load_model, load_tokenizer,
-                        num_params, pick_device, resolve_dtype, save_model, set_threads)
+from opd.models import (build_model, check_vocab, count_params, load_model, load_tokenizer, num_params, pick_device,
+                        save_model, set_threads, tokenizer_for)
 from opd.records import ModelRef, fresh, publish_dir, read_done
 from opd.sft import sft_train
 from opd.storage import local_model_dir
@@ -61,16 +62,18 @@ def _train_teacher(cfg: RunConfig, data: ds.DataRef, final: Path, ckpt: Path, lo
     d = data.load()
     set_threads()
     spec = cfg.teacher.bootstrap
-    tok = build_char_tokenizer()
-    pairs = [(tok(p).input_ids, tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id])
+    tok, fmt = tokenizer_for(cfg), prompt_format(cfg)
+    # the prompt as every later stage renders it (chat template or raw), the solution ending in EOS (end of turn)
+    pairs = [(fmt.encode(tok, p), tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id])
              for p, c in zip(d["train"]["prompt"], d["train"]["completion"])]
-    model = build_llama(spec.model, tok, max_positions=cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
+    model = build_model(spec.model, tok, max_positions=cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
                         seed=cfg.seed).to(pick_device(cfg.device))
-    ev = d["eval"]
+    ev, check = d["eval"], task_check(cfg) or is_correct
     trainer = StudentTrainer.for_run(cfg, model, spec.train.lr, spec.train.weight_decay, stage="teacher bootstrap",
                                      lr_field="teacher.bootstrap.train.lr")
     prog = boot.train(cfg, pairs, tok.pad_token_id, model, trainer,
-                      lambda: accuracy(model, tok, ev["prompt"], ev["answer"], cfg.opd.max_tokens), ckpt, log)
+                      lambda: accuracy(model, tok, ev["prompt"], ev["answer"], cfg.opd.max_tokens, fmt, check),
+                      ckpt, log)
     cost = PhaseCost("teacher_bootstrap")
     avg_len = sum(len(p) + len(c) for p, c in pairs) / len(pairs)
     cost.train(num_params(model), int(prog.step * spec.train.batch_size * avg_len))
@@ -107,23 +110,19 @@ def precomputed_completions(cfg: RunConfig, tok) -> tuple[list[list[int]], list[
             [tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id] for _, c in pairs])
 
 
-def teacher_completions(cfg: RunConfig, teacher: ModelRef, tok, prompts: list[list[int]], device) -> list[list[int]]:
-    """SFT's training data, written where the teacher runs: transformers here (teacher.scorer=hf), else its
-    vLLM engine or server, so a served teacher is never loaded into this process."""
-    if cfg.teacher.scorer == "hf":
-        model = load_model(teacher.path, device, trust_remote_code=cfg.teacher.trust_remote_code,
-                           dtype=resolve_dtype(cfg.teacher.dtype, teacher.path, device))
-        return generate(model, prompts, tok.eos_token_id, tok.pad_token_id, cfg.opd.max_tokens,
-                        temperature=cfg.sft.teacher_temperature, seed=cfg.seed)
-    from opd.engines import Engines
-
-    with Engines(cfg) as engines:
-        return engines.teacher(teacher.path, tok.pad_token_id).complete(
-            prompts, cfg.opd.max_tokens, tok.eos_token_id, temperature=cfg.sft.teacher_temperature, seed=cfg.seed)
+def teacher_completions(cfg: RunConfig, teacher: ModelRef, tok, prompts: list[list[int]],
+                        engines: Engines) -> list[list[int]]:
+    """SFT's training data, written where the teacher runs (teacher.scorer): transformers here, else its
+    vLLM engine or server, so a served teacher is never loaded into this process; the engine is the one
+    the rounds and evaluation then grade with (started once per run)."""
+    return engines.teacher(teacher.path, tok.pad_token_id).complete(
+        prompts, cfg.opd.max_tokens, tok.eos_token_id, temperature=cfg.sft.teacher_temperature, seed=cfg.seed)
 
 
-def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, log=print) -> ModelRef:
-    """Off-policy distillation: the teacher writes completions, the student imitates them."""
+def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, log=print,
+               engines: Engines | None = None) -> ModelRef:
+    """Off-policy distillation: the teacher writes completions, the student imitates them. ``engines``: the
+    run's teacher (kept for the rounds); without it, one is started here and closed after the completions."""
     if (meta := read_done(out)) is not None:
         log(f"SFT warmup: done by an earlier attempt, reused from {out}")
         return ModelRef(str(out), meta["params"], meta["metrics"], meta["cost"], meta.get("data_cost", {}))
@@ -142,7 +141,16 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
         rng = random.Random(cfg.seed)
         idx = rng.sample(range(len(d["train"])), min(cfg.sft.num_prompts, len(d["train"])))
         prompts = prompt_format(cfg).encode_all(tok, [d["train"][i]["prompt"] for i in idx])
-        comps = teacher_completions(cfg, teacher, tok, prompts, device)
+        if engines is None:
+            with Engines(cfg) as own:
+                comps = teacher_completions(cfg, teacher, tok, prompts, own)
+        else:
+            try:
+                comps = teacher_completions(cfg, teacher, tok, prompts, engines)
+            except BaseException as e:
+                if engines.drop_if_dead(e):  # the task's retry starts a fresh engine
+                    log(f"SFT warmup: the teacher's engine died ({type(e).__name__}); the retry starts a fresh one")
+                raise
         seq_tokens = sum(len(p) + len(c) for p, c in zip(prompts, comps))
         data_cost.teacher(count_params(teacher.path), seq_tokens)
     data_cost.wall_s = time.time() - t0
@@ -153,7 +161,7 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
         check_vocab(tok, load_tokenizer(student_dir))
         student = load_model(student_dir, device)
     else:
-        student = build_llama(cfg.student.model, tok, cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
+        student = build_model(cfg.student.model, tok, cfg.data.max_prompt_tokens + cfg.opd.max_tokens,
                               seed=cfg.seed + 1).to(device)
     losses = []
     trainer = StudentTrainer.for_run(cfg, student, cfg.sft.train.lr, cfg.sft.train.weight_decay, stage="SFT warmup",

@@ -250,16 +250,16 @@ def _context_problems(cfg: RunConfig, teacher: _Model | None, student: _Model | 
     return out
 
 
-def _teacher_vocab(teacher: _Model | None) -> int | None:
+def _teacher_vocab(cfg: RunConfig, teacher: _Model | None) -> int | None:
     if teacher is not None:
         return teacher.int_field("vocab_size")
-    from opd.models import build_char_tokenizer  # the bootstrapped teacher's tokenizer
+    from opd.models import tokenizer_for  # the bootstrapped teacher's tokenizer
 
-    return len(build_char_tokenizer())
+    return len(tokenizer_for(cfg))
 
 
 def _vocab_problems(cfg: RunConfig, teacher: _Model | None, student: _Model | None) -> list[str]:
-    tv = _teacher_vocab(teacher)
+    tv = _teacher_vocab(cfg, teacher)
     sv = student.int_field("vocab_size") if student else None
     out = []
     if tv is not None and sv is not None and tv != sv:

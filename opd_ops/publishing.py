@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from opd.config import RunConfig
+from opd.models import tokenizer_summary
 from opd.records import DONE, ModelRef, RunLayout, fresh
 from opd.storage import make_client
 from opd_ops.registry.client import user_endpoint_advice
@@ -30,6 +31,8 @@ def register(cfg: RunConfig, final: ModelRef, layout: RunLayout, lineage: dict) 
                 os.link(f, staged / f.name)
             except OSError:
                 shutil.copy2(f, staged / f.name)
+    # how to prompt it: the tokenizer's specials and chat template travel in the manifest, beside its files
+    lineage = {**lineage, "tokenizer": tokenizer_summary(src)}
     s3 = make_client(cfg.registry.endpoint_url, cfg.registry.region)
     # the run key as claim token: a retry after a crash reuses (or returns) this run's version
     with user_endpoint_advice(cfg.registry.endpoint_url, "register"):

@@ -5,6 +5,8 @@ each stage is idempotent through its own completion marker on disk.
 """
 from __future__ import annotations
 
+import contextlib
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -72,8 +74,10 @@ def bootstrap_teacher(cfg: RunConfig, data: DataRef) -> ModelRef:
 
 
 @task(name="sft_warmup", cache_policy=NO_CACHE)
-def sft_warmup(cfg: RunConfig, data: DataRef, teacher: ModelRef, layout: RunLayout) -> ModelRef:
-    return warmup.sft_warmup(cfg, data, teacher, layout.sft, log=_log())
+def sft_warmup(cfg: RunConfig, data: DataRef, teacher: ModelRef, layout: RunLayout,
+               engines: Engines | None = None) -> ModelRef:
+    """``engines``: the flow's; the teacher engine that writes SFT's completions grades the rounds."""
+    return warmup.sft_warmup(cfg, data, teacher, layout.sft, log=_log(), engines=engines)
 
 
 @task(name="opd_round", cache_policy=NO_CACHE, task_run_name="opd_round-{k}")
@@ -85,15 +89,21 @@ def opd_round(cfg: RunConfig, k: int, data: DataRef, teacher: ModelRef, student:
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(cfg: RunConfig, data: DataRef, teacher: ModelRef, sft: ModelRef, final: ModelRef,
-             layout: RunLayout) -> dict:
+             layout: RunLayout, engines: Engines | None = None) -> dict:
+    """``engines``: the flow's (the engines the rounds used); without it, started here and closed."""
     from opd_ops import promotion
 
     incumbent = promotion.pull_alias(cfg, cfg.eval.gates.no_regression_vs, layout.incumbent)
-    with Engines(cfg) as engines:
-        results = evaluation.evaluate_all(cfg, data, teacher, sft, final, engines,
-                                          incumbent.path if incumbent else None,
-                                          incumbent.version if incumbent else None, store=layout.evaluation,
-                                          log=_log())
+    with contextlib.nullcontext(engines) if engines is not None else Engines(cfg) as eng:
+        try:
+            results = evaluation.evaluate_all(cfg, data, teacher, sft, final, eng,
+                                              incumbent.path if incumbent else None,
+                                              incumbent.version if incumbent else None, store=layout.evaluation,
+                                              log=_log())
+        except BaseException as e:
+            if eng.drop_if_dead(e):  # the retry then starts fresh engines rather than calling a dead one
+                _log().warning(f"evaluation: an inference engine died ({type(e).__name__}); the retry starts fresh ones")
+            raise
     create_table_artifact(
         key="evaluation",
         table=[{"model": k, "accuracy": _round(v["accuracy"]), "sampled_accuracy": _round(v.get("sampled_accuracy")),

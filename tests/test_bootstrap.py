@@ -45,7 +45,8 @@ def test_key_covers_data_recipe_model_and_precision(tmp_path):
     for change in ("seed=1", "data.max_prompt_tokens=20", "opd.max_tokens=10", "teacher.bootstrap.train.lr=2.0e-3",
                    "teacher.bootstrap.model.intermediate_size=128", "teacher.bootstrap.min_accuracy=0.5",
                    "teacher.bootstrap.max_steps=80", "teacher.bootstrap.eval_every=20",
-                   "data.synthetic.n_train=300", "training.mixed_precision=bf16"):
+                   "data.synthetic.n_train=300", "training.mixed_precision=bf16",
+                   "teacher.bootstrap.model.architecture=qwen3", "task.prompt_format=chat"):
         assert B.cache_key(tiny(tmp_path, change), "fp-a") != key, change
     # what does not shape the teacher does not change the key
     for same in ("sft.train.lr=5.0e-4", "opd.rounds=2", "registry.bucket=other", "name=other"):

@@ -74,15 +74,16 @@ def test_every_pinned_teacher_ships_and_verifies():
         shipped.verify(key, src)
 
 
-def test_demo_config_finds_the_shipped_teacher(tmp_path):
-    """The demo's cache key (its data fingerprint included) is one the package ships: a first
-    `make demo` skips the bootstrap."""
-    cfg = load_config("configs/demo.yaml", [f"home={tmp_path}"])
+@pytest.mark.parametrize("recipe", ["configs/demo.yaml", "configs/word-problems.yaml"])
+def test_shipped_configs_find_their_teacher(recipe, tmp_path):
+    """Each shipped config's cache key (its data fingerprint included) is one the package ships: a first
+    `make demo` (or word-problems run) skips the bootstrap."""
+    cfg = load_config(recipe, [f"home={tmp_path}"])
     data = data_for(cfg)
     key = warmup.teacher_cache_key(cfg, data.fingerprint)
     assert shipped.find(key) is not None, (key, sorted(shipped.SHIPPED))
     entry = shipped.SHIPPED[key]
-    assert entry["accuracy"] >= cfg.teacher.bootstrap.min_accuracy and entry["recipe"] == "configs/demo.yaml"
+    assert entry["accuracy"] >= cfg.teacher.bootstrap.min_accuracy and entry["recipe"] == recipe
 
 
 @pytest.mark.slow

@@ -142,3 +142,67 @@ def test_long_context_prompts_reach_200_tokens_and_completions_stay_short(tok):
     assert max(len(_prompt_ids(tok, e.prompt)) for e in short) < 100
     assert max(completion_lens) < 150, max(completion_lens)
     assert all(wp.problem_key(e.prompt) in e.prompt and "\n\n" in e.prompt for e in long)
+
+
+# ---------------------------------------------------------------- the task as a config section
+
+WP = {"kind": "word_problems", "n_train": 300, "n_eval": 40, "context_sentences": wp.LONG_CONTEXT_SENTENCES}
+
+
+def test_the_word_problem_task_is_a_synthetic_kind_and_addition_stays_the_default():
+    from pydantic import ValidationError
+
+    from opd.config import DataConfig, SyntheticTask, WordProblemTask
+
+    assert isinstance(DataConfig().synthetic, SyntheticTask)
+    assert isinstance(DataConfig(synthetic={"num_terms": 2}).synthetic, SyntheticTask)  # no kind: addition
+    assert isinstance(DataConfig(synthetic=WP).synthetic, WordProblemTask)
+    for bad, says in (({"kind": "chess"}, "'addition', 'word_problems'"),
+                      ({**WP, "num_terms": 3}, "num_terms"),  # an addition knob on word problems
+                      ({**WP, "min_steps": 4, "max_steps": 2}, "min_steps=4 > max_steps=2"),
+                      ({**WP, "max_operand": 50, "max_value": 20}, "max_value=20 < max_operand=50")):
+        with pytest.raises(ValidationError, match=re.escape(says)):
+            DataConfig(synthetic=bad)
+
+
+def test_synthetic_word_problem_splits_are_disjoint_long_and_boxed():
+    from opd.config import DataConfig
+    from opd.data import dataset as ds
+
+    d = ds.synthetic(DataConfig(synthetic=WP), seed=3)
+    assert (len(d["train"]), len(d["eval"])) == (300, 40)
+    train_problems = {wp.problem_key(p) for p in d["train"]["prompt"]}
+    assert not train_problems & {wp.problem_key(p) for p in d["eval"]["prompt"]}
+    for row in d["eval"]:
+        assert row["completion"].endswith(f"\\boxed{{{row['answer']}}}.") and int(row["answer"]) >= 0
+    assert ds.fingerprint(d) == ds.fingerprint(ds.synthetic(DataConfig(synthetic=WP), seed=3))
+
+
+def test_the_task_tokenizer_is_the_same_for_every_run_and_frames_chat_turns(tmp_path):
+    from opd.config import load_config
+    from opd.models import tokenizer_for, tokenizer_summary
+    from opd.prompting import prompt_format
+
+    cfg = load_config("configs/word-problems.yaml", [f"home={tmp_path}"])
+    a, b = tokenizer_for(cfg), tokenizer_for(cfg)
+    assert a is not b and a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+    assert a.eos_token == bpe.END_OF_TURN and a.chat_template == bpe.CHAT_TEMPLATE
+    ids = prompt_format(cfg).encode(a, "Mia has 3 apples. How many apples does Mia have now?")
+    assert a.decode(ids).startswith("<|im_start|>system\nSolve the problem step by step")
+    assert a.decode(ids).endswith("<|im_start|>assistant\n")
+    a.save_pretrained(str(tmp_path / "tok"))
+    summary = tokenizer_summary(tmp_path / "tok")
+    assert summary["chat_template"] == bpe.CHAT_TEMPLATE and summary["eos_token"] == bpe.END_OF_TURN
+    assert "tokenizer.json" in summary["files"] and summary["vocab_size"] == len(a)
+
+
+def test_word_problem_models_are_qwen3_with_vllm_cpu_head_dims(tmp_path):
+    from opd.config import load_config
+    from opd.models import build_model, tokenizer_for
+
+    cfg = load_config("configs/word-problems.yaml", [f"home={tmp_path}"])
+    tok = tokenizer_for(cfg)
+    for spec in (cfg.teacher.bootstrap.model, cfg.student.model):
+        m = build_model(spec, tok, cfg.data.max_prompt_tokens + cfg.opd.max_tokens, seed=0)
+        assert m.config.model_type == "qwen3" and m.config.head_dim == 64
+        assert m.config.vocab_size == len(tok) and m.config.eos_token_id == tok.eos_token_id

@@ -17,7 +17,7 @@ from datasets import Dataset, DatasetDict
 
 from opd.config import DataConfig, GateConfig
 from opd.errors import PermanentError
-from opd.data import task
+from opd.data import task, word_problems
 
 
 class DataError(PermanentError, ValueError):
@@ -71,14 +71,22 @@ class DataRef:
 
 
 def synthetic(cfg: DataConfig, seed: int) -> DatasetDict:
+    """The synthetic task's splits (addition, or word problems): eval never shares a problem with train."""
     s = cfg.synthetic
-    any_order = s.term_order == "any"
     try:
-        train = task.generate(s.n_train, s.num_terms, s.max_digits, seed=seed, prefix="train", any_order=any_order)
-        ev = task.generate(s.n_eval, s.num_terms, s.max_digits, seed=seed + 1,
-                           exclude={e.prompt for e in train}, prefix="eval", any_order=any_order)
+        if s.kind == "word_problems":
+            knobs = dict(min_steps=s.min_steps, max_steps=s.max_steps, max_operand=s.max_operand,
+                         max_value=s.max_value, context_sentences=s.context_sentences)
+            train = word_problems.generate(s.n_train, seed, prefix="train", **knobs)
+            ev = word_problems.generate(s.n_eval, seed + 1, exclude={e.prompt for e in train}, prefix="eval", **knobs)
+        else:
+            any_order = s.term_order == "any"
+            train = task.generate(s.n_train, s.num_terms, s.max_digits, seed=seed, prefix="train", any_order=any_order)
+            ev = task.generate(s.n_eval, s.num_terms, s.max_digits, seed=seed + 1,
+                               exclude={e.prompt for e in train}, prefix="eval", any_order=any_order)
     except ValueError as e:
-        raise DataError(f"data.synthetic: {e}: lower data.synthetic.n_train/n_eval or raise max_digits") from None
+        fix = "raise max_operand/max_value" if s.kind == "word_problems" else "raise max_digits"
+        raise DataError(f"data.synthetic: {e}: lower data.synthetic.n_train/n_eval or {fix}") from None
     as_rows = lambda xs: {k: [getattr(e, k) for e in xs] for k in ("id", "prompt", "answer", "completion")}  # noqa: E731
     return DatasetDict({"train": Dataset.from_dict(as_rows(train)), "eval": Dataset.from_dict(as_rows(ev))})
 

@@ -17,6 +17,7 @@ built with ``exclude`` never shares a problem with train.
 from __future__ import annotations
 
 import random
+from functools import lru_cache
 from dataclasses import dataclass
 
 from opd.data.task import Example
@@ -223,3 +224,28 @@ def generate(n: int, seed: int, exclude: set[str] | None = None, prefix: str = "
     """``n`` distinct word problems, deterministic per ``seed`` (see ``generate_problems``)."""
     return [ex for _, ex in generate_problems(n, seed, exclude, prefix, min_steps, max_steps, max_operand,
                                               max_value, context_sentences)]
+
+
+TOKENIZER_SEED = 7919  # the tokenizer's corpus is drawn apart from every run's data seeds
+TOKENIZER_CORPUS = 2000  # conversations; enough for every word and number form of the task (tested)
+
+
+def tokenizer(spec):
+    """The task's byte-level BPE with the ChatML template (opd.bpe), trained by our code on a corpus of this
+    task drawn with a fixed seed: every run of a recipe, on any machine, gets the same vocabulary (BPE
+    training is deterministic given the corpus), so the teacher's key can name it by its recipe."""
+    import copy
+
+    # a copy: callers may set padding or truncation on theirs
+    return copy.deepcopy(_tokenizer(spec.min_steps, spec.max_steps, spec.max_operand, spec.max_value,
+                                    spec.context_sentences, spec.vocab_size))
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(min_steps: int, max_steps: int, max_operand: int, max_value: int, context_sentences: int,
+               vocab_size: int):
+    from opd import bpe
+
+    corpus = generate(TOKENIZER_CORPUS, TOKENIZER_SEED, prefix="tok", min_steps=min_steps, max_steps=max_steps,
+                      max_operand=max_operand, max_value=max_value, context_sentences=context_sentences)
+    return bpe.train_bpe(bpe.chat_corpus(corpus), vocab_size=vocab_size)
