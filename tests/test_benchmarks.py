@@ -110,3 +110,85 @@ def test_opd_vs_rl_quick(tmp_path, opd_home):
     for arm, graders in (("opd", n_t), ("rl", n_t), ("rl_distilled", n_s)):
         p = curves[arm][-1]
         assert p["teacher_flops"] / p["student_train_flops"] == pytest.approx(graders / (3 * n_s)), arm
+
+
+def test_reversal_task():
+    """Task B of benchmarks/forgetting.py: the completion fits the demo's max_tokens, the check is exact, and
+    the train stream never yields an eval prompt."""
+    from benchmarks.forgetting import reversal_correct, reversal_digits, reversal_problems
+
+    assert reversal_digits(16) == (4, 7) and reversal_digits(12) == (2, 5)
+    ev = reversal_problems(200, 1, 4, 7)
+    assert len({p for p, _ in ev}) == 200
+    for p, c in ev:
+        digits = p[:-1]
+        assert p.endswith("=") and digits.isdigit() and 4 <= len(digits) <= 7
+        assert c == digits[::-1] + "#" + digits[::-1] and len(c) + 1 <= 16
+        assert reversal_correct(c, c) and not reversal_correct(c + "1", c) and not reversal_correct(c[:-1], c)
+    train = reversal_problems(5000, 2, 4, 7, exclude=frozenset(p for p, _ in ev), distinct=False)
+    assert not {p for p, _ in train} & {p for p, _ in ev}
+
+
+@pytest.mark.slow  # ~3-5 min: mid-training and the three arms (1 LR, 1 seed) on the shipped demo teacher
+def test_forgetting_quick(tmp_path, opd_home):
+    """Mid-training on task B really drops task A (or the JSON says it did not), every arm runs from the right
+    checkpoint with the pre-registered shape, the sft arm is FLOP-matched to opd with T0's generation counted,
+    and the headline numbers follow from the curves."""
+    import math
+
+    out = tmp_path / "fg.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "forgetting.py"), "--quick",
+                           "--set", f"home={opd_home}", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in ("recovered_fraction", "b_drop_points", "opd_steps", "seeds", "curves", "lr_search", "mid_training",
+                "verdict", "threshold", "protocol_commit", "t0", "by_metric"):
+        assert key in res, key
+    assert res["protocol_commit"] == "d68be9d" and res["seeds"] == [0] and res["quick"] is True
+    assert res["threshold"]["recovered_fraction"] == 0.9 and res["threshold"]["b_drop_points"] == 5
+    assert res["verdict"].startswith(("confirmed", "refuted", "undetermined")), res["verdict"]
+    assert (tmp_path / "fg.png").stat().st_size > 10_000
+    assert "pre-registered threshold" in (tmp_path / "fg.txt").read_text()
+    assert set(res["curves"]) == {"opd", "sft", "replay"}
+    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+    t0, mid = res["t0"], res["mid_training"]["per_seed"]["0"]
+    m = mid["curve"][-1]
+    assert t0["a_accuracy"] > 0.9 and t0["b_accuracy"] == 0  # good at A, never saw B
+    # mid-training stops at the first check 20 points below T0 on A (greedy), else at the cap, and says which
+    assert mid["dropped"] == (m["a_accuracy"] <= t0["a_accuracy"] - 0.2 + 1e-9)
+    assert mid["dropped"] or res["verdict"].startswith("undetermined")
+    assert mid["steps"] == m["optimizer_steps"] == m["step"] and mid["steps"] in (10, 20, 30, 40, 50)
+    assert all(p["a_accuracy"] > t0["a_accuracy"] - 0.2 for p in mid["curve"][1:-1])  # no earlier check dropped
+    curves = {arm: by_seed["0"] for arm, by_seed in res["curves"].items()}
+    for arm, curve in curves.items():
+        for p in curve:
+            for k in ("a_accuracy", "a_sampled_accuracy", "b_accuracy", "b_sampled_accuracy"):
+                assert finite(p[k]) and 0 <= p[k] <= 1, (arm, k, p[k])
+            assert finite(p["a_reverse_kl"]) and finite(p["total_flops"]) and finite(p["flops_since_t0"])
+        for a, b in zip(curve, curve[1:]):  # compute only grows; every point was evaluated
+            assert b["student_train_flops"] > a["student_train_flops"] and b["flops_since_t0"] > a["flops_since_t0"]
+        assert res["lr_search"][arm]["grid"] == [3e-4] and res["lr_search"][arm]["chosen"] == 3e-4
+    for arm in ("opd", "sft"):  # both recover from M, on the same eval points
+        c = curves[arm]
+        assert [p["step"] for p in c] == [0, 10, 20], arm
+        assert (c[0]["a_accuracy"], c[0]["b_accuracy"]) == (m["a_accuracy"], m["b_accuracy"]), arm
+        assert c[0]["total_flops"] == 0 and c[0]["flops_since_t0"] == m["total_flops"] > 0, arm
+    assert [p["step"] for p in curves["replay"]] == [0, round(mid["steps"] / 2), mid["steps"]]
+    assert curves["replay"][0]["a_accuracy"] == t0["a_accuracy"]  # replay starts from T0
+    # FLOP-matched: sft spends opd's FLOPs at every point, plus less than one of its steps; T0's generation is
+    # counted (teacher FLOPs), and sft samples nothing from the student; opd pays sampling and grading
+    for po, ps in zip(curves["opd"][1:], curves["sft"][1:]):
+        assert ps["flops_budget"] == po["total_flops"] <= ps["total_flops"]
+        assert ps["total_flops"] - po["total_flops"] < 1.5 * ps["total_flops"] / ps["optimizer_steps"]  # < 1 step
+        assert ps["teacher_flops"] > 0 and ps["sample_flops"] == 0 and po["sample_flops"] > 0
+    # OPD with T0 as teacher moves the student toward T0 on A
+    opd = curves["opd"]
+    assert opd[-1]["a_reverse_kl"] < opd[0]["a_reverse_kl"]
+    # the headline numbers are the curves' (T=1, end of budget)
+    if mid["dropped"]:
+        want = (opd[-1]["a_sampled_accuracy"] - m["a_sampled_accuracy"]) / (t0["a_sampled_accuracy"]
+                                                                            - m["a_sampled_accuracy"])
+        assert res["recovered_fraction"] == pytest.approx(want)
+    assert res["b_drop_points"] == pytest.approx(100 * (m["b_sampled_accuracy"] - opd[-1]["b_sampled_accuracy"]))
+    assert set(res["opd_steps"]["per_seed"]) == {"0"} and res["opd_steps"]["per_seed"]["0"] in (None, 10, 20)
