@@ -15,6 +15,12 @@ Implements the protocol pre-registered in benchmarks/README.md ("forgetting.py",
     sft      from M: SFT on T0's temperature-1 samples of A prompts, FLOP-matched to opd (T0's generation counted)
     replay   from T0: the mid-training recipe for as many steps as mid-training took, batches 45 B + 19 A
 
+Measured on this machine's 2 shared CPU cores (load average 8-9, torch on 1 thread; 2026-11-30, a 20-step run): an
+eval point (1,024 A + 1,024 B problems, greedy and T=1) ~22 s, an opd step ~2.3 s, the sft arm ~1.3 s per opd-step
+equivalent (~4.5 SFT steps, T0's generation included), a mid-training or replay step ~0.23 s, the vLLM engine start
+~2 min. So an opd run is ~12 min, an sft run ~8 min, a replay run ~2 min, and the full protocol (21 runs + 3
+mid-trainings) ~2.5-3 hours here, less on a quiet machine.
+
 Every (arm, LR, seed) run keeps its curve, and its latest checkpoint until it finishes, under
 ``<home>/bench/forgetting/<settings key>/``, so a killed full run restarts where it stopped (rerun the command).
 """
