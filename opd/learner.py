@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from opd.batching import pack, scatter_completion
+from opd.batching import length_buckets, pack, scatter_completion
 from opd.checkpoints import write_checkpoint, write_sync
 from opd.lm_head import window_logprobs
 from opd.losses import masked_mean, sampled_logprobs
@@ -45,7 +45,10 @@ def learn_step(trainer: StudentTrainer, batch: TrainBatch, spec, pad_id: int, mi
 
     ``lm_head="chunked"`` (training.lm_head; losses on the sampled token only) runs the LM head in row
     blocks inside the model's forward (``opd.lm_head.window_logprobs``): the [tokens, vocab] logits never
-    exist at once, so a 152k vocabulary costs one block of them, not the micro-batch's."""
+    exist at once, so a 152k vocabulary costs one block of them, not the micro-batch's. Micro-batches are
+    cut from length-sorted rows (``opd.batching.length_buckets``) wherever a rank has more than one."""
+    batch = batch.reordered(length_buckets([len(r.prompt_ids) + len(r.completion_ids) for r in batch.rollouts],
+                                           trainer.world, micro_batch))
     rollouts = batch.rollouts
 
     def loss_fn(model, s: int, e: int):

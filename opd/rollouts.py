@@ -35,6 +35,16 @@ class TrainBatch:
     advantages: list[list[float]] | None = None
     teacher_topk: TopKScores | None = None
 
+    def reordered(self, order: list[int]) -> "TrainBatch":
+        """The same batch with its rows (rollouts and their teacher signal) in ``order``."""
+        if order == list(range(len(self.rollouts))):
+            return self
+        pick = lambda xs: [xs[i] for i in order]  # noqa: E731
+        topk = self.teacher_topk
+        return TrainBatch(pick(self.rollouts), None if self.advantages is None else pick(self.advantages),
+                          None if topk is None else TopKScores(pick(topk.token_logprobs), pick(topk.ids),
+                                                               pick(topk.logprobs)))
+
     def to_message(self) -> dict:
         """Plain lists and dicts (what torch.save(weights_only=True) accepts) for a learner group."""
         return {"rollouts": [asdict(r) for r in self.rollouts], "advantages": self.advantages,
