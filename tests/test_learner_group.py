@@ -133,8 +133,10 @@ def test_two_rank_update_matches_one_process(setup, tmp_path, strategy, loss, sc
     a = learn_step(ref_trainer, batch, spec, tok.pad_token_id, 5, teacher_model=teacher)
     b = learn_step(resumed, batch, spec, tok.pad_token_id, 5, teacher_model=teacher)
     assert abs(a["loss"] - b["loss"]) < 1e-4
+    # the two start within the 1-vs-2-process diff above (<5e-5; the ranks' length-sorted micro-batches
+    # group rows differently from one process's), and one more Adam step keeps them there
     assert max(float((p - q).detach().abs().max())
-               for p, q in zip(ref_model.parameters(), resumed.model.parameters())) < 1e-5
+               for p, q in zip(ref_model.parameters(), resumed.model.parameters())) < 5e-5
 
 
 def _failing_group(tmp_path, tok, student_dir):
