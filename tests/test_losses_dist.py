@@ -213,7 +213,7 @@ def test_reverse_kl_is_path_is_advantages_then_importance_sampled_pg(tiny):
     """The sampled-token loss through score + learn_step equals its formula written out: advantages over the
     whole batch (so the mean baseline is the batch's, whatever the micro-batch), then the importance-sampled
     policy gradient per micro-batch of 4, token-weighted, clipped at 5."""
-    from opd.batching import pack, scatter_completion
+    from opd.batching import length_buckets, pack, scatter_completion
     from opd.config import ReverseKLIS
     from opd.logprobs import token_logprobs
     from opd.losses import importance_sampled_pg, kl_advantages
@@ -231,10 +231,13 @@ def test_reverse_kl_is_path_is_advantages_then_importance_sampled_pg(tiny):
     adv = kl_advantages(grid([r.sampler_logprobs for r in rollouts]), grid(teacher_lp), mask, 1.0, "mean")
     opt_old.zero_grad(set_to_none=True)
     total = sum(len(r.completion_ids) for r in rollouts)
+    # micro-batches of 4 cut from the length-sorted rows, as learn_step cuts them
+    order = length_buckets([len(r.prompt_ids) + len(r.completion_ids) for r in rollouts], 1, 4)
     for s in range(0, len(rollouts), 4):
-        chunk = rollouts[s : s + 4]
+        rows = order[s : s + 4]
+        chunk = [rollouts[i] for i in rows]
         b = pack([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], tok.pad_token_id)
-        adv_b = scatter_completion([adv[s + i, : len(r.completion_ids)].tolist() for i, r in enumerate(chunk)], b)
+        adv_b = scatter_completion([adv[i, : len(rollouts[i].completion_ids)].tolist() for i in rows], b)
         loss, _ = importance_sampled_pg(token_logprobs(old, b), scatter_completion([r.sampler_logprobs for r in chunk], b),
                                         adv_b, b.loss_mask, 5.0)
         (loss * float(b.loss_mask.sum()) / total).backward()
