@@ -156,12 +156,15 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tok
 
 
-def tokenizer_summary(path: str | Path) -> dict:
+def tokenizer_summary(path: str | Path) -> dict | None:
     """What a consumer of a published model needs to prompt it as it was trained: the tokenizer's files,
-    special tokens and chat template (None for a raw-prompt tokenizer); goes into the registry manifest."""
-    tok = load_tokenizer(path)
+    special tokens and chat template (None for a raw-prompt tokenizer); goes into the registry manifest.
+    None for a directory that holds no tokenizer (weights published on their own)."""
     files = sorted(p.name for p in Path(path).iterdir()
                    if p.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or p.name.endswith(".jinja"))
+    if not files:
+        return None
+    tok = load_tokenizer(path)
     return {"files": files, "class": type(tok).__name__, "vocab_size": len(tok), "bos_token": tok.bos_token,
             "eos_token": tok.eos_token, "pad_token": tok.pad_token,
             "chat_template": getattr(tok, "chat_template", None) or None}

@@ -206,3 +206,10 @@ def test_word_problem_models_are_qwen3_with_vllm_cpu_head_dims(tmp_path):
         m = build_model(spec, tok, cfg.data.max_prompt_tokens + cfg.opd.max_tokens, seed=0)
         assert m.config.model_type == "qwen3" and m.config.head_dim == 64
         assert m.config.vocab_size == len(tok) and m.config.eos_token_id == tok.eos_token_id
+
+
+def test_a_directory_without_a_tokenizer_has_no_tokenizer_summary(tmp_path):
+    from opd.models import tokenizer_summary
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights only")
+    assert tokenizer_summary(tmp_path) is None
