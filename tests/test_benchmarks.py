@@ -192,3 +192,173 @@ def test_forgetting_quick(tmp_path, opd_home):
         assert res["recovered_fraction"] == pytest.approx(want)
     assert res["b_drop_points"] == pytest.approx(100 * (m["b_sampled_accuracy"] - opd[-1]["b_sampled_accuracy"]))
     assert set(res["opd_steps"]["per_seed"]) == {"0"} and res["opd_steps"]["per_seed"]["0"] in (None, 10, 20)
+
+
+def test_loglinear_rule():
+    """The pre-registered rule of sample_efficiency.py --regime plateau (commit 6bed30a) on synthetic trajectories:
+    a least-squares fit of acc = a + b log10 N on the last 3 points, log-linear at the first k >= 3 whose residuals
+    are all <= 1.5 points and whose last doubling gained <= half the first; else C = the last N_k, not log-linear."""
+    import math
+
+    from benchmarks.sample_efficiency import LOGLINEAR_RULE, loglinear_fit
+
+    assert LOGLINEAR_RULE == {"first_k": 3, "fit_points": 3, "max_residual": 0.015, "gain_ratio": 0.5}
+    ns = [76_800 * 2 ** k for k in range(6)]
+    fit = lambda accs: loglinear_fit(ns, accs, **LOGLINEAR_RULE)  # noqa: E731
+
+    # steep first doubling, then +4 points per doubling: log-linear from k = 3, fit on k = 1..3, exact
+    r = fit([0.40, 0.50, 0.54, 0.58, 0.62, 0.66])
+    assert r["loglinear"] and r["k"] == 3 and r["n"] == ns[3] and r["window_k"] == [1, 2, 3]
+    assert r["b"] == pytest.approx(0.04 / math.log10(2)) and r["a"] == pytest.approx(0.50 - r["b"] * math.log10(ns[1]))
+    assert max(abs(x) for x in r["residuals"]) < 1e-12
+    assert [p["accuracy"] for p in r["points"]] == [0.40, 0.50, 0.54, 0.58, 0.62, 0.66]
+
+    # a steep (accelerating) curve is not log-linear: C falls back to N_5 and the fit is on k = 3..5
+    r = fit([0.30, 0.34, 0.42, 0.58, 0.80, 0.95])
+    assert not r["loglinear"] and r["k"] == 5 and r["window_k"] == [3, 4, 5]
+    assert all(not c["residual_ok"] and not c["gain_ok"] for c in r["checks"])
+
+    # log-linear from the very start (no flattening: each doubling gains as much as the first): the half-slope
+    # condition fails although every residual is 0
+    r = fit([0.40, 0.45, 0.50, 0.55, 0.60, 0.65])
+    assert not r["loglinear"] and all(c["residual_ok"] and not c["gain_ok"] for c in r["checks"])
+
+    # the residual condition alone decides: gains are small from k = 3 on, but the points bend until k = 5
+    r = fit([0.30, 0.50, 0.52, 0.60, 0.61, 0.62])
+    assert [(c["k"], c["residual_ok"], c["gain_ok"]) for c in r["checks"]] == [(3, False, True), (4, False, True),
+                                                                              (5, True, True)]
+    assert r["loglinear"] and r["k"] == 5
+
+    # the residual bound is inclusive: 3 equally spaced points bending by d have residuals (d/6, -d/3, d/6)
+    r = fit([0.30, 0.50, 0.50, 0.545, 0.55, 0.56])
+    assert r["loglinear"] and r["k"] == 3 and max(abs(x) for x in r["residuals"]) == pytest.approx(0.015)
+    assert not fit([0.30, 0.50, 0.50, 0.546, 0.62, 0.70])["checks"][0]["residual_ok"]
+    # and so is the gain bound: the last doubling may gain exactly half the first
+    assert fit([0.40, 0.50, 0.55, 0.60, 0.65, 0.70])["checks"][0]["gain_ok"]
+
+    with pytest.raises(ValueError):
+        loglinear_fit(ns[:3], [0.1, 0.2, 0.3], **LOGLINEAR_RULE)  # no k >= 3 to test
+
+
+def test_plateau_ratios_and_verdict():
+    """FLOPs to target per seed (first eval point at or above it on T=1 accuracy), SFT/OPD in both accountings,
+    null where OPD misses, a lower bound where SFT misses, and the verdict against 9."""
+    from benchmarks.sample_efficiency import plateau_compare
+
+    def curve(accs, student, total):
+        return [{"step": i, "examples": i * 64, "accuracy": a, "sampled_accuracy": a, "reverse_kl": 0.5,
+                 "student_flops": student * i, "total_flops": total * i, "wall_s": float(i)}
+                for i, a in enumerate(accs)]
+
+    target = 0.55
+    curves = {"sft_continue": {"0": curve([0.5, 0.52, 0.54, 0.56], 10.0, 40.0),
+                               "1": curve([0.5, 0.56, 0.57, 0.58], 10.0, 40.0)},
+              "opd": {"0": curve([0.5, 0.6, 0.6], 1.0, 3.0), "1": curve([0.5, 0.54, 0.55], 2.0, 4.0)}}
+    r = plateau_compare(curves, ["0", "1"], target, loglinear=True)
+    s0, s1 = r["per_seed"]["0"], r["per_seed"]["1"]
+    assert (s0["ratio_student"], s0["ratio_with_generation"]) == (30.0 / 1.0, 120.0 / 3.0)
+    assert (s1["ratio_student"], s1["ratio_with_generation"]) == (10.0 / 4.0, 40.0 / 8.0)
+    assert r["ratio_sft_over_opd"] == pytest.approx((30 + 2.5) / 2) and r["verdict"] == "confirmed"
+    assert r["ratio_with_generation"] == pytest.approx((40 + 5) / 2) and not r["ratio_is_lower_bound"]
+    assert plateau_compare(curves, ["1"], target, loglinear=True)["verdict"] == "refuted"  # 2.5 < 9
+    assert plateau_compare(curves, ["0"], target, loglinear=False)["verdict"] == "inconclusive"
+
+    # SFT misses in seed 0: its whole budget stands in and the ratio is a lower bound
+    curves["sft_continue"]["0"] = curve([0.5, 0.52, 0.53, 0.54], 10.0, 40.0)
+    r = plateau_compare(curves, ["0"], target, loglinear=True)
+    assert not r["per_seed"]["0"]["sft_continue"]["reached"] and r["ratio_is_lower_bound"]
+    assert r["ratio_sft_over_opd"] == 30.0 and r["sft_missed_target"] == ["0"]
+
+    # OPD misses in one seed: that seed's ratios and the means are null, the verdict is refuted
+    curves["opd"]["1"] = curve([0.5, 0.51, 0.52], 2.0, 4.0)
+    r = plateau_compare(curves, ["0", "1"], target, loglinear=True)
+    assert r["per_seed"]["1"]["ratio_student"] is None and r["ratio_sft_over_opd"] is None
+    assert r["ratio_with_generation"] is None and r["verdict"] == "refuted" and r["opd_missed_target"] == ["1"]
+
+
+@pytest.mark.slow  # a few minutes: a 32-step CI warmup, a trajectory to k = 3, both arms from C (1 LR, 1 seed)
+def test_sample_efficiency_plateau_quick(tmp_path, opd_home):
+    """--regime plateau --quick on the CI config: the trajectory has its N_k points, the log-linear fit and C come
+    from them, both arms run from C, and the ratios, their null/bound flags and the verdict follow from the curves."""
+    import math
+
+    from benchmarks.sample_efficiency import LOGLINEAR_RULE, first_reach, loglinear_fit
+
+    out = tmp_path / "plateau.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sample_efficiency.py"), "--regime", "plateau",
+                           "--quick", "--config", str(REPO / "configs" / "ci.yaml"), "--set", f"home={opd_home}",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in ("ratio_sft_over_opd", "ratio_with_generation", "regime", "loglinear", "loglinear_fit", "trajectory",
+                "lr_search", "curves", "protocol_commit", "verdict", "threshold", "target_accuracy", "per_seed",
+                "branch_point", "deviations"):
+        assert key in res, key
+    assert res["regime"] == "plateau" and res["protocol_commit"] == "6bed30a" and res["quick"] is True
+    assert res["threshold"]["value"] == 9 and res["seeds"] == [0]
+    assert res["verdict"] in ("confirmed", "refuted", "inconclusive")
+    assert (tmp_path / "plateau.png").stat().st_size > 10_000
+    assert "pre-registered threshold" in (tmp_path / "plateau.txt").read_text()
+    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)  # noqa: E731
+
+    # the trajectory: N_k = N_0 x 2^k for k = 0..3 (N_0 = the 32-step CI warmup x 64), every example trained once
+    traj = res["trajectory"]
+    pts, n0 = traj["points"], traj["n0"]
+    assert n0 == 32 * 64 and not traj["n0_matches_protocol"]
+    assert [p["k"] for p in pts] == [0, 1, 2, 3]
+    assert [p["n_examples"] for p in pts] == [n0 * 2 ** k for k in range(4)]
+    assert [p["steps"] for p in pts] == [(n0 * 2 ** k - n0) // 64 for k in range(4)]
+    for p in pts:
+        assert 0 <= p["accuracy"] <= 1 and 0 <= p["sampled_accuracy"] <= 1 and finite(p["reverse_kl"])
+    for a, b in zip(pts, pts[1:]):  # SFT on fresh teacher data: student training and teacher generation grow
+        assert b["student_train_flops"] > a["student_train_flops"] and b["teacher_flops"] > a["teacher_flops"]
+        assert b["sample_flops"] == 0
+
+    # the fit is the rule applied to those points; C and the target follow from it
+    fit = res["loglinear_fit"]
+    again = loglinear_fit([p["n_examples"] for p in pts], [p["sampled_accuracy"] for p in pts], **LOGLINEAR_RULE)
+    assert [q["accuracy"] for q in fit["points"]] == [p["sampled_accuracy"] for p in pts]
+    for key in ("loglinear", "k", "a", "b", "window_k", "residuals"):
+        assert fit[key] == pytest.approx(again[key]), key
+    for k, r in zip(fit["window_k"], fit["residuals"]):
+        assert r == pytest.approx(pts[k]["sampled_accuracy"] - fit["a"] - fit["b"] * math.log10(pts[k]["n_examples"]))
+    assert res["loglinear"] == fit["loglinear"] and fit["k"] == 3 and fit["window_k"] == [1, 2, 3]  # k <= 3 here
+    c = res["branch_point"]
+    assert c["k"] == fit["k"] and c["sampled_accuracy"] == pts[fit["k"]]["sampled_accuracy"]
+    assert res["target_accuracy"] == pytest.approx(c["sampled_accuracy"] + 0.05)
+
+    # both arms start from C's eval; SFT-continue: one more doubling, an eval point every N_C / 4; OPD: 2 rounds of 10
+    curves = {arm: by_seed["0"] for arm, by_seed in res["curves"].items()}
+    assert set(curves) == {"sft_continue", "opd"}
+    n_c = c["n_examples"]
+    assert [p["examples"] for p in curves["sft_continue"]] == [n_c * j // 4 for j in range(5)]
+    assert [p["step"] for p in curves["opd"]] == [0, 10, 20]
+    for arm, curve in curves.items():
+        assert curve[0]["sampled_accuracy"] == c["sampled_accuracy"] and curve[0]["total_flops"] == 0, arm
+        for a, b in zip(curve, curve[1:]):
+            assert b["student_flops"] > a["student_flops"] and b["teacher_flops"] > a["teacher_flops"], arm
+            assert 0 <= b["sampled_accuracy"] <= 1 and finite(b["reverse_kl"]), arm
+        assert len(res["lr_search"][arm]["grid"]) == 1
+    sft_end, opd_end = curves["sft_continue"][-1], curves["opd"][-1]
+    assert sft_end["sample_flops"] == 0 and opd_end["sample_flops"] > 0
+    # the teacher generates exactly the tokens SFT trains on: teacher / student-train FLOPs = N_teacher / (3 N_student)
+    n_t, n_s = res["teacher"]["params"], res["student"]["params"]
+    assert sft_end["teacher_flops"] / sft_end["student_train_flops"] == pytest.approx(n_t / (3 * n_s))
+
+    # FLOPs to target and the ratios, as the curves say
+    row, target = res["per_seed"]["0"], res["target_accuracy"]
+    got = {arm: first_reach(curve, target, "sampled_accuracy") for arm, curve in curves.items()}
+    for arm, (p, ok) in got.items():
+        assert row[arm]["reached"] == ok and row[arm]["student_flops"] == p["student_flops"], arm
+    if got["opd"][1]:
+        want = got["sft_continue"][0]["student_flops"] / got["opd"][0]["student_flops"]
+        assert finite(res["ratio_sft_over_opd"]) and res["ratio_sft_over_opd"] == pytest.approx(want)
+        assert res["ratio_with_generation"] == pytest.approx(
+            got["sft_continue"][0]["total_flops"] / got["opd"][0]["total_flops"])
+        assert res["ratio_is_lower_bound"] == (not got["sft_continue"][1])
+    else:
+        assert res["ratio_sft_over_opd"] is None and res["ratio_with_generation"] is None
+    ratio = res["ratio_sft_over_opd"]
+    want_verdict = ("inconclusive" if not res["loglinear"] else
+                    "confirmed" if ratio is not None and ratio >= 9 else "refuted")
+    assert res["verdict"] == want_verdict
