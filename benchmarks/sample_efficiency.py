@@ -2,7 +2,7 @@
 
     python benchmarks/sample_efficiency.py            # full: 3 seeds, LR search, ~30 min on 2 cores
     python benchmarks/sample_efficiency.py --quick    # CI smoke run: 1 seed, small budget, < 10 min
-    python benchmarks/sample_efficiency.py --regime plateau          # branch once SFT has flattened (below)
+    python benchmarks/sample_efficiency.py --regime plateau          # branch once SFT is flat: ~8-24 h here; resumable
     python benchmarks/sample_efficiency.py --regime plateau --quick  # its CI smoke run
 
 ``--regime steep`` (the default) is the comparison described here; ``--regime plateau`` implements the protocol
@@ -998,8 +998,9 @@ def plateau_report(a, argv, cfg, b: Plateau, traj: list[dict], fit: dict, teache
         **cmp,
         "branch_point": {k: c[k] for k in ("k", "n_examples", "steps", "accuracy", "sampled_accuracy", "reverse_kl",
                                            "checkpoint")},
-        "trajectory": {"points": traj, "n0": b.n0, "n0_protocol": N0_PROTOCOL, "n0_matches_protocol": b.n0 == N0_PROTOCOL,
-                       "max_k": a.max_k, "lr": TRAJ_LR, "batch": b.batch, "seed": 0, "teacher_temperature": 0.0,
+        "trajectory": {"points": traj, "n0": b.n0, "n0_protocol": N0_PROTOCOL,
+                       "n0_matches_protocol": b.n0 == N0_PROTOCOL, "max_k": a.max_k, "lr": TRAJ_LR, "batch": b.batch,
+                       "seed": 0, "teacher_temperature": 0.0,
                        "optimizer": "the warmup's AdamW state carried (betas 0.9/0.98), constant LR, grad clip 1",
                        "data": f"fresh problems, {BLOCK_STEPS} x batch per block, none of the eval set, completed "
                                "greedily by the teacher; every example trained on once",
