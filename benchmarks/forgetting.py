@@ -44,6 +44,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.opd_vs_rl import ZERO, _write_json, add_cost, eval_set  # noqa: E402
+import benchmarks.sample_efficiency as se  # noqa: E402
 from benchmarks.sample_efficiency import EVAL_SEED, _spread  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "forgetting.json"
@@ -835,23 +836,14 @@ def report(a, argv, cfg, b: Bench, mids: dict, curves: dict, search: dict, t0_wa
 
 
 def write_outputs(res: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
-    plot(res, png)
-    res["plot"] = png.name
-    out.write_text(json.dumps(res, indent=2))
-    print_table(res, out.with_suffix(".txt"))
-    print(f"wrote {out}, {png.name} and {out.with_suffix('.txt').name}")
+    se.write_outputs(res, out, plot, print_table)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     out = Path(a.out)
     if a.replot:
-        res = json.loads(out.read_text())
-        plot(res, out.with_suffix(".png"))
-        print_table(res, out.with_suffix(".txt"))
-        return 0
+        return se.replot(out, plot, print_table)
     from opd.models import set_threads
 
     t_start = time.time()

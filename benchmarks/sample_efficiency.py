@@ -1034,14 +1034,27 @@ def plateau_report(a, argv, cfg, b: Plateau, traj: list[dict], fit: dict, teache
     }
 
 
-def write_plateau_outputs(res: dict, out: Path) -> None:
+def write_outputs(res: dict, out: Path, plot_fn, table_fn) -> None:
+    """Every benchmark's results: the PNG (named in the JSON), the JSON, and the text table beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
-    plot_plateau(res, png)
+    plot_fn(res, png)
     res["plot"] = png.name
     out.write_text(json.dumps(res, indent=2))
-    print_table_plateau(res, out.with_suffix(".txt"))
+    table_fn(res, out.with_suffix(".txt"))
     print(f"wrote {out}, {png.name} and {out.with_suffix('.txt').name}")
+
+
+def replot(out: Path, plot_fn, table_fn) -> int:
+    """``--replot``: redraw the PNG and reprint the table from a finished run's JSON."""
+    res = json.loads(out.read_text())
+    plot_fn(res, out.with_suffix(".png"))
+    table_fn(res, out.with_suffix(".txt"))
+    return 0
+
+
+def write_plateau_outputs(res: dict, out: Path) -> None:
+    write_outputs(res, out, plot_plateau, print_table_plateau)
 
 
 def _teacher_accuracy(b: Plateau) -> float:
@@ -1061,10 +1074,7 @@ def _teacher_accuracy(b: Plateau) -> float:
 def plateau_main(a: argparse.Namespace, argv=None) -> int:
     out = Path(a.out)
     if a.replot:
-        res = json.loads(out.read_text())
-        plot_plateau(res, out.with_suffix(".png"))
-        print_table_plateau(res, out.with_suffix(".txt"))
-        return 0
+        return replot(out, plot_plateau, print_table_plateau)
     from opd.models import set_threads
 
     t0 = time.time()
@@ -1114,10 +1124,7 @@ def main(argv=None) -> int:
     if a.regime == "plateau":
         return plateau_main(a, argv)
     if a.replot:
-        res = json.loads(Path(a.out).read_text())
-        plot(res, Path(a.out).with_suffix(".png"))
-        print_table(res, Path(a.out).with_suffix(".txt"))
-        return 0
+        return replot(Path(a.out), plot, print_table)
     from opd.config import load_config
     from opd.models import load_model, load_tokenizer, set_threads
     from opd.engines import Engines
@@ -1202,14 +1209,7 @@ def main(argv=None) -> int:
         "curves": curves,
         "wall_s_total": time.time() - t_start,
     }
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
-    plot(res, png)
-    res["plot"] = png.name
-    out.write_text(json.dumps(res, indent=2))
-    print_table(res, out.with_suffix(".txt"))
-    print(f"wrote {out}, {png} and the table ({out.with_suffix('.txt').name}) in {res['wall_s_total']:.0f}s")
+    write_outputs(res, Path(a.out), plot, print_table)
     return 0
 
 
