@@ -15,6 +15,7 @@ pytest.importorskip("vllm", reason="the benchmark drives the vLLM sampler")
 pytest.importorskip("trl", reason="trl (dev extra) is the other side of the comparison")
 
 
+@pytest.mark.slow  # ~40 s; the benchmarks' smoke runs are in `make test-all`
 def test_opd_step_quick(tmp_path):
     out = tmp_path / "opd_step.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=REPO,
@@ -34,6 +35,7 @@ def test_opd_step_quick(tmp_path):
     assert len(res["ours_step_s"]) == len(res["trl_step_s"]) == s["steps"]
 
 
+@pytest.mark.slow  # ~80 s
 def test_sample_efficiency_quick(tmp_path, opd_home):
     """On the CI config (its teacher is cached in the session home): both branches run from one
     warmup checkpoint, and the JSON, table and plot have the documented shape. Not the ratio."""

@@ -400,6 +400,7 @@ def _curl_json(line: str, attempts: int = 4) -> dict:
     raise AssertionError(f"{line} answered {body}")
 
 
+@pytest.mark.slow  # ~90 s (three CLI runs in a plain shell); `make test-all`
 def test_deploy_hints_run_as_printed_in_a_plain_shell(stack, stack_env, s3, sandbox, teacher, tmp_path_factory):
     """`opd deploy`'s worker and curl lines work from a shell with no Prefect/S3 variables set: the
     worker finds the local stack, its run reaches S3 (no NoCredentialsError) and fails only on the data."""

@@ -16,6 +16,7 @@ from opd.models import load_model
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.slow  # ~90 s; the engine side is tests/test_sampler.py's adapter test (default suite)
 def test_lora_rounds_sync_adapters_and_publish_merged_weights(stack_env, s3, opd_home, tmp_path):
     bucket, key = f"opd-lora-{uuid.uuid4().hex[:8]}", f"lora-{uuid.uuid4().hex[:8]}"
     proc = subprocess.run([opd_bin(), "run", "configs/ci.yaml", "--set", f"home={opd_home}",
