@@ -7,6 +7,9 @@ owns the engines.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 from opd.config import RunConfig
 from opd.models import load_model, pick_device, resolve_dtype
 from opd.sampling.base import Sampler, Weights
@@ -110,6 +113,17 @@ class Engines:
             e = e.__cause__ or e.__context__
         return False
 
+    @contextlib.contextmanager
+    def guard(self, stage: str, log: Callable[[str], None] = print) -> Iterator["Engines"]:
+        """Run a stage's engine calls; if an engine died in them, close every engine, say so, and re-raise,
+        so the task's retry starts fresh engines instead of calling a dead one. Other errors pass untouched."""
+        try:
+            yield self
+        except BaseException as e:
+            if self.drop_if_dead(e):
+                log(f"{stage}: an inference engine died ({type(e).__name__}); the retry starts fresh ones")
+            raise
+
     def close(self) -> None:
         for engine in (self._sampler, self._teacher):
             if engine is not None:
@@ -118,3 +132,9 @@ class Engines:
                 except Exception:  # a dead engine may fail its own shutdown; it is gone either way
                     pass
         self._sampler = self._teacher = self._teacher_model = None
+
+
+def borrowed(cfg: RunConfig, engines: Engines | None) -> contextlib.AbstractContextManager[Engines]:
+    """The caller's engines, left open for it (the flow's, kept from SFT to evaluation), else fresh ones
+    closed on leaving: one ``with`` for a stage that runs inside a flow or on its own."""
+    return contextlib.nullcontext(engines) if engines is not None else Engines(cfg)

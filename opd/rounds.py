@@ -151,22 +151,19 @@ def opd_round(cfg: RunConfig, k: int, data: DataRef, teacher: ModelRef, student:
     grader = engines.teacher(teacher.path, tok.pad_token_id) if signal != "logits" else None
     learner = make_learner(cfg, k, student, teacher, tok, layout, engines, signal)
     try:
-        for s in range(o.steps_per_round):
-            idx, seed = step_prompts(cfg.seed, k, s, len(train_prompts), o.prompts_per_step)
-            prompts_P = fmt.encode_all(tok, [train_prompts[i] for i in idx])
-            lr = lr_at((k - 1) * o.steps_per_round + s, o.lr, o.warmup_steps)
-            rewards = (None if answers is None else
-                       verifier_rewards(tok, task_check(cfg), [answers[i] for i in idx]))
-            stats.add(step(sampler, grader, learner, spec, prompts_P, samples_per_prompt=o.samples_per_prompt,
-                           max_tokens=o.max_tokens, seed=seed, lr=lr, signal=signal,
-                           publish=s < o.steps_per_round - 1, reward_fn=rewards,
-                           reward_weight=o.reward.weight if o.reward is not None else 0.0))
-        tmp = fresh(out)
-        model = learner.finish(tmp)
-    except BaseException as e:
-        if engines.drop_if_dead(e):
-            log(f"round {k}: an inference engine died ({type(e).__name__}); the retry starts fresh engines")
-        raise
+        with engines.guard(f"round {k}", log):
+            for s in range(o.steps_per_round):
+                idx, seed = step_prompts(cfg.seed, k, s, len(train_prompts), o.prompts_per_step)
+                prompts_P = fmt.encode_all(tok, [train_prompts[i] for i in idx])
+                lr = lr_at((k - 1) * o.steps_per_round + s, o.lr, o.warmup_steps)
+                rewards = (None if answers is None else
+                           verifier_rewards(tok, task_check(cfg), [answers[i] for i in idx]))
+                stats.add(step(sampler, grader, learner, spec, prompts_P, samples_per_prompt=o.samples_per_prompt,
+                               max_tokens=o.max_tokens, seed=seed, lr=lr, signal=signal,
+                               publish=s < o.steps_per_round - 1, reward_fn=rewards,
+                               reward_weight=o.reward.weight if o.reward is not None else 0.0))
+            tmp = fresh(out)
+            model = learner.finish(tmp)
     finally:
         learner.close()
     metrics = stats.metrics(k, eval_slice_accuracy(cfg, model, tok, d["eval"]), cfg.training.num_processes)

@@ -14,7 +14,7 @@ from opd.checkpoints import save_optimizer
 from opd.config import RunConfig
 from opd.data import dataset as ds
 from opd.data.task import is_correct
-from opd.engines import Engines
+from opd.engines import Engines, borrowed
 from opd.evaluation import accuracy, slice_accuracy, task_check
 from opd.prompting import prompt_format
 from opd.ledger import PhaseCost
@@ -141,16 +141,8 @@ def sft_warmup(cfg: RunConfig, data: ds.DataRef, teacher: ModelRef, out: Path, l
         rng = random.Random(cfg.seed)
         idx = rng.sample(range(len(d["train"])), min(cfg.sft.num_prompts, len(d["train"])))
         prompts = prompt_format(cfg).encode_all(tok, [d["train"][i]["prompt"] for i in idx])
-        if engines is None:
-            with Engines(cfg) as own:
-                comps = teacher_completions(cfg, teacher, tok, prompts, own)
-        else:
-            try:
-                comps = teacher_completions(cfg, teacher, tok, prompts, engines)
-            except BaseException as e:
-                if engines.drop_if_dead(e):  # the task's retry starts a fresh engine
-                    log(f"SFT warmup: the teacher's engine died ({type(e).__name__}); the retry starts a fresh one")
-                raise
+        with borrowed(cfg, engines) as eng, eng.guard("SFT warmup", log):
+            comps = teacher_completions(cfg, teacher, tok, prompts, eng)
         seq_tokens = sum(len(p) + len(c) for p, c in zip(prompts, comps))
         data_cost.teacher(count_params(teacher.path), seq_tokens)
     data_cost.wall_s = time.time() - t0

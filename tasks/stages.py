@@ -5,7 +5,6 @@ each stage is idempotent through its own completion marker on disk.
 """
 from __future__ import annotations
 
-import contextlib
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -15,7 +14,7 @@ from opd import evaluation, rounds, warmup
 from opd.config import RunConfig
 from opd.data import prepare
 from opd.data.dataset import DataRef
-from opd.engines import Engines
+from opd.engines import Engines, borrowed
 from opd.errors import DataValidationFailed, GateFailed
 from opd.records import ModelRef, RoundResult, RunLayout
 
@@ -94,16 +93,11 @@ def evaluate(cfg: RunConfig, data: DataRef, teacher: ModelRef, sft: ModelRef, fi
     from opd_ops import promotion
 
     incumbent = promotion.pull_alias(cfg, cfg.eval.gates.no_regression_vs, layout.incumbent)
-    with contextlib.nullcontext(engines) if engines is not None else Engines(cfg) as eng:
-        try:
-            results = evaluation.evaluate_all(cfg, data, teacher, sft, final, eng,
-                                              incumbent.path if incumbent else None,
-                                              incumbent.version if incumbent else None, store=layout.evaluation,
-                                              log=_log())
-        except BaseException as e:
-            if eng.drop_if_dead(e):  # the retry then starts fresh engines rather than calling a dead one
-                _log().warning(f"evaluation: an inference engine died ({type(e).__name__}); the retry starts fresh ones")
-            raise
+    with borrowed(cfg, engines) as eng, eng.guard("evaluation", _log().warning):
+        results = evaluation.evaluate_all(cfg, data, teacher, sft, final, eng,
+                                          incumbent.path if incumbent else None,
+                                          incumbent.version if incumbent else None, store=layout.evaluation,
+                                          log=_log())
     create_table_artifact(
         key="evaluation",
         table=[{"model": k, "accuracy": _round(v["accuracy"]), "sampled_accuracy": _round(v.get("sampled_accuracy")),

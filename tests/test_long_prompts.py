@@ -53,13 +53,18 @@ def test_long_prompts_sample_reproducibly_and_a_dead_engine_is_replaced(student,
         # vLLM's client notices through a monitor thread; a request sent before it has would wait for an
         # answer that never comes (a vLLM race, left to the task timeout), so give the monitor its moment
         time.sleep(3)
-        with pytest.raises(Exception) as died:
+        said: list[str] = []
+        with pytest.raises(Exception) as died, engines.guard("sampling", said.append):
             sampler.sample(_prompts(), n=N, max_tokens=MAX_TOKENS, seed=7)
-        assert engines.drop_if_dead(died.value), f"not recognised as a dead engine: {died.value!r}"
-        assert not engines.sampling
+        assert not engines.sampling, f"not recognised as a dead engine: {died.value!r}"
+        assert len(said) == 1 and "inference engine died" in said[0], said
 
         # the retry's engine is a new one, and the same seeds give the same samples
         again = engines.sampler(student, eos_id=2)
         assert again is not sampler
         assert _completions(again.sample(_prompts(), n=N, max_tokens=MAX_TOKENS, seed=7)) == _completions(first)
-    assert not engines.drop_if_dead(ValueError("bad input")), "only a dead engine drops the engines"
+
+        # any other error passes through and leaves the engines up
+        with pytest.raises(ValueError), engines.guard("sampling", said.append):
+            raise ValueError("bad input")
+        assert engines.sampling and len(said) == 1, "only a dead engine drops the engines"
