@@ -6,7 +6,7 @@ model as teacher (A prompts only) vs FLOP-matched SFT on that model's samples vs
     python benchmarks/forgetting.py --replot    # redraw the PNG and table from --out's JSON
     # also: --arms, --seeds, --steps, --every, --eval-n, --lrs, --mid-every, --mid-cap, --config, --set, --out
 
-Implements the protocol pre-registered in benchmarks/README.md ("forgetting.py", commit d68be9d), before any run:
+Implements the protocol pre-registered in benchmarks/README.md ("forgetting.py", commit 0a48a4e), before any run:
 
     T0       the shipped demo teacher (configs/demo.yaml): good at A (addition with a scratchpad)
     B        digit reversal in the same character vocabulary: "40712=" -> "21704#21704", checked exactly
@@ -43,12 +43,12 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.opd_vs_rl import ZERO, _write_json, add_cost, eval_set  # noqa: E402
+from benchmarks.opd_vs_rl import ZERO, _write_json, add_cost, eval_set, run_rounds  # noqa: E402
 import benchmarks.sample_efficiency as se  # noqa: E402
 from benchmarks.sample_efficiency import EVAL_SEED, _spread  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "forgetting.json"
-PROTOCOL_COMMIT = "d68be9d"  # benchmarks/README.md, "forgetting.py": committed before this script existed
+PROTOCOL_COMMIT = "0a48a4e"  # benchmarks/README.md, "forgetting.py": committed before this script existed
 THRESHOLD = {"recovered_fraction": 0.9, "b_drop_points": 5.0}
 LR_GRID = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]  # the same for every arm; 1e-3 is the mid-training (and demo SFT) LR
 EVAL_SAMPLES = 4  # temperature-1 samples per eval problem
@@ -493,47 +493,23 @@ def opd_config(cfg, lr: float, seed: int, steps: int, every: int):
 def run_opd(b: Bench, lr: float, seed: int, mid: dict, log=print) -> dict:
     """``--steps`` on-policy steps from M with T0 as teacher, one opd_round per eval point; resumes from its
     saved curve and rounds."""
-    from opd.records import ModelRef, RunLayout
-    from opd.rounds import opd_round
+    from opd.records import ModelRef
+
+    start = branch_point(mid)
+
+    def point(student, step: int, cost: dict, m: dict) -> dict:
+        since_t0 = start["flops_since_t0"] + cost["total_flops"]
+        return eval_point(b, student.path, step, {**cost, "flops_since_t0": since_t0}, optimizer_steps=step,
+                          train_reverse_kl=m.get("reverse_kl"), train_ratio_max=m.get("ratio_max"))
+
+    def line(p: dict) -> str:
+        return (f"A greedy {p['a_accuracy']:.3f} T1 {p['a_sampled_accuracy']:.3f} kl {p['a_reverse_kl']:.4f}, "
+                f"B greedy {p['b_accuracy']:.3f} T1 {p['b_sampled_accuracy']:.3f} ({p['wall_s']:.0f}s train in all)")
 
     name = f"opd-lr{lr:g}-s{seed}"
-    run_dir = b.root / "runs" / name
-    saved_path = run_dir / "curve.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
-    if saved.get("complete"):
-        log(f"  {name}: finished by an earlier invocation, reused")
-        return saved
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = opd_config(b.cfg, lr, seed, b.a.steps, b.a.every)
-    start = branch_point(mid)
-    points = {p["step"]: p for p in saved.get("curve", [start])}
-    layout, student, cost = RunLayout(run_dir / "work"), ModelRef(mid["model"], b.teacher.params), dict(ZERO)
-    for k in range(1, b.a.steps // b.a.every + 1):
-        try:
-            res = opd_round(cfg, k, b.data, b.teacher, student, layout, b.engines, log=lambda *_: None)
-        except non_finite() as e:
-            log(f"  {name}: stopped in round {k}: {e}")
-            shutil.rmtree(layout.root, ignore_errors=True)
-            out = {"complete": True, "curve": sorted(points.values(), key=lambda p: p["step"]),
-                   "diverged_at": (k - 1) * b.a.every, "diverged": str(e)}
-            _write_json(saved_path, out)
-            return out
-        student, step = res.student, k * b.a.every
-        cost = add_cost(cost, res.cost, res.metrics.get("engine_start_s") or 0.0)
-        if step not in points:  # a resumed round reuses its checkpoint and its evaluation
-            points[step] = eval_point(b, student.path, step,
-                                      {**cost, "flops_since_t0": start["flops_since_t0"] + cost["total_flops"]},
-                                      optimizer_steps=step, train_reverse_kl=res.metrics.get("reverse_kl"),
-                                      train_ratio_max=res.metrics.get("ratio_max"))
-            _write_json(saved_path, {"complete": False, "curve": sorted(points.values(), key=lambda p: p["step"])})
-        p = points[step]
-        log(f"  {name} step {step}: A greedy {p['a_accuracy']:.3f} T1 {p['a_sampled_accuracy']:.3f} kl "
-            f"{p['a_reverse_kl']:.4f}, B greedy {p['b_accuracy']:.3f} T1 {p['b_sampled_accuracy']:.3f} "
-            f"({p['wall_s']:.0f}s train in all)")
-    shutil.rmtree(layout.root, ignore_errors=True)
-    out = {"complete": True, "curve": sorted(points.values(), key=lambda p: p["step"])}
-    _write_json(saved_path, out)
-    return out
+    return run_rounds(b.root / "runs" / name, name, opd_config(b.cfg, lr, seed, b.a.steps, b.a.every), b.data,
+                      b.teacher, ModelRef(mid["model"], b.teacher.params), b.engines, b.a.steps, b.a.every, start,
+                      point=point, line=line, log=log, stop_on=non_finite())
 
 
 # ---------------------------------------------------------------- the LR rule, the arms in order

@@ -226,44 +226,74 @@ def _write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def run_arm(b: Bench, arm_name: str, lr: float, seed: int, teacher, log=print) -> dict:
-    """One run of ``steps`` steps, one opd_round per eval point; resumes from its saved curve and rounds.
-    Returns {"curve", "final"} (final: the last checkpoint's directory, kept for rl_distilled)."""
+def _by_step(points: dict) -> list[dict]:
+    return sorted(points.values(), key=lambda p: p["step"])
+
+
+def run_rounds(run_dir: Path, name: str, cfg, data, teacher, student, engines, steps: int, every: int, start: dict,
+               point: Callable[[Any, int, dict, dict], dict], line: Callable[[dict], str], log=print,
+               stop_on: tuple[type, ...] = (), finish: Callable[[Any], dict] | None = None) -> dict:
+    """One benchmark run: ``steps`` steps of the pipeline's own OPD loop (``opd.rounds.opd_round``, one round of
+    ``every`` steps per eval point) from ``student``, resumable. ``point(student, step, cost, round_metrics)``
+    evaluates (cost: cumulative since ``start``), ``line(point)`` says it. ``curve.json`` is written after each
+    point, so a rerun reuses a finished run as is, and within a run a finished round its checkpoint and a saved
+    point its evaluation. An error in ``stop_on`` (divergence) ends the run with what it has; ``finish(student)``
+    adds keys to a run that went the distance. Returns {"complete", "curve", ...}."""
     from opd.records import RunLayout
     from opd.rounds import opd_round
 
-    name = f"{arm_name}-lr{lr:g}-s{seed}" + (f"-teacher-{Path(teacher.path).parent.name}"
-                                            if ARMS[arm_name].teacher == "rl" else "")
-    run_dir = b.runs / name
     saved_path = run_dir / "curve.json"
     saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
     if saved.get("complete"):
         log(f"  {name}: finished by an earlier invocation, reused from {run_dir}")
         return saved
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = arm_config(b.cfg, ARMS[arm_name], lr, seed, b.steps, b.every)
-    points = {p["step"]: p for p in saved.get("curve", [b.start])}
-    layout, student, cost = RunLayout(run_dir / "work"), b.warm, dict(ZERO)
-    for k in range(1, b.steps // b.every + 1):
-        res = opd_round(cfg, k, b.data, teacher, student, layout, b.engines, log=lambda *_: None)
-        student, step = res.student, k * b.every
+    points = {p["step"]: p for p in saved.get("curve", [start])}
+    layout, cost, out = RunLayout(run_dir / "work"), dict(ZERO), {"complete": True}
+    for k in range(1, steps // every + 1):
+        try:
+            res = opd_round(cfg, k, data, teacher, student, layout, engines, log=lambda *_: None)
+        except stop_on as e:
+            log(f"  {name}: stopped in round {k}: {e}")
+            out.update(diverged_at=(k - 1) * every, diverged=str(e))
+            break
+        student, step = res.student, k * every
         cost = add_cost(cost, res.cost, res.metrics.get("engine_start_s") or 0.0)
-        if step not in points:  # a resumed round reuses its checkpoint and its evaluation
-            points[step] = eval_point(b, student.path, step, cost, res.metrics)
-            _write_json(saved_path, {"complete": False, "curve": sorted(points.values(), key=lambda p: p["step"])})
-        p = points[step]
-        reward = "" if p["train_reward_mean"] is None else f" reward {p['train_reward_mean']:.3f}"
-        log(f"  {name} step {step}: acc {p['accuracy']:.3f} T1 {p['sampled_accuracy']:.3f} kl {p['reverse_kl']:.4f}"
-            f"{reward} ({p['wall_s']:.0f}s train in all, {p['eval_s']:.0f}s this eval)")
-    final = run_dir / "final"
-    if not final.is_dir():
-        shutil.copytree(student.path, run_dir / "final.tmp", dirs_exist_ok=True)
-        os.replace(run_dir / "final.tmp", final)
+        if step not in points:
+            points[step] = point(student, step, cost, res.metrics)
+            _write_json(saved_path, {"complete": False, "curve": _by_step(points)})
+        log(f"  {name} step {step}: {line(points[step])}")
+    else:
+        out.update(finish(student) if finish else {})
     shutil.rmtree(layout.root, ignore_errors=True)
-    out = {"complete": True, "curve": sorted(points.values(), key=lambda p: p["step"]), "final": str(final),
-           "params": student.params}
+    out["curve"] = _by_step(points)
     _write_json(saved_path, out)
     return out
+
+
+def run_arm(b: Bench, arm_name: str, lr: float, seed: int, teacher, log=print) -> dict:
+    """One run of ``steps`` steps from the warm start. Returns {"curve", "final"} (final: the last checkpoint's
+    directory, kept for rl_distilled)."""
+    name = f"{arm_name}-lr{lr:g}-s{seed}" + (f"-teacher-{Path(teacher.path).parent.name}"
+                                            if ARMS[arm_name].teacher == "rl" else "")
+    run_dir = b.runs / name
+
+    def keep_final(student) -> dict:
+        final = run_dir / "final"
+        if not final.is_dir():
+            shutil.copytree(student.path, run_dir / "final.tmp", dirs_exist_ok=True)
+            os.replace(run_dir / "final.tmp", final)
+        return {"final": str(final), "params": student.params}
+
+    def line(p: dict) -> str:
+        reward = "" if p["train_reward_mean"] is None else f" reward {p['train_reward_mean']:.3f}"
+        return (f"acc {p['accuracy']:.3f} T1 {p['sampled_accuracy']:.3f} kl {p['reverse_kl']:.4f}{reward} "
+                f"({p['wall_s']:.0f}s train in all, {p['eval_s']:.0f}s this eval)")
+
+    return run_rounds(run_dir, name, arm_config(b.cfg, ARMS[arm_name], lr, seed, b.steps, b.every), b.data, teacher,
+                      b.warm, b.engines, b.steps, b.every, b.start,
+                      point=lambda student, step, cost, m: eval_point(b, student.path, step, cost, m),
+                      line=line, log=log, finish=keep_final)
 
 
 # ---------------------------------------------------------------- the LR rule and the arms

@@ -749,44 +749,23 @@ def run_sft_continue(b: Plateau, c: dict, lr: float, seed: int, stop_at: float |
 def run_opd_from(b: Plateau, c: dict, lr: float, seed: int, log=print) -> dict:
     """OPD from C: ``opd.rounds.opd_round`` (fresh AdamW, warmup 20, reverse_kl_is with kl_coef 1, no reward),
     one round of ``opd_every`` steps per eval point, ``opd_steps`` in all. Resumes from its saved rounds."""
-    from opd.records import ModelRef, RunLayout
-    from opd.rounds import opd_round
+    from opd.records import ModelRef
 
     ovr = _ovr()
+
+    def point(student, step: int, cost: dict, m: dict) -> dict:
+        return {"step": step, **cost, **plateau_eval(b, student.path), "train_reverse_kl": m.get("reverse_kl"),
+                "train_ratio_max": m.get("ratio_max")}
+
+    def line(p: dict) -> str:
+        return (f"T=1 {p['sampled_accuracy']:.3f} greedy {p['accuracy']:.3f} kl {p['reverse_kl']:.4f} "
+                f"({p['wall_s']:.0f}s train in all)")
+
     name = f"opd-k{c['k']}-lr{lr:g}-s{seed}"
-    run_dir = b.runs / name
-    saved_path = run_dir / "curve.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
-    if saved.get("complete"):
-        log(f"  {name}: finished by an earlier invocation, reused")
-        return saved
-    run_dir.mkdir(parents=True, exist_ok=True)
     cfg = ovr.arm_config(b.cfg, ovr.ARMS["opd"], lr, seed, b.a.opd_steps, b.a.opd_every)
-    points = {p["step"]: p for p in saved.get("curve", [branch_start(c)])}
-    layout, student, cost = RunLayout(run_dir / "work"), ModelRef(c["checkpoint"], b.warm.params), dict(ovr.ZERO)
-    out: dict = {"complete": True}
-    for k in range(1, b.a.opd_steps // b.a.opd_every + 1):
-        try:
-            res = opd_round(cfg, k, b.data, b.teacher, student, layout, b.engines, log=lambda *_: None)
-        except _non_finite() as e:
-            log(f"  {name}: stopped in round {k}: {e}")
-            out.update(diverged_at=(k - 1) * b.a.opd_every, diverged=str(e))
-            break
-        student, step = res.student, k * b.a.opd_every
-        cost = ovr.add_cost(cost, res.cost, res.metrics.get("engine_start_s") or 0.0)
-        if step not in points:  # a resumed round reuses its checkpoint and its evaluation
-            points[step] = {"step": step, **cost, **plateau_eval(b, student.path),
-                            "train_reverse_kl": res.metrics.get("reverse_kl"),
-                            "train_ratio_max": res.metrics.get("ratio_max")}
-            ovr._write_json(saved_path, {"complete": False,
-                                         "curve": sorted(points.values(), key=lambda p: p["step"])})
-        p = points[step]
-        log(f"  {name} step {step}: T=1 {p['sampled_accuracy']:.3f} greedy {p['accuracy']:.3f} kl "
-            f"{p['reverse_kl']:.4f} ({p['wall_s']:.0f}s train in all)")
-    shutil.rmtree(layout.root, ignore_errors=True)
-    out["curve"] = sorted(points.values(), key=lambda p: p["step"])
-    ovr._write_json(saved_path, out)
-    return out
+    return ovr.run_rounds(b.runs / name, name, cfg, b.data, b.teacher, ModelRef(c["checkpoint"], b.warm.params),
+                          b.engines, b.a.opd_steps, b.a.opd_every, branch_start(c), point=point, line=line, log=log,
+                          stop_on=_non_finite())
 
 
 def plateau_lr_score(curve: list[dict]) -> float | None:

@@ -147,7 +147,7 @@ def test_forgetting_quick(tmp_path, opd_home):
     for key in ("recovered_fraction", "b_drop_points", "opd_steps", "seeds", "curves", "lr_search", "mid_training",
                 "verdict", "threshold", "protocol_commit", "t0", "by_metric"):
         assert key in res, key
-    assert res["protocol_commit"] == "d68be9d" and res["seeds"] == [0] and res["quick"] is True
+    assert res["protocol_commit"] == "0a48a4e" and res["seeds"] == [0] and res["quick"] is True
     assert res["threshold"]["recovered_fraction"] == 0.9 and res["threshold"]["b_drop_points"] == 5
     assert res["verdict"].startswith(("confirmed", "refuted", "undetermined")), res["verdict"]
     assert (tmp_path / "fg.png").stat().st_size > 10_000
