@@ -43,17 +43,15 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.opd_vs_rl import ZERO, _write_json, add_cost, eval_set, run_rounds  # noqa: E402
-import benchmarks.sample_efficiency as se  # noqa: E402
-from benchmarks.sample_efficiency import EVAL_SEED, _spread  # noqa: E402
+import benchmarks.common as common  # noqa: E402
+from benchmarks.common import (EVAL_SEED, ROLLOUT, ZERO, add_cost, eval_set, mean_or_none, run_rounds,  # noqa: E402
+                               spread, write_json)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "forgetting.json"
 PROTOCOL_COMMIT = "0a48a4e"  # benchmarks/README.md, "forgetting.py": committed before this script existed
 THRESHOLD = {"recovered_fraction": 0.9, "b_drop_points": 5.0}
 LR_GRID = [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]  # the same for every arm; 1e-3 is the mid-training (and demo SFT) LR
 EVAL_SAMPLES = 4  # temperature-1 samples per eval problem
-ROLLOUT = {"prompts_per_step": 64, "samples_per_prompt": 4, "temperature": 1.0, "top_p": 1.0, "max_tokens": 16,
-           "warmup_steps": 20, "micro_batch": 256}
 MID = {"lr": 1e-3, "batch": 64, "warmup_steps": 20, "drop": 0.20}  # mid-training recipe (replay's too)
 SFT_BATCH, SFT_WARMUP = 64, 20  # the sft arm: T0's samples, one step per 64 fresh prompts
 REPLAY_B, REPLAY_A = 45, 19  # 70.3% / 29.7% of a 64-row batch
@@ -244,7 +242,7 @@ def t0_point(b: Bench) -> dict:
     if saved.is_file():
         return json.loads(saved.read_text())
     p = eval_point(b, load_model(b.teacher.path), 0, {**ZERO, "flops_since_t0": 0.0})
-    _write_json(saved, p)
+    write_json(saved, p)
     return p
 
 
@@ -372,7 +370,7 @@ class SFTRun:
     def write(self, complete: bool, **extra) -> None:
         self.saved = {"complete": complete, "curve": self.curve, "optimizer_steps": self.step, "cost": self.cost,
                       "tokens_trained": self.tokens_trained, **extra}
-        _write_json(self.dir / "curve.json", self.saved)
+        write_json(self.dir / "curve.json", self.saved)
 
     def finish(self, keep_as: str | None = None, **extra) -> dict:
         """Mark complete; ``keep_as``: keep the last checkpoint's weights under that name (mid-training's M)."""
@@ -583,11 +581,6 @@ def recovery(curve: list[dict], t0: dict, m: dict, end_step: int, metric: str = 
             "a_lost_points": 100.0 * den, "end_step": curve[-1]["step"]}
 
 
-def _mean_or_none(xs: list[float | None]) -> float | None:
-    """The mean over seeds, None if any seed has none (a mean over the seeds that got there would hide a miss)."""
-    return None if any(x is None or not math.isfinite(x) for x in xs) else statistics.fmean(xs)
-
-
 def compare(curves: dict, seeds: list[str], t0: dict, mids: dict, end_step: int) -> dict:
     out: dict = {"by_metric": {}}
     m = {s: mids[int(s)]["curve"][-1] for s in seeds}
@@ -599,10 +592,10 @@ def compare(curves: dict, seeds: list[str], t0: dict, mids: dict, end_step: int)
             rows = {s: recovery(curves[arm][s], t0, m[s], end_step, metric) for s in seeds}
             out["by_metric"][metric][arm] = {
                 "per_seed": rows,
-                "recovered_fraction": _mean_or_none([r["recovered_fraction"] for r in rows.values()]),
-                "recovered_fraction_spread": _spread([r["recovered_fraction"] for r in rows.values()]),
-                "b_drop_points": _mean_or_none([r["b_drop_points"] for r in rows.values()]),
-                "b_drop_points_spread": _spread([r["b_drop_points"] for r in rows.values()]),
+                "recovered_fraction": mean_or_none([r["recovered_fraction"] for r in rows.values()]),
+                "recovered_fraction_spread": spread([r["recovered_fraction"] for r in rows.values()]),
+                "b_drop_points": mean_or_none([r["b_drop_points"] for r in rows.values()]),
+                "b_drop_points_spread": spread([r["b_drop_points"] for r in rows.values()]),
                 "steps_to_threshold": {s: r["steps_to_threshold"] for s, r in rows.items()}}
         if "replay" in curves:
             ka, kb = METRICS[metric]
@@ -610,11 +603,11 @@ def compare(curves: dict, seeds: list[str], t0: dict, mids: dict, end_step: int)
                         "a_lost_points_vs_t0": 100.0 * (t0[ka] - curves["replay"][s][-1][ka]),
                         "b_minus_mid_points": 100.0 * (curves["replay"][s][-1][kb] - m[s][kb])} for s in seeds}
             out["by_metric"][metric]["replay"] = {
-                "per_seed": rows, **{k: _spread([r[k] for r in rows.values()]) for k in next(iter(rows.values()))}}
-    out["end"] = {arm: {k: _spread([c[s][-1][k] for s in seeds]) for k in
+                "per_seed": rows, **{k: spread([r[k] for r in rows.values()]) for k in next(iter(rows.values()))}}
+    out["end"] = {arm: {k: spread([c[s][-1][k] for s in seeds]) for k in
                         ("a_accuracy", "a_sampled_accuracy", "a_reverse_kl", "b_accuracy", "b_sampled_accuracy",
                          "flops_since_t0")} for arm, c in curves.items()}
-    out["mid_end"] = {k: _spread([m[s][k] for s in seeds]) for k in
+    out["mid_end"] = {k: spread([m[s][k] for s in seeds]) for k in
                       ("a_accuracy", "a_sampled_accuracy", "a_reverse_kl", "b_accuracy", "b_sampled_accuracy",
                        "total_flops")}
     return out
@@ -812,14 +805,14 @@ def report(a, argv, cfg, b: Bench, mids: dict, curves: dict, search: dict, t0_wa
 
 
 def write_outputs(res: dict, out: Path) -> None:
-    se.write_outputs(res, out, plot, print_table)
+    common.write_outputs(res, out, plot, print_table)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     out = Path(a.out)
     if a.replot:
-        return se.replot(out, plot, print_table)
+        return common.replot(out, plot, print_table)
     from opd.models import set_threads
 
     t_start = time.time()

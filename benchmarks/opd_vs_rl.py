@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -39,8 +38,9 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import benchmarks.sample_efficiency as se  # noqa: E402
-from benchmarks.sample_efficiency import EVAL_SEED, _spread, first_reach, warm_start  # noqa: E402
+import benchmarks.common as common  # noqa: E402
+from benchmarks.common import (EVAL_SEED, OPD, ROLLOUT, ZERO, Arm, arm_config, eval_set, first_reach,  # noqa: E402
+                               mean_or_none, run_rounds, spread, warm_start, write_json)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "opd_vs_rl.json"
 PROTOCOL_COMMIT = "f59a3c1"  # benchmarks/README.md, "opd_vs_rl.py": committed before this script existed
@@ -48,21 +48,8 @@ THRESHOLD = 5.0  # confirmed if steps_ratio_rl_over_opd >= 5 (OPD needs <= 1/5 o
 LR_GRID = [1e-5, 3e-5, 1e-4, 3e-4]  # the demo's OPD lr x {1/3, 1, 10/3, 10}, the same for every arm
 EVAL_SAMPLES = 4  # temperature-1 samples per eval problem (sampled accuracy and reverse KL)
 # identical rollouts per step in every arm; all but the budget are the demo's values, set explicitly anyway
-ROLLOUT = {"prompts_per_step": 64, "samples_per_prompt": 4, "temperature": 1.0, "top_p": 1.0, "max_tokens": 16,
-           "warmup_steps": 20, "micro_batch": 256}
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One arm: the loss/reward overrides of the round, and whose checkpoint grades it."""
-
-    kl_coef: float
-    reward_weight: float | None
-    teacher: str  # "demo" (the shipped teacher) or "rl" (the rl arm's final checkpoint, same seed)
-
-
 ARMS: dict[str, Arm] = {
-    "opd": Arm(1.0, None, "demo"),
+    "opd": OPD,
     "rl": Arm(0.0, 1.0, "demo"),
     "opd_rl": Arm(1.0, 1.0, "demo"),
     "rl_distilled": Arm(1.0, None, "rl"),
@@ -107,38 +94,6 @@ def protocol_config(path: str, overrides: list[str], quick: bool):
 
     extra = [] if quick else [f"opd.{k}={v}" for k, v in ROLLOUT.items()]
     return load_config(path, [*extra, *overrides])
-
-
-def arm_config(cfg, arm: Arm, lr: float, seed: int, steps: int, every: int):
-    """The round's config for one run, through the product's validation (e.g. kl_coef 0 needs a reward)."""
-    from opd.config import validate_config
-
-    tree = cfg.model_dump(mode="json")
-    o = tree["opd"]
-    loss = o["loss"] if o["loss"]["kind"] == "reverse_kl_is" else {}
-    o.update(lr=lr, steps_per_round=every, rounds=steps // every,
-             loss={**loss, "kind": "reverse_kl_is", "kl_coef": arm.kl_coef},
-             reward=None if arm.reward_weight is None else {"weight": arm.reward_weight})
-    tree["seed"] = seed
-    return validate_config(tree)
-
-
-def eval_set(cfg, data, n: int) -> dict[str, list]:
-    """``n`` held-out problems: the eval split ``data.synthetic.n_eval=n`` builds. The train split (and so
-    the cached teacher and warmup) does not depend on n_eval, and the generator draws in order, so the
-    run's own eval split is a prefix of this one (checked)."""
-    from opd.config import SyntheticTask
-    from opd.data import dataset as ds
-
-    syn = SyntheticTask.model_validate({**cfg.data.synthetic.model_dump(), "n_eval": n})
-    ev = ds.synthetic(cfg.data.model_copy(update={"synthetic": syn}), cfg.seed)["eval"]
-    d = data.load()
-    m = min(n, len(d["eval"]))
-    if ev["prompt"][:m] != d["eval"]["prompt"][:m]:
-        raise SystemExit("the extended eval split does not start with the run's eval split: eval sets differ")
-    if set(ev["prompt"]) & set(d["train"]["prompt"]):
-        raise SystemExit("eval problems overlap the train split")
-    return {"prompt": ev["prompt"], "answer": ev["answer"]}
 
 
 def make_engines(cfg):
@@ -189,20 +144,6 @@ class Bench:
 
 # ---------------------------------------------------------------- one run: rounds + eval points
 
-ZERO = {"student_train_flops": 0.0, "sample_flops": 0.0, "teacher_flops": 0.0, "student_flops": 0.0,
-        "total_flops": 0.0, "wall_s": 0.0}
-
-
-def add_cost(cum: dict, phase: dict, engine_start_s: float = 0.0) -> dict:
-    """Cumulative FLOPs per phase (opd.ledger.PhaseCost of each round) and wall seconds, without eval and
-    without the sampler engine's start (paid once, by whichever run comes first)."""
-    out = {k: cum[k] + phase[k] for k in ("student_train_flops", "sample_flops", "teacher_flops", "wall_s")}
-    out["wall_s"] -= engine_start_s
-    out["student_flops"] = out["student_train_flops"] + out["sample_flops"]
-    out["total_flops"] = out["student_flops"] + out["teacher_flops"]
-    return out
-
-
 def eval_point(b: Bench, model_dir: str, step: int, cost: dict, train: dict | None = None) -> dict:
     """Greedy and temperature-1 accuracy and the reverse KL to the demo teacher on the eval set, with the
     same sampling seed at every point, so curves differ only by the model."""
@@ -218,57 +159,6 @@ def eval_point(b: Bench, model_dir: str, step: int, cost: dict, train: dict | No
             # the round's own training metrics (means over its steps); the KL is to the arm's own teacher
             "train_reverse_kl": train.get("reverse_kl"), "train_reward_mean": train.get("reward_mean"),
             "train_ratio_max": train.get("ratio_max")}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def _by_step(points: dict) -> list[dict]:
-    return sorted(points.values(), key=lambda p: p["step"])
-
-
-def run_rounds(run_dir: Path, name: str, cfg, data, teacher, student, engines, steps: int, every: int, start: dict,
-               point: Callable[[Any, int, dict, dict], dict], line: Callable[[dict], str], log=print,
-               stop_on: tuple[type, ...] = (), finish: Callable[[Any], dict] | None = None) -> dict:
-    """One benchmark run: ``steps`` steps of the pipeline's own OPD loop (``opd.rounds.opd_round``, one round of
-    ``every`` steps per eval point) from ``student``, resumable. ``point(student, step, cost, round_metrics)``
-    evaluates (cost: cumulative since ``start``), ``line(point)`` says it. ``curve.json`` is written after each
-    point, so a rerun reuses a finished run as is, and within a run a finished round its checkpoint and a saved
-    point its evaluation. An error in ``stop_on`` (divergence) ends the run with what it has; ``finish(student)``
-    adds keys to a run that went the distance. Returns {"complete", "curve", ...}."""
-    from opd.records import RunLayout
-    from opd.rounds import opd_round
-
-    saved_path = run_dir / "curve.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
-    if saved.get("complete"):
-        log(f"  {name}: finished by an earlier invocation, reused from {run_dir}")
-        return saved
-    run_dir.mkdir(parents=True, exist_ok=True)
-    points = {p["step"]: p for p in saved.get("curve", [start])}
-    layout, cost, out = RunLayout(run_dir / "work"), dict(ZERO), {"complete": True}
-    for k in range(1, steps // every + 1):
-        try:
-            res = opd_round(cfg, k, data, teacher, student, layout, engines, log=lambda *_: None)
-        except stop_on as e:
-            log(f"  {name}: stopped in round {k}: {e}")
-            out.update(diverged_at=(k - 1) * every, diverged=str(e))
-            break
-        student, step = res.student, k * every
-        cost = add_cost(cost, res.cost, res.metrics.get("engine_start_s") or 0.0)
-        if step not in points:
-            points[step] = point(student, step, cost, res.metrics)
-            _write_json(saved_path, {"complete": False, "curve": _by_step(points)})
-        log(f"  {name} step {step}: {line(points[step])}")
-    else:
-        out.update(finish(student) if finish else {})
-    shutil.rmtree(layout.root, ignore_errors=True)
-    out["curve"] = _by_step(points)
-    _write_json(saved_path, out)
-    return out
 
 
 def run_arm(b: Bench, arm_name: str, lr: float, seed: int, teacher, log=print) -> dict:
@@ -392,25 +282,20 @@ def compare(curves: dict, seeds: list[str], teacher_acc: float) -> dict:
         out["per_seed"][s] = {"rl_reached": ra[s]["reached"], "opd_reached": oa[s]["reached"],
                               "rl_steps": ra[s]["step"], "opd_steps": oa[s]["step"],
                               **{f"ratio_{n}": ratio(ra[s], oa[s], k, free) for n, (k, free) in keys.items()}}
-    mean = {n: _mean_or_none([out["per_seed"][s][f"ratio_{n}"] for s in seeds]) for n in keys}
+    mean = {n: mean_or_none([out["per_seed"][s][f"ratio_{n}"] for s in seeds]) for n in keys}
     out["steps_ratio_rl_over_opd"] = mean["steps"]
     out["flops_ratio_rl_over_opd"] = mean["flops"]
     out["flops_ratios"] = {
         "total_as_counted": mean["flops"], "student_only": mean["student_flops"],
         "total_without_rl_teacher_grading": mean["flops_rl_teacher_free"],
-        "spread_steps": _spread([out["per_seed"][s]["ratio_steps"] for s in seeds]),
-        "spread_total": _spread([out["per_seed"][s]["ratio_flops"] for s in seeds])}
+        "spread_steps": spread([out["per_seed"][s]["ratio_steps"] for s in seeds]),
+        "spread_total": spread([out["per_seed"][s]["ratio_flops"] for s in seeds])}
     out["ratio_is_lower_bound"] = any(not ra[s]["reached"] for s in seeds)  # RL's whole budget stood in
     out["verdict"] = verdict(out["steps_ratio_rl_over_opd"], [oa[s] for s in seeds])
-    out["end"] = {arm_name: {k: _spread([c[s][-1][k] for s in seeds])
+    out["end"] = {arm_name: {k: spread([c[s][-1][k] for s in seeds])
                              for k in ("accuracy", "sampled_accuracy", "reverse_kl")}
                   for arm_name, c in curves.items()}
     return out
-
-
-def _mean_or_none(xs: list[float | None]) -> float | None:
-    """The mean over seeds, None if any seed has none (a mean over the seeds that got there would hide a miss)."""
-    return None if any(x is None or not math.isfinite(x) for x in xs) else statistics.fmean(xs)
 
 
 def verdict(steps_ratio: float | None, opd_reach: list[dict]) -> str:
@@ -562,7 +447,7 @@ def start_point(b: Bench) -> tuple[dict, float]:
     acc = accuracy(b.t_model, b.tok, b.ev["prompt"], b.ev["answer"], b.cfg.opd.max_tokens, prompt_format(b.cfg),
                    task_check(b.cfg))
     start = eval_point(b, b.warm.path, 0, dict(ZERO))
-    _write_json(saved, {"start": start, "teacher_accuracy": acc})
+    write_json(saved, {"start": start, "teacher_accuracy": acc})
     return start, acc
 
 
@@ -616,14 +501,14 @@ def report(a, argv, cfg, b: Bench, teacher_acc: float, curves: dict, search: dic
 
 
 def write_outputs(res: dict, out: Path) -> None:
-    se.write_outputs(res, out, plot, print_table)
+    common.write_outputs(res, out, plot, print_table)
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
     out = Path(a.out)
     if a.replot:
-        return se.replot(out, plot, print_table)
+        return common.replot(out, plot, print_table)
     from opd.models import set_threads
 
     t0 = time.time()

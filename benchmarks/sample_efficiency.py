@@ -36,17 +36,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-if TYPE_CHECKING:
-    from opd.data.dataset import DataRef
-    from opd.records import ModelRef
+from benchmarks.common import (EVAL_SEED, OPD, ROLLOUT, ZERO, add_cost, arm_config, eval_set, first_reach,  # noqa: E402
+                               mean_or_none, replot, run_rounds, spread, warm_start, write_json, write_outputs)
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "sample_efficiency.json"
-EVAL_SEED = 1234  # one sampling seed for every reverse-KL point, so curves differ only by the model
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--regime", choices=("steep", "plateau"), default="steep",
@@ -96,30 +92,6 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- the shared start: data, teacher, SFT warmup
 
-def warm_start(cfg, log=print) -> tuple[Path, DataRef, ModelRef, ModelRef]:
-    """The bench dir, data, teacher and SFT-warmup checkpoint of ``cfg``, each cached under
-    ``<home>/bench/sample_efficiency/<teacher key>/`` so every benchmark starting from the same
-    checkpoint (benchmarks/opd_vs_rl.py too) trains it once."""
-    from opd.data import dataset as ds
-    from opd.data.prepare import prepare_data, validate_data
-    from opd.warmup import bootstrap_teacher, sft_warmup, teacher_cache_key
-
-    synthetic_fp = ds.fingerprint(ds.synthetic(cfg.data, cfg.seed))  # what prepare_data below will build
-    bench = Path(cfg.home) / "bench" / "sample_efficiency" / teacher_cache_key(cfg, synthetic_fp)
-    data = prepare_data(cfg, bench / "data")
-    report, data = validate_data(cfg, data)
-    if data is None:
-        raise SystemExit(f"dataset failed validation: {report}")
-    teacher = bootstrap_teacher(cfg, data, log=log)
-    # the warmup checkpoint is reused across invocations with the same teacher, student and SFT recipe
-    warm_key = json.dumps([cfg.seed, cfg.sft.model_dump(mode="json"), cfg.student.model_dump(mode="json")])
-    warm = sft_warmup(cfg, data, teacher, bench / ("warm-" + hashlib.sha256(warm_key.encode()).hexdigest()[:12]),
-                      log=log)
-    return bench, data, teacher, warm
-
-
-# ---------------------------------------------------------------- one evaluation point
-
 def _eval_point(student, teacher, tok, ev, cfg, step: int, cost: dict) -> dict:
     from opd.evaluation import evaluate
 
@@ -135,7 +107,7 @@ def _cum(cost: dict, phase: dict) -> dict:
     return {"student_flops": s, "teacher_flops": t, "total_flops": s + t, "wall_s": cost["wall_s"] + phase["wall_s"]}
 
 
-ZERO = {"student_flops": 0.0, "teacher_flops": 0.0, "total_flops": 0.0, "wall_s": 0.0}
+STEEP_ZERO = {"student_flops": 0.0, "teacher_flops": 0.0, "total_flops": 0.0, "wall_s": 0.0}
 
 
 # ---------------------------------------------------------------- branch A: more SFT on fresh teacher data
@@ -157,7 +129,7 @@ def run_sft_branch(cfg, teacher, warm, ev, seed: int, lr: float, steps: int, eve
     load_optimizer(student, trainer.torch_optimizer, Path(warm.path) / "optimizer.pt")  # SFT simply goes on
     spec = TrainSpec(steps=steps, batch_size=cfg.sft.train.batch_size, lr=lr, warmup_steps=0)
     syn, held_out = cfg.data.synthetic, set(ev["prompt"])
-    curve, cost = [start], dict(ZERO)
+    curve, cost = [start], dict(STEEP_ZERO)
     for i in range(steps // every):
         phase = PhaseCost(f"sft_more_{i}")
         t0 = time.time()
@@ -190,7 +162,7 @@ def run_opd_branch(cfg, data, teacher, warm, ev, seed: int, lr: float, steps: in
     c = cfg.model_copy(update={"seed": seed, "opd": cfg.opd.model_copy(update={"lr": lr, "steps_per_round": every})})
     tok = load_tokenizer(teacher.path)
     t_model = load_model(teacher.path)
-    student, curve, cost = warm, [start], dict(ZERO)
+    student, curve, cost = warm, [start], dict(STEEP_ZERO)
     for k in range(1, steps // every + 1):
         res = opd_round(c, k, data, teacher, student, RunLayout(work), engines, log=lambda *_: None)
         student = res.student
@@ -202,22 +174,6 @@ def run_opd_branch(cfg, data, teacher, warm, ev, seed: int, lr: float, steps: in
 
 
 # ---------------------------------------------------------------- the comparison
-
-def first_reach(curve: list[dict], target: float, key: str = "accuracy") -> tuple[dict, bool]:
-    """The first eval point whose ``key`` is at or above target; else the last one (its compute is a lower bound)."""
-    for p in curve:
-        if p[key] >= target - 1e-12:
-            return p, True
-    return curve[-1], False
-
-
-def _spread(xs: list[float]) -> dict:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    if not xs:
-        return {"mean": None, "std": None, "min": None, "max": None}
-    return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs) if len(xs) > 1 else 0.0,
-            "min": min(xs), "max": max(xs)}
-
 
 def compare(curves: dict, seeds: list[int], teacher_acc: float, fixed_target: float | None) -> dict:
     n = min(len(curves["sft"][s]) for s in seeds)
@@ -239,10 +195,10 @@ def compare(curves: dict, seeds: list[int], teacher_acc: float, fixed_target: fl
     out = {"target_accuracy": target, "best_sft_mean_accuracy": best_sft, "per_seed": per_seed,
            "ratio_is_lower_bound": lower, "ratio_is_upper_bound": upper,
            # where each branch ends, over seeds: did the branch improve the student at all, and on which metric
-           "end": {b: {k: _spread([curves[b][s][-1].get(k) for s in seeds])
+           "end": {b: {k: spread([curves[b][s][-1].get(k) for s in seeds])
                        for k in ("accuracy", "sampled_accuracy", "reverse_kl")} for b in ("sft", "opd")}}
     for name in ("student", "total", "wall"):
-        sp = _spread([per_seed[str(s)][f"ratio_{name}"] for s in seeds])
+        sp = spread([per_seed[str(s)][f"ratio_{name}"] for s in seeds])
         out[f"ratio_{name}"] = sp
     out["ratio_sft_over_opd"] = out["ratio_student"]["mean"]
     out["ratio_sft_over_opd_total"] = out["ratio_total"]["mean"]
@@ -392,14 +348,6 @@ PLATEAU_DEVIATIONS = [
 ]
 
 
-def _ovr():
-    """benchmarks/opd_vs_rl.py (eval set, rollout settings, the OPD arm's config, cost helpers): imported when
-    needed, since it imports this module."""
-    import benchmarks.opd_vs_rl as ovr
-
-    return ovr
-
-
 def _plateau_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:
     steep = [f for f in ("sft_steps", "evals", "target") if getattr(a, f) is not None]
     if steep:
@@ -500,7 +448,7 @@ def plateau_config(a: argparse.Namespace):
     --quick keeps the (CI) config's rollout and shortens the warmup so N_0 is tiny."""
     from opd.config import load_config
 
-    extra = list(QUICK_WARMUP) if a.quick else [f"opd.{k}={v}" for k, v in _ovr().ROLLOUT.items()]
+    extra = list(QUICK_WARMUP) if a.quick else [f"opd.{k}={v}" for k, v in ROLLOUT.items()]
     return load_config(a.config, [*extra, *a.overrides])
 
 
@@ -515,7 +463,7 @@ def plateau_setup(a: argparse.Namespace, cfg) -> Plateau:
     if cfg.data.synthetic.kind != "addition":
         raise SystemExit("--regime plateau draws fresh addition problems: data.synthetic.kind must be 'addition'")
     bench, data, teacher, warm = warm_start(cfg)
-    ev = _ovr().eval_set(cfg, data, a.eval_n)
+    ev = eval_set(cfg, data, a.eval_n)
     n0, batch = cfg.sft.train.steps * cfg.sft.train.batch_size, cfg.sft.train.batch_size
     traj_key = _key({"warm": warm.path, "teacher": teacher.path, "n0": n0, "batch": batch, "lr": TRAJ_LR,
                      "block": BLOCK_STEPS, "max_tokens": cfg.opd.max_tokens, "data": cfg.data.model_dump(mode="json"),
@@ -590,8 +538,7 @@ class SFTChain:
         self.trainer = StudentTrainer(load_model(str(ckpt)), lr, weight_decay=b.cfg.sft.train.weight_decay,
                                       device=b.cfg.device, stage="SFT (plateau benchmark)", lr_field="--sft-lrs")
         load_optimizer(self.trainer.model, self.trainer.torch_optimizer, Path(ckpt) / "optimizer.pt")
-        zero = _ovr().ZERO
-        self.cost = {k: (cost or zero)[k] for k in zero}
+        self.cost = {k: (cost or ZERO)[k] for k in ZERO}
 
     @property
     def model(self):
@@ -601,7 +548,6 @@ class SFTChain:
         from opd.ledger import PhaseCost
         from opd.sft import sft_step
 
-        add_cost = _ovr().add_cost
         while self.step < to_step:
             t = time.time()
             pairs, tokens = self.data.batch(self.step)
@@ -652,8 +598,6 @@ def run_trajectory(b: Plateau, log=print) -> list[dict]:
     """Eval points at N_k = N_0 x 2^k, k = 0..max_k; the checkpoint (weights + Adam state) and the eval of every
     N_k are kept in <root>/trajectory, and a later invocation continues from the last one."""
     from opd.records import read_done
-
-    ovr = _ovr()
     d = b.root / "trajectory"
     d.mkdir(parents=True, exist_ok=True)
     saved = d / "trajectory.json"
@@ -665,9 +609,9 @@ def run_trajectory(b: Plateau, log=print) -> list[dict]:
         kept.append(p)
     points = kept
     if not points:
-        points = [{"k": 0, "n_examples": b.n0, "steps": 0, **ovr.ZERO, **plateau_eval(b, b.warm.path),
+        points = [{"k": 0, "n_examples": b.n0, "steps": 0, **ZERO, **plateau_eval(b, b.warm.path),
                    "checkpoint": b.warm.path}]
-        ovr._write_json(saved, {"points": points})
+        write_json(saved, {"points": points})
     if points[-1]["k"] < b.a.max_k:
         last = points[-1]
         log(f"trajectory: continuing from k = {last['k']} ({last['n_examples']:,} examples)")
@@ -679,7 +623,7 @@ def run_trajectory(b: Plateau, log=print) -> list[dict]:
             chain.save(out, {"k": k, "n_examples": n, "steps": chain.step})
             points.append({"k": k, "n_examples": n, "steps": chain.step, **chain.cost, **plateau_eval(b, chain.model),
                            "checkpoint": str(out)})
-            ovr._write_json(saved, {"points": points})
+            write_json(saved, {"points": points})
             p = points[-1]
             log(f"trajectory k = {k} ({n:,} examples, {chain.step} steps): T=1 {p['sampled_accuracy']:.3f} greedy "
                 f"{p['accuracy']:.3f} kl {p['reverse_kl']:.4f} ({p['wall_s']:.0f}s train in all, "
@@ -691,7 +635,7 @@ def run_trajectory(b: Plateau, log=print) -> list[dict]:
 
 def branch_start(c: dict) -> dict:
     """C's trajectory point as step 0 of an arm: its eval, no cost since C."""
-    return {"step": 0, "examples": 0, **_ovr().ZERO, **{k: c[k] for k in ("accuracy", "sampled_accuracy",
+    return {"step": 0, "examples": 0, **ZERO, **{k: c[k] for k in ("accuracy", "sampled_accuracy",
                                                                           "reverse_kl", "eval_s")}}
 
 
@@ -704,8 +648,6 @@ def run_sft_continue(b: Plateau, c: dict, lr: float, seed: int, stop_at: float |
     ``sft_budget`` x N_C more examples, an eval point every N_C / ``sft_evals_per_nk``; with ``stop_at``, stop at
     the first eval point whose T=1 accuracy is at or above it. Resumes from its last eval point."""
     from opd.records import read_done
-
-    ovr = _ovr()
     name = f"sft_continue-k{c['k']}-lr{lr:g}-s{seed}" + ("" if stop_at is None else f"-to-{stop_at:.6f}")
     run_dir = b.runs / name
     saved_path = run_dir / "curve.json"
@@ -729,7 +671,7 @@ def run_sft_continue(b: Plateau, c: dict, lr: float, seed: int, stop_at: float |
             chain.save(ck, {"step": chain.step})
             curve.append({"step": chain.step, "examples": chain.step * b.batch, **chain.cost,
                           **plateau_eval(b, chain.model)})
-            ovr._write_json(saved_path, {"complete": False, "curve": curve})
+            write_json(saved_path, {"complete": False, "curve": curve})
             for old in run_dir.glob("ckpt-*"):
                 if old.name != ck.name:
                     shutil.rmtree(old, ignore_errors=True)
@@ -740,7 +682,7 @@ def run_sft_continue(b: Plateau, c: dict, lr: float, seed: int, stop_at: float |
         log(f"  {name}: stopped at step {chain.step}: {e}")
         out.update(diverged_at=chain.step, diverged=str(e))
     out.update(curve=curve, stopped_at_target=_reached(curve[-1], stop_at), budget_steps=budget, eval_every=every)
-    ovr._write_json(saved_path, out)
+    write_json(saved_path, out)
     for old in run_dir.glob("ckpt-*"):
         shutil.rmtree(old, ignore_errors=True)
     return out
@@ -751,8 +693,6 @@ def run_opd_from(b: Plateau, c: dict, lr: float, seed: int, log=print) -> dict:
     one round of ``opd_every`` steps per eval point, ``opd_steps`` in all. Resumes from its saved rounds."""
     from opd.records import ModelRef
 
-    ovr = _ovr()
-
     def point(student, step: int, cost: dict, m: dict) -> dict:
         return {"step": step, **cost, **plateau_eval(b, student.path), "train_reverse_kl": m.get("reverse_kl"),
                 "train_ratio_max": m.get("ratio_max")}
@@ -762,8 +702,8 @@ def run_opd_from(b: Plateau, c: dict, lr: float, seed: int, log=print) -> dict:
                 f"({p['wall_s']:.0f}s train in all)")
 
     name = f"opd-k{c['k']}-lr{lr:g}-s{seed}"
-    cfg = ovr.arm_config(b.cfg, ovr.ARMS["opd"], lr, seed, b.a.opd_steps, b.a.opd_every)
-    return ovr.run_rounds(b.runs / name, name, cfg, b.data, b.teacher, ModelRef(c["checkpoint"], b.warm.params),
+    cfg = arm_config(b.cfg, OPD, lr, seed, b.a.opd_steps, b.a.opd_every)
+    return run_rounds(b.runs / name, name, cfg, b.data, b.teacher, ModelRef(c["checkpoint"], b.warm.params),
                           b.engines, b.a.opd_steps, b.a.opd_every, branch_start(c), point=point, line=line, log=log,
                           stop_on=_non_finite())
 
@@ -799,7 +739,6 @@ def plateau_compare(curves: dict, seeds: list[str], target: float, loglinear: bo
     """Per seed, each arm's FLOPs from C at its first eval point whose T=1 accuracy is at or above ``target``
     (else its whole budget, reached false), both accountings; the ratios SFT / OPD (null where OPD missed), their
     means over seeds (null if any seed's is), and the verdict."""
-    ovr = _ovr()
     per_seed = {}
     for s in seeds:
         row: dict = {}
@@ -812,18 +751,18 @@ def plateau_compare(curves: dict, seeds: list[str], target: float, loglinear: bo
         for name, key in (("ratio_student", "student_flops"), ("ratio_with_generation", "total_flops")):
             row[name] = sft[key] / opd[key] if opd["reached"] and opd[key] > 0 else None
         per_seed[s] = row
-    ratio = ovr._mean_or_none([per_seed[s]["ratio_student"] for s in seeds])
-    ratio_gen = ovr._mean_or_none([per_seed[s]["ratio_with_generation"] for s in seeds])
+    ratio = mean_or_none([per_seed[s]["ratio_student"] for s in seeds])
+    ratio_gen = mean_or_none([per_seed[s]["ratio_with_generation"] for s in seeds])
     return {"target_accuracy": target, "per_seed": per_seed,
             "ratio_sft_over_opd": ratio, "ratio_with_generation": ratio_gen,
             "ratio_is_lower_bound": ratio is not None and any(not per_seed[s]["sft_continue"]["reached"]
                                                               for s in seeds),
             "opd_missed_target": [s for s in seeds if not per_seed[s]["opd"]["reached"]],
             "sft_missed_target": [s for s in seeds if not per_seed[s]["sft_continue"]["reached"]],
-            "ratio_spread": {"student": _spread([per_seed[s]["ratio_student"] for s in seeds]),
-                             "with_generation": _spread([per_seed[s]["ratio_with_generation"] for s in seeds])},
+            "ratio_spread": {"student": spread([per_seed[s]["ratio_student"] for s in seeds]),
+                             "with_generation": spread([per_seed[s]["ratio_with_generation"] for s in seeds])},
             "verdict": plateau_verdict(loglinear, ratio),
-            "end": {arm: {k: _spread([curves[arm][s][-1][k] for s in seeds])
+            "end": {arm: {k: spread([curves[arm][s][-1][k] for s in seeds])
                           for k in ("accuracy", "sampled_accuracy", "reverse_kl")} for arm in ARM_NAMES}}
 
 
@@ -1013,25 +952,6 @@ def plateau_report(a, argv, cfg, b: Plateau, traj: list[dict], fit: dict, teache
     }
 
 
-def write_outputs(res: dict, out: Path, plot_fn, table_fn) -> None:
-    """Every benchmark's results: the PNG (named in the JSON), the JSON, and the text table beside it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
-    plot_fn(res, png)
-    res["plot"] = png.name
-    out.write_text(json.dumps(res, indent=2))
-    table_fn(res, out.with_suffix(".txt"))
-    print(f"wrote {out}, {png.name} and {out.with_suffix('.txt').name}")
-
-
-def replot(out: Path, plot_fn, table_fn) -> int:
-    """``--replot``: redraw the PNG and reprint the table from a finished run's JSON."""
-    res = json.loads(out.read_text())
-    plot_fn(res, out.with_suffix(".png"))
-    table_fn(res, out.with_suffix(".txt"))
-    return 0
-
-
 def write_plateau_outputs(res: dict, out: Path) -> None:
     write_outputs(res, out, plot_plateau, print_table_plateau)
 
@@ -1046,7 +966,7 @@ def _teacher_accuracy(b: Plateau) -> float:
         return json.loads(saved.read_text())["accuracy"]
     acc = accuracy(b.t_model, b.tok, b.ev["prompt"], b.ev["answer"], b.cfg.opd.max_tokens, prompt_format(b.cfg),
                    task_check(b.cfg))
-    _ovr()._write_json(saved, {"accuracy": acc})
+    write_json(saved, {"accuracy": acc})
     return acc
 
 
@@ -1123,7 +1043,7 @@ def main(argv=None) -> int:
     tok = load_tokenizer(teacher.path)
     t_model = load_model(teacher.path)
     teacher_acc = accuracy(t_model, tok, ev["prompt"], ev["answer"], cfg.opd.max_tokens)
-    start = _eval_point(load_model(warm.path), t_model, tok, ev, cfg, 0, dict(ZERO))
+    start = _eval_point(load_model(warm.path), t_model, tok, ev, cfg, 0, dict(STEEP_ZERO))
     print(f"teacher {teacher.params} params, acc {teacher_acc:.3f}; warmup student {warm.params} params, "
           f"acc {start['accuracy']:.3f}, reverse KL {start['reverse_kl']:.4f}", flush=True)
 

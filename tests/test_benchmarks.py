@@ -284,7 +284,8 @@ def test_sample_efficiency_plateau_quick(tmp_path, opd_home):
     from them, both arms run from C, and the ratios, their null/bound flags and the verdict follow from the curves."""
     import math
 
-    from benchmarks.sample_efficiency import LOGLINEAR_RULE, first_reach, loglinear_fit
+    from benchmarks.common import first_reach
+    from benchmarks.sample_efficiency import LOGLINEAR_RULE, loglinear_fit
 
     out = tmp_path / "plateau.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sample_efficiency.py"), "--regime", "plateau",

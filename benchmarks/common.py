@@ -1,0 +1,206 @@
+"""What the benchmarks share: the demo's SFT-warmup checkpoint they branch from, one held-out eval set, the
+rollout settings and arm configs of the pipeline's own OPD round, the per-phase FLOP sums, resumable runs of
+rounds, and the JSON + PNG + table writers. Each benchmark script keeps only its protocol."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from opd.data.dataset import DataRef
+    from opd.records import ModelRef
+
+EVAL_SEED = 1234  # one sampling seed for every reverse-KL point, so curves differ only by the model
+# identical rollouts per step in every arm; all but the budget are the demo's values, set explicitly anyway
+ROLLOUT = {"prompts_per_step": 64, "samples_per_prompt": 4, "temperature": 1.0, "top_p": 1.0, "max_tokens": 16,
+           "warmup_steps": 20, "micro_batch": 256}
+
+
+# ---------------------------------------------------------------- the branch point and the eval set
+
+def warm_start(cfg, log=print) -> tuple[Path, DataRef, ModelRef, ModelRef]:
+    """The bench dir, data, teacher and SFT-warmup checkpoint of ``cfg``, each cached under
+    ``<home>/bench/sample_efficiency/<teacher key>/`` so every benchmark starting from the same
+    checkpoint (benchmarks/opd_vs_rl.py too) trains it once."""
+    from opd.data import dataset as ds
+    from opd.data.prepare import prepare_data, validate_data
+    from opd.warmup import bootstrap_teacher, sft_warmup, teacher_cache_key
+
+    synthetic_fp = ds.fingerprint(ds.synthetic(cfg.data, cfg.seed))  # what prepare_data below will build
+    bench = Path(cfg.home) / "bench" / "sample_efficiency" / teacher_cache_key(cfg, synthetic_fp)
+    data = prepare_data(cfg, bench / "data")
+    report, data = validate_data(cfg, data)
+    if data is None:
+        raise SystemExit(f"dataset failed validation: {report}")
+    teacher = bootstrap_teacher(cfg, data, log=log)
+    # the warmup checkpoint is reused across invocations with the same teacher, student and SFT recipe
+    warm_key = json.dumps([cfg.seed, cfg.sft.model_dump(mode="json"), cfg.student.model_dump(mode="json")])
+    warm = sft_warmup(cfg, data, teacher, bench / ("warm-" + hashlib.sha256(warm_key.encode()).hexdigest()[:12]),
+                      log=log)
+    return bench, data, teacher, warm
+
+
+# ---------------------------------------------------------------- one evaluation point
+
+
+def eval_set(cfg, data, n: int) -> dict[str, list]:
+    """``n`` held-out problems: the eval split ``data.synthetic.n_eval=n`` builds. The train split (and so
+    the cached teacher and warmup) does not depend on n_eval, and the generator draws in order, so the
+    run's own eval split is a prefix of this one (checked)."""
+    from opd.config import SyntheticTask
+    from opd.data import dataset as ds
+
+    syn = SyntheticTask.model_validate({**cfg.data.synthetic.model_dump(), "n_eval": n})
+    ev = ds.synthetic(cfg.data.model_copy(update={"synthetic": syn}), cfg.seed)["eval"]
+    d = data.load()
+    m = min(n, len(d["eval"]))
+    if ev["prompt"][:m] != d["eval"]["prompt"][:m]:
+        raise SystemExit("the extended eval split does not start with the run's eval split: eval sets differ")
+    if set(ev["prompt"]) & set(d["train"]["prompt"]):
+        raise SystemExit("eval problems overlap the train split")
+    return {"prompt": ev["prompt"], "answer": ev["answer"]}
+
+
+# ---------------------------------------------------------------- arms: the pipeline's round, by config
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: the loss/reward overrides of the round, and whose checkpoint grades it."""
+
+    kl_coef: float
+    reward_weight: float | None
+    teacher: str  # "demo" (the shipped teacher) or "rl" (the rl arm's final checkpoint, same seed)
+
+
+OPD = Arm(1.0, None, "demo")  # reverse KL to the shipped demo teacher, no reward: the report's OPD
+
+
+def arm_config(cfg, arm: Arm, lr: float, seed: int, steps: int, every: int):
+    """The round's config for one run, through the product's validation (e.g. kl_coef 0 needs a reward)."""
+    from opd.config import validate_config
+
+    tree = cfg.model_dump(mode="json")
+    o = tree["opd"]
+    loss = o["loss"] if o["loss"]["kind"] == "reverse_kl_is" else {}
+    o.update(lr=lr, steps_per_round=every, rounds=steps // every,
+             loss={**loss, "kind": "reverse_kl_is", "kl_coef": arm.kl_coef},
+             reward=None if arm.reward_weight is None else {"weight": arm.reward_weight})
+    tree["seed"] = seed
+    return validate_config(tree)
+
+
+# ---------------------------------------------------------------- resumable runs of rounds, their cost
+
+ZERO = {"student_train_flops": 0.0, "sample_flops": 0.0, "teacher_flops": 0.0, "student_flops": 0.0,
+        "total_flops": 0.0, "wall_s": 0.0}
+
+
+def add_cost(cum: dict, phase: dict, engine_start_s: float = 0.0) -> dict:
+    """Cumulative FLOPs per phase (opd.ledger.PhaseCost of each round) and wall seconds, without eval and
+    without the sampler engine's start (paid once, by whichever run comes first)."""
+    out = {k: cum[k] + phase[k] for k in ("student_train_flops", "sample_flops", "teacher_flops", "wall_s")}
+    out["wall_s"] -= engine_start_s
+    out["student_flops"] = out["student_train_flops"] + out["sample_flops"]
+    out["total_flops"] = out["student_flops"] + out["teacher_flops"]
+    return out
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _by_step(points: dict) -> list[dict]:
+    return sorted(points.values(), key=lambda p: p["step"])
+
+
+def run_rounds(run_dir: Path, name: str, cfg, data, teacher, student, engines, steps: int, every: int, start: dict,
+               point: Callable[[Any, int, dict, dict], dict], line: Callable[[dict], str], log=print,
+               stop_on: tuple[type, ...] = (), finish: Callable[[Any], dict] | None = None) -> dict:
+    """One benchmark run: ``steps`` steps of the pipeline's own OPD loop (``opd.rounds.opd_round``, one round of
+    ``every`` steps per eval point) from ``student``, resumable. ``point(student, step, cost, round_metrics)``
+    evaluates (cost: cumulative since ``start``), ``line(point)`` says it. ``curve.json`` is written after each
+    point, so a rerun reuses a finished run as is, and within a run a finished round its checkpoint and a saved
+    point its evaluation. An error in ``stop_on`` (divergence) ends the run with what it has; ``finish(student)``
+    adds keys to a run that went the distance. Returns {"complete", "curve", ...}."""
+    from opd.records import RunLayout
+    from opd.rounds import opd_round
+
+    saved_path = run_dir / "curve.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    if saved.get("complete"):
+        log(f"  {name}: finished by an earlier invocation, reused from {run_dir}")
+        return saved
+    run_dir.mkdir(parents=True, exist_ok=True)
+    points = {p["step"]: p for p in saved.get("curve", [start])}
+    layout, cost, out = RunLayout(run_dir / "work"), dict(ZERO), {"complete": True}
+    for k in range(1, steps // every + 1):
+        try:
+            res = opd_round(cfg, k, data, teacher, student, layout, engines, log=lambda *_: None)
+        except stop_on as e:
+            log(f"  {name}: stopped in round {k}: {e}")
+            out.update(diverged_at=(k - 1) * every, diverged=str(e))
+            break
+        student, step = res.student, k * every
+        cost = add_cost(cost, res.cost, res.metrics.get("engine_start_s") or 0.0)
+        if step not in points:
+            points[step] = point(student, step, cost, res.metrics)
+            write_json(saved_path, {"complete": False, "curve": _by_step(points)})
+        log(f"  {name} step {step}: {line(points[step])}")
+    else:
+        out.update(finish(student) if finish else {})
+    shutil.rmtree(layout.root, ignore_errors=True)
+    out["curve"] = _by_step(points)
+    write_json(saved_path, out)
+    return out
+
+
+# ---------------------------------------------------------------- results over seeds, written out
+
+def first_reach(curve: list[dict], target: float, key: str = "accuracy") -> tuple[dict, bool]:
+    """The first eval point whose ``key`` is at or above target; else the last one (its compute is a lower bound)."""
+    for p in curve:
+        if p[key] >= target - 1e-12:
+            return p, True
+    return curve[-1], False
+
+
+def spread(xs: list[float]) -> dict:
+    """Mean, std, min and max over seeds, of the seeds that have a value (a miss is reported beside it)."""
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return {"mean": None, "std": None, "min": None, "max": None}
+    return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs)}
+
+
+def mean_or_none(xs: list[float | None]) -> float | None:
+    """The mean over seeds, None if any seed has none (a mean over the seeds that got there would hide a miss)."""
+    return None if any(x is None or not math.isfinite(x) for x in xs) else statistics.fmean(xs)
+
+
+def write_outputs(res: dict, out: Path, plot_fn, table_fn) -> None:
+    """Every benchmark's results: the PNG (named in the JSON), the JSON, and the text table beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    plot_fn(res, png)
+    res["plot"] = png.name
+    out.write_text(json.dumps(res, indent=2))
+    table_fn(res, out.with_suffix(".txt"))
+    print(f"wrote {out}, {png.name} and {out.with_suffix('.txt').name}")
+
+
+def replot(out: Path, plot_fn, table_fn) -> int:
+    """``--replot``: redraw the PNG and reprint the table from a finished run's JSON."""
+    res = json.loads(out.read_text())
+    plot_fn(res, out.with_suffix(".png"))
+    table_fn(res, out.with_suffix(".txt"))
+    return 0
