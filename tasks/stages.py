@@ -93,7 +93,7 @@ def evaluate(cfg: RunConfig, data: DataRef, teacher: ModelRef, sft: ModelRef, fi
     from opd_ops import promotion
 
     incumbent = promotion.pull_alias(cfg, cfg.eval.gates.no_regression_vs, layout.incumbent)
-    with borrowed(cfg, engines) as eng, eng.guard("evaluation", _log().warning):
+    with borrowed(cfg, engines) as eng, eng.guard("evaluation", get_run_logger().warning):
         results = evaluation.evaluate_all(cfg, data, teacher, sft, final, eng,
                                           incumbent.path if incumbent else None,
                                           incumbent.version if incumbent else None, store=layout.evaluation,
