@@ -122,6 +122,18 @@ def _by_step(points: dict) -> list[dict]:
     return sorted(points.values(), key=lambda p: p["step"])
 
 
+def saved_run(run_dir: Path, name: str, log=print) -> dict:
+    """A benchmark run's ``curve.json`` so far ({} if none): a complete one is said to be reused, else the run's
+    directory is made for it to go on in."""
+    path = run_dir / "curve.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if saved.get("complete"):
+        log(f"  {name}: finished by an earlier invocation, reused from {run_dir}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return saved
+
+
 def run_rounds(run_dir: Path, name: str, cfg, data, teacher, student, engines, steps: int, every: int, start: dict,
                point: Callable[[Any, int, dict, dict], dict], line: Callable[[dict], str], log=print,
                stop_on: tuple[type, ...] = (), finish: Callable[[Any], dict] | None = None) -> dict:
@@ -134,12 +146,9 @@ def run_rounds(run_dir: Path, name: str, cfg, data, teacher, student, engines, s
     from opd.records import RunLayout
     from opd.rounds import opd_round
 
-    saved_path = run_dir / "curve.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    saved_path, saved = run_dir / "curve.json", saved_run(run_dir, name, log)
     if saved.get("complete"):
-        log(f"  {name}: finished by an earlier invocation, reused from {run_dir}")
         return saved
-    run_dir.mkdir(parents=True, exist_ok=True)
     points = {p["step"]: p for p in saved.get("curve", [start])}
     layout, cost, out = RunLayout(run_dir / "work"), dict(ZERO), {"complete": True}
     for k in range(1, steps // every + 1):

@@ -41,7 +41,8 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.common import (EVAL_SEED, OPD, ROLLOUT, ZERO, add_cost, arm_config, eval_set, first_reach,  # noqa: E402
-                               mean_or_none, replot, run_rounds, spread, warm_start, write_json, write_outputs)
+                               mean_or_none, replot, run_rounds, saved_run, spread, warm_start, write_json,
+                               write_outputs)
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "sample_efficiency.json"
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -648,14 +649,12 @@ def run_sft_continue(b: Plateau, c: dict, lr: float, seed: int, stop_at: float |
     ``sft_budget`` x N_C more examples, an eval point every N_C / ``sft_evals_per_nk``; with ``stop_at``, stop at
     the first eval point whose T=1 accuracy is at or above it. Resumes from its last eval point."""
     from opd.records import read_done
+
     name = f"sft_continue-k{c['k']}-lr{lr:g}-s{seed}" + ("" if stop_at is None else f"-to-{stop_at:.6f}")
     run_dir = b.runs / name
-    saved_path = run_dir / "curve.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    saved_path, saved = run_dir / "curve.json", saved_run(run_dir, name, log)
     if saved.get("complete"):
-        log(f"  {name}: finished by an earlier invocation, reused")
         return saved
-    run_dir.mkdir(parents=True, exist_ok=True)
     every = max(1, c["n_examples"] // b.a.sft_evals_per_nk // b.batch)
     budget = b.a.sft_budget * c["n_examples"] // b.batch
     curve = saved.get("curve") or [branch_start(c)]
