@@ -47,9 +47,6 @@ def warm_start(cfg, log=print) -> tuple[Path, DataRef, ModelRef, ModelRef]:
     return bench, data, teacher, warm
 
 
-# ---------------------------------------------------------------- one evaluation point
-
-
 def eval_set(cfg, data, n: int) -> dict[str, list]:
     """``n`` held-out problems: the eval split ``data.synthetic.n_eval=n`` builds. The train split (and so
     the cached teacher and warmup) does not depend on n_eval, and the generator draws in order, so the

@@ -91,7 +91,7 @@ def parse_args(argv=None):
     return a
 
 
-# ---------------------------------------------------------------- the shared start: data, teacher, SFT warmup
+# ---------------------------------------------------------------- one evaluation point
 
 def _eval_point(student, teacher, tok, ev, cfg, step: int, cost: dict) -> dict:
     from opd.evaluation import evaluate

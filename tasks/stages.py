@@ -5,7 +5,6 @@ each stage is idempotent through its own completion marker on disk.
 """
 from __future__ import annotations
 
-
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
