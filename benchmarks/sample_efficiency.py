@@ -71,6 +71,11 @@ def parse_args(argv=None):
     p.add_argument("--eval-n", type=int, default=None, help="plateau: held-out problems per eval point (1024)")
     p.add_argument("--trajectory-only", action="store_true",
                    help="plateau: run (or resume) the SFT trajectory, apply the log-linear rule, print, stop")
+    p.add_argument("--arms", nargs="+", choices=("sft_continue", "opd"), default=None,
+                   help="plateau: run (or resume) only these arms' runs and stop without a report, to spread one "
+                        "benchmark over processes; e.g. two processes '--arms sft_continue --sft-lrs 3e-4 --seeds 0' "
+                        "and '... --sft-lrs 1e-3 ...' share seed 0's teacher data. A run's cache does not depend on "
+                        "how it was started: the invocation with every arm reuses them and writes the report")
     p.add_argument("--quick", action="store_true", help="1 seed, no LR search, small budgets (CI smoke run)")
     p.add_argument("--out", default=None,
                    help="JSON path; the PNG and table go beside it (default benchmarks/results/sample_efficiency.json, "
@@ -79,7 +84,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.regime == "plateau":
         return _plateau_args(p, a)
-    given = [f for f in ("max_k", "sft_budget", "sft_evals_per_nk", "opd_every", "eval_n") if getattr(a, f) is not None]
+    given = [f for f in ("max_k", "sft_budget", "sft_evals_per_nk", "opd_every", "eval_n", "arms")
+             if getattr(a, f) is not None]
     if given or a.trajectory_only:
         p.error(f"--{(given or ['trajectory_only'])[0].replace('_', '-')} is a --regime plateau option")
     a.out = a.out or str(DEFAULT_OUT)
@@ -338,6 +344,9 @@ PLATEAU_CHOICES = [
     "eval split; none in the train split; checked), as in opd_vs_rl.py; greedy accuracy and the reverse KL to the "
     "teacher beside the T=1 accuracy; one sampling seed (1234) at every point",
     "wall seconds exclude evaluation and the one vLLM engine start",
+    "fresh SFT data blocks are kept under <root>/data and made once per (stream, seed, block): the LRs of a seed read "
+    "the teacher's completions the first made (the same rows it would regenerate), so their wall seconds are lower; "
+    "FLOPs count the teacher's generation in every run, as the protocol's accounting says",
 ]
 PLATEAU_DEVIATIONS = [
     "output path: benchmarks/results/sample_efficiency_plateau.json (.png, .txt beside it), not "
@@ -366,7 +375,7 @@ def _plateau_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> argparse
     a.sft_lrs, a.opd_lrs = a.sft_lrs or list(SFT_GRID), a.opd_lrs or list(OPD_GRID)
     if a.max_k < LOGLINEAR_RULE["first_k"]:
         p.error(f"--max-k {a.max_k}: the log-linear rule looks at k >= {LOGLINEAR_RULE['first_k']}")
-    if len(a.sft_lrs) != len(a.opd_lrs):
+    if a.arms is None and len(a.sft_lrs) != len(a.opd_lrs):
         p.error(f"the LR grids must have as many points: {len(a.sft_lrs)} SFT vs {len(a.opd_lrs)} OPD")
     if a.opd_steps % a.opd_every:
         p.error(f"--opd-steps {a.opd_steps} is not a multiple of --opd-every {a.opd_every}")
@@ -494,12 +503,33 @@ def stream_seed(stream: str, seed: int, block: int) -> int:
 class FreshData:
     """The SFT data stream ``stream`` of seed ``seed``: BLOCK_STEPS x batch fresh problems at a time from the task
     generator (never an eval problem), completed greedily by the teacher; step t trains on the rows
-    [t x batch, (t+1) x batch) of its block, so a resumed run sees the data an uninterrupted one would."""
+    [t x batch, (t+1) x batch) of its block, so a resumed run sees the data an uninterrupted one would.
+
+    Blocks are kept under <root>/data: every LR of a seed trains on the same stream, and the teacher's greedy
+    completions are two thirds of an SFT step's time here, so the second and third LR (run after or beside the
+    first) read them instead of regenerating them. A block is made under an exclusive lock, so two processes on
+    one stream make it once; its FLOPs are counted by every run that trains on it (the protocol's accounting)."""
 
     def __init__(self, b: Plateau, stream: str, seed: int):
         self.b, self.stream, self.seed = b, stream, seed
+        self.dir = b.root / "data" / f"{stream}-{seed}"
         self._block: int | None = None
         self._rows: list[tuple[list[int], list[int]]] = []
+
+    def _load(self, block: int) -> list[tuple[list[int], list[int]]]:
+        import fcntl
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"block-{block}.json"
+        with open(self.dir / f"block-{block}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.is_file():
+                return [(p, c) for p, c in json.loads(path.read_text())]
+            rows = self._make(block)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(rows, separators=(",", ":")))
+            os.replace(tmp, path)
+        return rows
 
     def _make(self, block: int) -> list[tuple[list[int], list[int]]]:
         from opd.data import task
@@ -520,7 +550,7 @@ class FreshData:
         processed writing them)."""
         block, i = divmod(step, BLOCK_STEPS)
         if block != self._block:
-            self._block, self._rows = block, self._make(block)
+            self._block, self._rows = block, self._load(block)
         rows = self._rows[i * self.b.batch:(i + 1) * self.b.batch]
         return rows, sum(len(p) + len(c) for p, c in rows)
 
@@ -1001,11 +1031,18 @@ def plateau_main(a: argparse.Namespace, argv=None) -> int:
                     f"{ch['last_gain']:.4f} vs first {ch['first_gain']:.4f} ({ch['gain_ok']})")
             return 0
         curves, search = {}, {}
-        curves["sft_continue"], search["sft_continue"] = plateau_search(
-            "sft_continue", a.sft_lrs, a.seeds,
-            lambda lr, s, later: run_sft_continue(b, c, lr, s, target if later else None, log), log)
-        curves["opd"], search["opd"] = plateau_search(
-            "opd", a.opd_lrs, a.seeds, lambda lr, s, later: run_opd_from(b, c, lr, s, log), log)
+        if a.arms is None or "sft_continue" in a.arms:
+            curves["sft_continue"], search["sft_continue"] = plateau_search(
+                "sft_continue", a.sft_lrs, a.seeds,
+                lambda lr, s, later: run_sft_continue(b, c, lr, s, target if later else None, log), log)
+        if a.arms is None or "opd" in a.arms:
+            curves["opd"], search["opd"] = plateau_search(
+                "opd", a.opd_lrs, a.seeds, lambda lr, s, later: run_opd_from(b, c, lr, s, log), log)
+        if a.arms is not None:
+            lrs = {"sft_continue": a.sft_lrs, "opd": a.opd_lrs}
+            log(f"ran {'; '.join(f'{arm} at LRs {lrs[arm]}' for arm in a.arms)} on seeds {a.seeds}; no report: run "
+                "without --arms to write it from the kept runs")
+            return 0
         res = plateau_report(a, argv, cfg, b, traj, fit, teacher_acc, curves, search, t0)
     finally:
         b.engines.close()

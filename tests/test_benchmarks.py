@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -276,6 +277,55 @@ def test_plateau_ratios_and_verdict():
     r = plateau_compare(curves, ["0", "1"], target, loglinear=True)
     assert r["per_seed"]["1"]["ratio_student"] is None and r["ratio_sft_over_opd"] is None
     assert r["ratio_with_generation"] is None and r["verdict"] == "refuted" and r["opd_missed_target"] == ["1"]
+
+
+def test_plateau_arms_split():
+    """--arms runs a subset of the plateau's runs (one LR grid alone is then fine); it is a plateau option, and a
+    full invocation still needs grids of equal length (the protocol's fairness rule)."""
+    from benchmarks.sample_efficiency import parse_args
+
+    a = parse_args(["--regime", "plateau", "--arms", "sft_continue", "--sft-lrs", "3e-4", "--seeds", "0"])
+    assert (a.arms, a.sft_lrs, a.opd_lrs, a.seeds) == (["sft_continue"], [3e-4], [1e-5, 3e-5, 1e-4], [0])
+    with pytest.raises(SystemExit):
+        parse_args(["--regime", "plateau", "--sft-lrs", "3e-4"])
+    with pytest.raises(SystemExit):
+        parse_args(["--arms", "opd"])  # steep has no arms to split
+
+
+def test_fresh_data_blocks_made_once(tmp_path):
+    """The plateau's SFT data blocks are kept and shared: two readers of one stream (two LRs of a seed, in threads
+    here as in two processes) make each block once under the lock and get the same rows; another seed is another
+    stream."""
+    import threading
+    import types
+
+    from benchmarks.sample_efficiency import BLOCK_STEPS, FreshData
+
+    made: list[tuple[str, int, int]] = []
+
+    class Counted(FreshData):
+        def _make(self, block):
+            made.append((self.stream, self.seed, block))
+            time.sleep(0.2)  # long enough for the other reader to wait on the lock
+            return [([self.seed, block, i], [i % 7, 2]) for i in range(BLOCK_STEPS * self.b.batch)]
+
+    b = types.SimpleNamespace(root=tmp_path, batch=4)
+    got: dict[int, list] = {}
+
+    def read(i):
+        d = Counted(b, "sft_continue", 0)
+        got[i] = [d.batch(step) for step in (0, 1, BLOCK_STEPS)]
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(made) == [("sft_continue", 0, 0), ("sft_continue", 0, 1)]
+    assert got[0] == got[1]
+    rows, tokens = got[0][1]
+    assert rows == [([0, 0, i], [i % 7, 2]) for i in range(4, 8)] and tokens == 4 * 5
+    assert Counted(b, "sft_continue", 1).batch(0)[0][0] == ([1, 0, 0], [0, 2]) and len(made) == 3
 
 
 @pytest.mark.slow  # a few minutes: a 32-step CI warmup, a trajectory to k = 3, both arms from C (1 LR, 1 seed)
