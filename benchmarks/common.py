@@ -3,6 +3,7 @@ rollout settings and arm configs of the pipeline's own OPD round, the per-phase 
 rounds, and the JSON + PNG + table writers. Each benchmark script keeps only its protocol."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -35,15 +36,20 @@ def warm_start(cfg, log=print) -> tuple[Path, DataRef, ModelRef, ModelRef]:
 
     synthetic_fp = ds.fingerprint(ds.synthetic(cfg.data, cfg.seed))  # what prepare_data below will build
     bench = Path(cfg.home) / "bench" / "sample_efficiency" / teacher_cache_key(cfg, synthetic_fp)
-    data = prepare_data(cfg, bench / "data")
-    report, data = validate_data(cfg, data)
-    if data is None:
-        raise SystemExit(f"dataset failed validation: {report}")
-    teacher = bootstrap_teacher(cfg, data, log=log)
-    # the warmup checkpoint is reused across invocations with the same teacher, student and SFT recipe
-    warm_key = json.dumps([cfg.seed, cfg.sft.model_dump(mode="json"), cfg.student.model_dump(mode="json")])
-    warm = sft_warmup(cfg, data, teacher, bench / ("warm-" + hashlib.sha256(warm_key.encode()).hexdigest()[:12]),
-                      log=log)
+    bench.mkdir(parents=True, exist_ok=True)
+    # benchmark processes started together (e.g. one per arm) would rebuild the data in the same temp dir at once
+    # and tear it from under each other: the first builds the shared start, the others wait and reuse it
+    with open(bench / ".warm_start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = prepare_data(cfg, bench / "data")
+        report, data = validate_data(cfg, data)
+        if data is None:
+            raise SystemExit(f"dataset failed validation: {report}")
+        teacher = bootstrap_teacher(cfg, data, log=log)
+        # the warmup checkpoint is reused across invocations with the same teacher, student and SFT recipe
+        warm_key = json.dumps([cfg.seed, cfg.sft.model_dump(mode="json"), cfg.student.model_dump(mode="json")])
+        warm = sft_warmup(cfg, data, teacher, bench / ("warm-" + hashlib.sha256(warm_key.encode()).hexdigest()[:12]),
+                          log=log)
     return bench, data, teacher, warm
 
 

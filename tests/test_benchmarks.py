@@ -279,6 +279,24 @@ def test_plateau_ratios_and_verdict():
     assert r["ratio_with_generation"] is None and r["verdict"] == "refuted" and r["opd_missed_target"] == ["1"]
 
 
+@pytest.mark.slow  # 1-4 min: three processes, one CI teacher + warmup; in `make test-all` with the benchmarks
+def test_warm_start_shared_by_parallel_invocations(opd_home):
+    """Benchmark processes started together (one per arm, as the plateau's --arms invites) build the shared start
+    once and all get it: before the lock, they rebuilt the data in one temp dir at once and all but one crashed
+    (FileNotFoundError on data.unvalidated.tmp)."""
+    code = ("import sys, json; from benchmarks.common import warm_start; from opd.config import load_config; "
+            f"cfg = load_config({str(REPO / 'configs' / 'ci.yaml')!r}, ['home={opd_home}']); "
+            "bench, data, teacher, warm = warm_start(cfg, log=lambda m: None); "
+            "print(json.dumps([str(bench), data.fingerprint, teacher.path, warm.path]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert got[0] == got[1] == got[2] and Path(got[0][3]).is_dir()
+
+
 def test_plateau_arms_split():
     """--arms runs a subset of the plateau's runs (one LR grid alone is then fine); it is a plateau option, and a
     full invocation still needs grids of equal length (the protocol's fairness rule)."""
