@@ -203,7 +203,7 @@ def test_loglinear_rule():
     are all <= 1.5 points and whose last doubling gained <= half the first; else C = the last N_k, not log-linear."""
     import math
 
-    from benchmarks.sample_efficiency import LOGLINEAR_RULE, loglinear_fit
+    from benchmarks.plateau import LOGLINEAR_RULE, loglinear_fit
 
     assert LOGLINEAR_RULE == {"first_k": 3, "fit_points": 3, "max_residual": 0.015, "gain_ratio": 0.5}
     ns = [76_800 * 2 ** k for k in range(6)]
@@ -246,7 +246,7 @@ def test_loglinear_rule():
 def test_plateau_ratios_and_verdict():
     """FLOPs to target per seed (first eval point at or above it on T=1 accuracy), SFT/OPD in both accountings,
     null where OPD misses, a lower bound where SFT misses, and the verdict against 9."""
-    from benchmarks.sample_efficiency import plateau_compare
+    from benchmarks.plateau import plateau_compare
 
     def curve(accs, student, total):
         return [{"step": i, "examples": i * 64, "accuracy": a, "sampled_accuracy": a, "reverse_kl": 0.5,
@@ -317,7 +317,7 @@ def test_fresh_data_blocks_made_once(tmp_path):
     import threading
     import types
 
-    from benchmarks.sample_efficiency import BLOCK_STEPS, FreshData
+    from benchmarks.plateau import BLOCK_STEPS, FreshData
 
     made: list[tuple[str, int, int]] = []
 
@@ -353,7 +353,7 @@ def test_sample_efficiency_plateau_quick(tmp_path, opd_home):
     import math
 
     from benchmarks.common import first_reach
-    from benchmarks.sample_efficiency import LOGLINEAR_RULE, loglinear_fit
+    from benchmarks.plateau import LOGLINEAR_RULE, loglinear_fit
 
     out = tmp_path / "plateau.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "sample_efficiency.py"), "--regime", "plateau",
