@@ -249,16 +249,17 @@ class FreshData:
         import fcntl
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"block-{block}.json"
-        with open(self.dir / f"block-{block}.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if path.is_file():
-                return [(p, c) for p, c in json.loads(path.read_text())]
-            rows = self._make(block)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(rows, separators=(",", ":")))
-            os.replace(tmp, path)
-        return rows
+        path = self.dir / f"block-{block}.json"  # renamed into place whole: there or not, never half
+        if not path.is_file():
+            with open(self.dir / ".lock", "w") as lock:  # one maker per stream at a time
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not path.is_file():
+                    rows = self._make(block)
+                    tmp = path.with_name(path.name + ".tmp")
+                    tmp.write_text(json.dumps(rows, separators=(",", ":")))
+                    os.replace(tmp, path)
+                    return rows
+        return [(p, c) for p, c in json.loads(path.read_text())]
 
     def _make(self, block: int) -> list[tuple[list[int], list[int]]]:
         from opd.data import task
