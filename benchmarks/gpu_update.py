@@ -4,27 +4,31 @@
     python benchmarks/gpu_update.py --micro-batches 8 --policies full,mixed_4 --heads chunked
     python benchmarks/gpu_update.py --memory-limit-gib 80            # as if on an 80 GB card
     python benchmarks/gpu_update.py --device cpu --shape tiny        # smoke run in seconds (tests/test_gpu_update.py)
+    python benchmarks/gpu_update.py --replan benchmarks/results/gpu_update*.json  # re-estimate, measurements kept
 
-The update is the OPD step of ``opd.learner.learn_step`` with its default loss (``reverse_kl_is``: the
-reverse-KL advantage of ``opd.losses.kl_advantages`` fed to ``importance_sampled_pg``) run the way
-``opd.trainer.StudentTrainer.step`` runs it in one process: bf16 autocast over fp32 master
-weights, micro-batches with gradient accumulation weighted by tokens, grad-norm clipping at 1.0, AdamW
-(betas 0.9/0.98). The student is random-init with a real model's shape (``--shape``); the rollouts are
-random tokens: ``--rollouts`` rows of ``--prompt-tokens`` prompt tokens and up to ``--max-completion``
-completion tokens (``--lengths uniform``: drawn from 1..max, seeded; ``max``: all at the maximum).
+The update is the engine's own: ``opd.learner.learn_step`` on an ``opd.trainer.StudentTrainer``, with the
+default loss (``reverse_kl_is``: the reverse-KL advantage of ``opd.objectives.advantages`` fed to
+``importance_sampled_pg``): accelerate's bf16 autocast over fp32 master weights, length-sorted micro-batches
+with gradient accumulation weighted by tokens, grad-norm clipping at 1.0, AdamW (betas 0.9/0.98), the
+activation checkpointing of ``opd.memory`` and the chunked LM head of ``opd.lm_head``. The student is
+random-init with a real model's shape (``--shape``); the rollouts are random tokens: ``--rollouts`` rows of
+``--prompt-tokens`` prompt tokens and up to ``--max-completion`` completion tokens (``--lengths uniform``:
+drawn from 1..max, seeded; ``max``: all at the maximum).
 
 Each configuration builds the student afresh from the same seed (so every row computes the same first
 update: ``first_loss`` / ``first_grad_norm`` must agree across rows), runs ``--warmup`` + ``--steps``
 steps and records the peak memory (``torch.cuda.max_memory_allocated`` over all its steps; on CPU the
 CPU allocator's peak over one extra profiled step), tokens/s (completion tokens / median timed step) and
-the step seconds. A configuration that runs out of memory is recorded as ``oom`` and the grid goes on;
-the JSON is rewritten after every row, so a run cut short keeps what it measured.
+the step seconds, beside ``predicted_gib``: what ``opd plan`` would size this update at (fp32 weights,
+gradients and AdamW moments, autocast's bf16 weight copies, ``opd.memory.activation_bytes`` of the
+largest padded micro-batch, ``opd.lm_head.head_bytes``), so a GPU run checks the planner's arithmetic
+(``--replan`` re-estimates a results file after that arithmetic changes). A configuration that runs out
+of memory is recorded as ``oom`` and the grid goes on; the JSON is rewritten after every row, so a run
+cut short keeps what it measured.
 
-Needs only torch, transformers, accelerate and peft (and this repository's ``opd.batching``,
-``opd.losses``, ``opd.lm_head``, ``opd.memory``): no vLLM, Prefect, pydantic, datasets or boto3, which the
-bare GPU image lacks. ``opd.trainer.StudentTrainer`` is not used because building one imports
-``opd.models`` -> ``opd.config`` (pydantic); ``update_step`` below is the one function to point at the
-engine's update step once it imports without pydantic.
+Needs only torch, transformers, accelerate and peft (and this repository's ``opd`` core, which imports
+without them): no vLLM, Prefect, pydantic, datasets or boto3, which the bare GPU image lacks. The loss
+spec is ``ReverseKLIS`` below, the default of ``opd.config.ReverseKLIS`` without pydantic.
 """
 from __future__ import annotations
 
@@ -38,8 +42,8 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the opd package is the repository's
@@ -47,10 +51,14 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the opd package 
 
 import torch  # noqa: E402
 
-from opd.batching import PackedBatch, pack, scatter_completion  # noqa: E402
-from opd.lm_head import window_logprobs  # noqa: E402
-from opd.losses import importance_sampled_pg, kl_advantages, sampled_logprobs  # noqa: E402
-from opd.memory import apply_checkpointing, cpu_peak_bytes, parse_policy  # noqa: E402
+import opd.learner  # noqa: E402
+from opd.batching import length_buckets  # noqa: E402
+from opd.learner import learn_step  # noqa: E402
+from opd.lm_head import head_bytes, window_logprobs  # noqa: E402
+from opd.memory import LayerDims, activation_bytes, apply_checkpointing, autocast_copy_bytes, cpu_peak_bytes, parse_policy  # noqa: E402
+from opd.objectives import advantages  # noqa: E402
+from opd.rollouts import Rollout, TrainBatch  # noqa: E402
+from opd.trainer import StudentTrainer  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "gpu_update.json"
 
@@ -68,7 +76,17 @@ SHAPES: dict[str, dict] = {
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
 }
 HEADS = ("full", "chunked")
-LR, BETAS, MAX_GRAD_NORM = 1e-5, (0.9, 0.98), 1.0  # opd.trainer's AdamW betas and clipping
+LR = 1e-5
+
+
+@dataclass(frozen=True)
+class ReverseKLIS:
+    """``opd.config.ReverseKLIS`` at its defaults (the reference report's loss), without pydantic."""
+    kind: str = "reverse_kl_is"
+    kl_coef: float = 1.0
+    clip_ratio: float | None = None
+    baseline: str = "none"
+    discount: float = 0.0
 
 
 @dataclass
@@ -96,8 +114,6 @@ def parse_args(argv=None):
     p.add_argument("--heads", default="full,chunked", help="comma-separated: full (logits + sampled_logprobs), "
                                                            "chunked (opd.lm_head.window_logprobs)")
     p.add_argument("--block-rows", type=int, default=None, help="chunked head rows per block (default: by vocab)")
-    p.add_argument("--sort-by-length", action="store_true",
-                   help="order rollouts by length before cutting micro-batches (less padding)")
     p.add_argument("--mixed-precision", default="bf16", choices=["bf16", "no"])
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (peft); 0: full")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
@@ -134,8 +150,6 @@ def make_rows(a, vocab: int) -> list[Row]:
         rows.append(Row([rng.randrange(1, vocab) for _ in range(a.prompt_tokens)],
                         [rng.randrange(1, vocab) for _ in range(n)],
                         [-rng.uniform(0.0, 4.0) for _ in range(n)], [-rng.uniform(0.0, 4.0) for _ in range(n)]))
-    if a.sort_by_length:
-        rows.sort(key=lambda r: len(r.completion_ids))
     return rows
 
 
@@ -157,37 +171,52 @@ def build_student(a, device: torch.device):
     return model.train()
 
 
-def full_logprobs(model, b: PackedBatch):
-    """The engine path (opd.learner.learn_step): [B, T, V] logits, then the fused sampled log-prob."""
-    return sampled_logprobs(b.logits(model), b.targets)
+def train_batch(rows: list[Row]) -> TrainBatch:
+    """The rollouts with the default loss's advantages, fixed at scoring time as the engine fixes them."""
+    adv_P, _kl = advantages(SPEC, [r.sampler_logprobs for r in rows], [r.teacher_logprobs for r in rows])
+    return TrainBatch([Rollout(i, r.prompt_ids, r.completion_ids, r.sampler_logprobs, True)
+                       for i, r in enumerate(rows)], adv_P)
 
 
-def chunked_logprobs(block_rows: int | None) -> Callable:
-    return lambda model, b: window_logprobs(model, b, block_rows=block_rows)
+def largest_micro_batch(rows: list[Row], micro_batch: int) -> int:
+    """Padded positions of the largest micro-batch the learner cuts (rows sorted by length as
+    ``learn_step`` sorts them): what one forward holds for backward."""
+    lengths = [len(r.prompt_ids) + len(r.completion_ids) for r in rows]
+    order = length_buckets(lengths, 1, micro_batch)
+    return max(max(lengths[i] for i in order[s:s + micro_batch]) * len(order[s:s + micro_batch])
+               for s in range(0, len(order), micro_batch))
 
 
-def update_step(model, optimizer, rows: list[Row], micro_batch: int, logprob_fn: Callable, device: torch.device,
-                amp_dtype: torch.dtype | None) -> dict[str, float]:
-    """One optimizer step over all ``rows`` in micro-batches of ``micro_batch``: ``StudentTrainer.step`` with
-    ``learn_step``'s ``reverse_kl_is`` loss, in one process. THE function to replace by the engine's step."""
-    optimizer.zero_grad(set_to_none=True)
-    total = sum(len(r.completion_ids) for r in rows)
-    step_loss = 0.0
-    for s in range(0, len(rows), micro_batch):
-        chunk = rows[s:s + micro_batch]
-        b = pack([r.prompt_ids for r in chunk], [r.completion_ids for r in chunk], 0).to(device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logp, _entropy = logprob_fn(model, b)
-            lp_s = scatter_completion([r.sampler_logprobs for r in chunk], b)
-            lp_t = scatter_completion([r.teacher_logprobs for r in chunk], b)
-            advantage = kl_advantages(lp_s, lp_t, b.loss_mask)  # the engine fixes these at scoring time
-            loss, _ = importance_sampled_pg(logp, lp_s, advantage, b.loss_mask)
-        weight = float(b.loss_mask.sum()) / total
-        (loss * weight).backward()
-        step_loss += float(loss.detach()) * weight
-    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], MAX_GRAD_NORM)
-    optimizer.step()
-    return {"loss": step_loss, "grad_norm": float(norm)}
+def predicted(a, rows: list[Row], micro_batch: int, policy: str, head: str) -> dict:
+    """``opd plan``'s estimate of this update (its trainer row on one process), from the student built on
+    the meta device (no memory, any shape): for every row, the ones that run out of memory included."""
+    model = build_student(a, torch.device("meta"))
+    cfg = model.config
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    tokens = largest_micro_batch(rows, micro_batch)
+    parts = {"weights + grads + Adam (fp32)": 16 * trainable + 4 * frozen,
+             "bf16 weight copies (autocast)": autocast_copy_bytes(trainable, a.mixed_precision),
+             "activations": activation_bytes(policy, tokens, LayerDims.of(cfg), cfg.num_hidden_layers),
+             "LM head": head_bytes(head, tokens, cfg.vocab_size, a.mixed_precision, a.block_rows)}
+    return {"micro_batch_tokens": tokens, "predicted_gib": sum(parts.values()) / 2**30,
+            "predicted_parts_gib": {k: v / 2**30 for k, v in parts.items()}}
+
+
+def replan(path: Path) -> dict:
+    """Rewrite the estimate of every row of a results file with this checkout's ``opd plan`` arithmetic,
+    the measurements untouched: the rollouts are seeded, so the micro-batches are rebuilt exactly. How a
+    GPU run keeps checking the planner after its constants change, with no GPU."""
+    result = json.loads(path.read_text())
+    a = argparse.Namespace(**{**result["settings"], "out": Path(result["settings"]["out"])})
+    rows = make_rows(a, a.vocab or SHAPES[a.shape]["vocab_size"])
+    for r in result["rows"]:
+        r.update(predicted(a, rows, r["micro_batch"], r["checkpointing"], r["head"]))
+    write(result, path)
+    return result
+
+
+SPEC = ReverseKLIS()
 
 
 def is_oom(e: BaseException) -> bool:
@@ -202,15 +231,15 @@ def _sync(device):
 
 
 def run_config(a, rows: list[Row], device, micro_batch: int, policy: str, head: str) -> dict:
-    """Build, checkpoint, and time one configuration; the caller handles OOM."""
+    """Build, checkpoint, and time one configuration of the engine's update; the caller handles OOM."""
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # > 0: an earlier row leaked
     model = build_student(a, device)
     plan = apply_checkpointing(model, policy)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, betas=BETAS)
-    fn = full_logprobs if head == "full" else chunked_logprobs(a.block_rows)
-    amp = torch.bfloat16 if a.mixed_precision == "bf16" else None
+    trainer = StudentTrainer(model, LR, mixed_precision=a.mixed_precision, device=a.device)
+    batch = train_batch(rows)
 
     def step():
-        return update_step(model, optimizer, rows, micro_batch, fn, device, amp)
+        return learn_step(trainer, batch, SPEC, pad_id=0, micro_batch=micro_batch, lm_head=head)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -229,9 +258,9 @@ def run_config(a, rows: list[Row], device, micro_batch: int, policy: str, head: 
         metrics.append(m)
     tokens = sum(len(r.completion_ids) for r in rows)
     step_s = statistics.median(times) if times else math.nan
-    return {"status": "ok", "peak_gib": peak / 2**30, "tokens_per_s": tokens / step_s, "step_s": step_s,
-            "step_s_all": times, "first_loss": metrics[0]["loss"], "first_grad_norm": metrics[0]["grad_norm"],
-            "last_loss": metrics[-1]["loss"], "plan": plan}
+    return {"status": "ok", "peak_gib": peak / 2**30, "allocated_before_gib": before / 2**30, "tokens_per_s": tokens / step_s,
+            "step_s": step_s, "step_s_all": times, "first_loss": metrics[0]["loss"],
+            "first_grad_norm": metrics[0]["grad_norm"], "last_loss": metrics[-1]["loss"], "plan": plan}
 
 
 def cap_memory(a, device) -> None:
@@ -266,6 +295,8 @@ def environment(a, device) -> dict:
 
 def run_grid(a) -> dict:
     device = torch.device(a.device)
+    if a.block_rows:  # the engine's chunked head takes its default block; a smaller one shows the mechanism on CPU
+        opd.learner.window_logprobs = partial(window_logprobs, block_rows=a.block_rows)
     vocab = a.vocab or SHAPES[a.shape]["vocab_size"]
     rows = make_rows(a, vocab)
     cap_memory(a, device)
@@ -276,7 +307,8 @@ def run_grid(a) -> dict:
     for mb in a.micro_batches:
         for policy in a.policies:
             for head in a.heads:
-                row = {"shape": a.shape, "micro_batch": mb, "checkpointing": policy, "head": head}
+                row = {"shape": a.shape, "micro_batch": mb, "checkpointing": policy, "head": head,
+                       **predicted(a, rows, mb, policy, head)}
                 if a.max_seconds is not None and time.perf_counter() - t0 > a.max_seconds:
                     row.update(status="skipped", error=f"--max-seconds {a.max_seconds} spent")
                 else:
@@ -300,16 +332,17 @@ def _guarded(a, rows, device, mb, policy, head) -> dict:
     return {"status": error[0], "error": error[1]}
 
 
-HEADER = f"{'micro':>5} {'checkpointing':>13} {'head':>8} {'status':>7} {'peak GiB':>9} {'tokens/s':>10} {'step s':>8}"
+HEADER = (f"{'micro':>5} {'checkpointing':>13} {'head':>8} {'status':>7} {'peak GiB':>9} {'planned':>8} "
+          f"{'tokens/s':>10} {'step s':>8}")
 
 
 def format_row(r: dict) -> str:
     def num(k, fmt):
         v = r.get(k)
-        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+        return format(v, fmt) if isinstance(v, (int, float)) else format("-", ">" + fmt.split(".")[0])
 
     return (f"{r['micro_batch']:>5} {r['checkpointing']:>13} {r['head']:>8} {r['status']:>7} "
-            f"{num('peak_gib', '9.2f')} {num('tokens_per_s', '10.0f')} {num('step_s', '8.3f')}")
+            f"{num('peak_gib', '9.2f')} {num('predicted_gib', '8.2f')} {num('tokens_per_s', '10.0f')} {num('step_s', '8.3f')}")
 
 
 def write(result: dict, out: Path) -> None:
@@ -320,6 +353,14 @@ def write(result: dict, out: Path) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--replan"]:  # --replan RESULTS.json...: no GPU needed
+        for path in argv[1:]:
+            result = replan(Path(path))
+            print(f"{path}: {result['settings']['shape']}\n{HEADER}")
+            for r in result["rows"]:
+                print(format_row(r))
+        return 0
     a = parse_args(argv)
     print(f"shape={a.shape} device={a.device} rollouts={a.rollouts} prompt={a.prompt_tokens} "
           f"completion<={a.max_completion} ({a.lengths}) precision={a.mixed_precision}"

@@ -32,6 +32,17 @@ def rows_per_block(vocab: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
     return max(1, block_bytes // (4 * vocab))
 
 
+def head_bytes(lm_head: str, tokens: int, vocab: int, mixed_precision: str = "no", block_rows: int | None = None
+               ) -> float:
+    """Bytes the LM head adds to one micro-batch's update, for planning (``opd plan``,
+    ``benchmarks/gpu_update.py``). Full logits: per [token, vocab] entry ~3 B under bf16/fp16 autocast
+    (measured on an H200 with Qwen3-1.7B's 151,936 vocabulary at 9k-37k tokens: 2.6-3.0 B) and ~6.5 B
+    in fp32 (measured on CPU); chunked: ~2.5 fp32 blocks (the block and its softmax transients)."""
+    if lm_head == "full":
+        return (3.0 if mixed_precision in ("bf16", "fp16") else 6.5) * tokens * vocab
+    return 2.5 * 4 * min(tokens, block_rows or rows_per_block(vocab)) * vocab
+
+
 def compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     """The dtype F.linear would run the head in here: autocast's (for fp16/bf16/fp32 inputs), else the input's."""
     dev = hidden.device.type

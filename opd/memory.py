@@ -18,6 +18,13 @@ under bf16 autocast over fp32 weights, by differencing 1- and 3-layer models at 
 At the issue's micro-batch of 8 x 2,304 tokens and 28 layers that is 67 GB (none), 27 GB (selective)
 and 4.1 GB (full), next to ~27.5 GB of fp32 weights, gradients and AdamW moments.
 
+Checked on an H200 (``benchmarks/gpu_update.py``, results/gpu_update*.json): at Qwen3-1.7B's widths the
+measured peak grows per token of micro-batch by 65.6 (none), 26.7 (selective), 10.2 (mixed_4) and 4.9
+(full) B per layer per hidden unit (with one layer recomputed at a time), on top of a constant that the
+fp32 state and autocast's bf16 weight copies explain to within 1.5 GiB (``autocast_copy_bytes``). What a
+layer holds scales with its widths, not with ``hidden`` alone (Qwen3-4B's MLP is 3.8x its hidden size,
+0.6B's query heads 2x): ``LayerDims`` counts them.
+
 Ranking what to recompute by "bytes freed per FLOP recomputed" (the arithmetic that decides what pays):
 the elementwise ops free 60% of the layer's per-token bytes (and all its weight copies) and cost no
 matmul, i.e. a few percent of the layer's time on a GPU (they are memory-bound); recomputing only the
@@ -64,6 +71,7 @@ from opd.errors import PermanentError
 
 LAYER_MODES = ("none", "full", "selective")
 POLICY_FORMS = ("none", "full", "selective", "every_<k>", "mixed_<k>")
+NONE_OVER_SELECTIVE = 2.52  # "none" holds this many times what "selective" does (H200, Qwen3-1.7B: 134 kB / 53 kB)
 
 
 class UnsupportedCheckpointing(PermanentError, ValueError):
@@ -100,6 +108,54 @@ def parse_policy(text: str) -> Checkpointing:
         raise UnsupportedCheckpointing(f"gradient_checkpointing={text!r}: choose one of {', '.join(POLICY_FORMS)} "
                                        "(k >= 1, e.g. every_2 or mixed_4)")
     return Checkpointing(m.group(1), int(m.group(2)))
+
+
+def autocast_copy_bytes(params: int, mixed_precision: str) -> float:
+    """Bytes of the 16-bit weight copies autocast caches during a forward: it casts each fp32 parameter
+    (a leaf that requires grad) once and keeps the copy until the autocast region exits, so at the end
+    of the forward, where activations peak, every trained weight has one (2 B per parameter). Measured on
+    an H200 (Qwen3-1.7B shape, bf16): the peak's constant part is 3.5-4.7 GiB above the fp32 weights,
+    gradients and AdamW moments; this copy is 3.2 GiB of it."""
+    return 2.0 * params if mixed_precision in ("bf16", "fp16") else 0.0
+
+
+@dataclass(frozen=True)
+class LayerDims:
+    """The widths of one decoder layer that decide what it holds for backward."""
+
+    hidden: int
+    intermediate: int
+    q_dim: int  # attention heads x head_dim
+    kv_dim: int  # key/value heads x head_dim
+
+    @classmethod
+    def of(cls, config) -> "LayerDims":
+        """From a transformers config (or its dict): Llama, Qwen3 and their kin."""
+        c = config if isinstance(config, dict) else config.to_dict()
+        c = {**c, **(c.get("text_config") or {})}
+        heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        return cls(c["hidden_size"], c["intermediate_size"], heads * head_dim,
+                   (c.get("num_key_value_heads") or heads) * head_dim)
+
+    def held_per_token(self, mode: str) -> float:
+        """Bytes one layer holds per token under ``mode`` (bf16 autocast): ``full`` its fp32 input;
+        ``selective`` that plus every matmul and attention output in bf16 (q, k, v, attention, o, gate,
+        up, down: an exact count of what the policy saves, 52 kB at Qwen3-1.7B's widths, as profiled);
+        ``none`` ``NONE_OVER_SELECTIVE`` times ``selective`` (the elementwise intermediates, measured)."""
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        full = 4.0 * h
+        selective = full + 2.0 * (2 * q + 2 * kv + 2 * h + 2 * i)
+        return {"full": full, "selective": selective, "none": NONE_OVER_SELECTIVE * selective}[mode]
+
+
+def activation_bytes(policy: Checkpointing | str, tokens: int, dims: LayerDims, layers: int) -> float:
+    """Bytes one micro-batch of ``tokens`` (padded positions, prompts included) holds for backward under
+    ``policy``, plus one layer's worth being recomputed at a time: the estimate ``opd plan`` sizes the
+    trainer with and ``benchmarks/gpu_update.py`` checks against the GPU's measured peak."""
+    modes = (parse_policy(policy) if isinstance(policy, str) else policy).plan(layers)
+    recomputed = dims.held_per_token("none") if any(m != "none" for m in modes) else 0.0
+    return tokens * (sum(dims.held_per_token(m) for m in modes) + recomputed)
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

@@ -6,11 +6,13 @@ parameter count from its safetensors headers when they are local, else from the 
 Estimates, per GPU (or the host, on CPU):
 
 - trainer: fp32 master weights + grads + AdamW moments, 16 B/param (FSDP: over the ranks; LoRA: frozen
-  weights in their dtype, the adapters' 16 B/param small enough to ignore), plus activations:
+  weights in their dtype, the adapters' 16 B/param small enough to ignore), under bf16/fp16 autocast its
+  cached 16-bit weight copies (2 B/param, whole on every rank), plus activations:
   micro_batch x (max prompt + max completion) tokens x layers x bytes held per token-layer under the
-  checkpointing policy (opd.memory: none ~63.5 B, selective ~25.4 B, full 4 B per hidden unit, measured
-  on Qwen3-1.7B layers; one layer recomputed at a time on top), plus the LM head: the full logits
-  (fp32 values and gradient, a bf16 copy: 10 B per token x vocab) or one chunked block;
+  checkpointing policy (opd.memory.LayerDims: full the fp32 input, selective + every matmul output in
+  bf16, none 2.5x selective; one layer recomputed at a time on top), plus the LM head: the full logits
+  (~3 B per token x vocab under bf16 autocast, ~6.5 B in fp32) or one chunked block. Checked against
+  an H200's measured peaks: benchmarks/gpu_update.py;
 - a vLLM engine: its gpu_memory_utilization share of each GPU it spans (reserved up front), of which
   its weights / tensor_parallel_size; the rest is KV cache, which must hold one longest sequence;
 - a transformers copy (hf sampler, hf scorer, a logit loss's teacher): weights in their dtype.
@@ -25,11 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd.config import RunConfig
+from opd.lm_head import head_bytes
+from opd.memory import LayerDims, activation_bytes, autocast_copy_bytes
 
 GiB = 2**30
 HEADROOM = 0.95  # of a device's memory a plan may fill
 CPU_KV_CACHE = 1 * 2**30  # opd.vllm_engine's default VLLM_CPU_KVCACHE_SPACE
-HELD_PER_HIDDEN = {"none": 63.5, "selective": 25.4, "full": 4.0}  # bytes per token-layer per hidden unit
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -46,6 +49,12 @@ class Shape:
     head_dim: int
     vocab: int
     dtype: str  # the checkpoint's own
+    heads: int
+    intermediate: int
+
+    @property
+    def dims(self) -> LayerDims:
+        return LayerDims(self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim)
 
     def weight_bytes(self, dtype: str) -> int:
         return self.params * BYTES[dtype]
@@ -86,7 +95,8 @@ def read_shape(path: str, s3=None) -> Shape:
     heads = c["num_attention_heads"]
     dtype = str(c.get("torch_dtype") or c.get("dtype") or "float32").removeprefix("torch.")
     return Shape(params, c["num_hidden_layers"], c["hidden_size"], c.get("num_key_value_heads") or heads,
-                 c.get("head_dim") or c["hidden_size"] // heads, c["vocab_size"], dtype if dtype in BYTES else "float32")
+                 c.get("head_dim") or c["hidden_size"] // heads, c["vocab_size"], dtype if dtype in BYTES else "float32",
+                 heads, c["intermediate_size"])
 
 
 @dataclass
@@ -127,21 +137,12 @@ def _trainer_parts(cfg: RunConfig, s: Shape, ranks: int) -> dict[str, float]:
     shard = ranks if t.strategy == "fsdp" else 1
     if o.lora is not None:
         state = {"weights (frozen)": s.weight_bytes(_dtype(cfg.student.dtype, s, True)) / shard}
-    else:
-        state = {"weights + grads + Adam (fp32)": 16 * s.params / shard}
+    else:  # autocast's bf16 copies are whole on every rank: FSDP's unsharded weights are cast (and cached) too
+        state = {"weights + grads + Adam (fp32)": 16 * s.params / shard,
+                 "bf16 weight copies (autocast)": autocast_copy_bytes(s.params, t.mixed_precision)}
     tokens = o.micro_batch * (cfg.data.max_prompt_tokens + o.max_tokens)
-    policy = t.gradient_checkpointing
-    kept = {"none": "none", "selective": "selective", "full": "full"}.get(policy, "full")
-    if policy.startswith("mixed_"):  # every k-th layer selective, the rest full
-        k = int(policy.split("_")[1])
-        per_layer = (HELD_PER_HIDDEN["selective"] + (k - 1) * HELD_PER_HIDDEN["full"]) / k
-    elif policy.startswith("every_"):  # every k-th layer full, the rest nothing
-        k = int(policy.split("_")[1])
-        per_layer = (HELD_PER_HIDDEN["full"] + (k - 1) * HELD_PER_HIDDEN["none"]) / k
-    else:
-        per_layer = HELD_PER_HIDDEN[kept]
-    act = tokens * s.hidden * (s.layers * per_layer + (HELD_PER_HIDDEN["none"] if policy != "none" else 0))
-    head = 10 * tokens * s.vocab if t.lm_head == "full" else 2.5 * 512 * 2**20
+    act = activation_bytes(t.gradient_checkpointing, tokens, s.dims, s.layers)
+    head = head_bytes(t.lm_head, tokens, s.vocab, t.mixed_precision)
     return {**state, "activations": act, "LM head": head}
 
 

@@ -40,7 +40,7 @@ def test_the_qwen_config_fits_with_only_the_server_holding_the_teacher(qwen):
     assert len(teacher_rows) == 1 and "teacher server" in teacher_rows[0] and "remote" in teacher_rows[0], out
     assert "61.0" in teacher_rows[0]  # 32.8B params in bf16, never on our GPUs
     assert "weights 7.6" in out  # 8.19B params in bf16: the sampler's copy, half on each of its two GPUs
-    assert "cuda:2: 51.2 of 80 GiB" in out, out
+    assert "cuda:2: 66.4 of 80 GiB" in out, out
 
 
 def test_a_placement_that_cannot_fit_is_refused_with_the_fix(qwen):
