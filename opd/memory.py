@@ -115,7 +115,9 @@ def autocast_copy_bytes(params: int, mixed_precision: str) -> float:
     (a leaf that requires grad) once and keeps the copy until the autocast region exits, so at the end
     of the forward, where activations peak, every trained weight has one (2 B per parameter). Measured on
     an H200 (Qwen3-1.7B shape, bf16): the peak's constant part is 3.5-4.7 GiB above the fp32 weights,
-    gradients and AdamW moments; this copy is 3.2 GiB of it."""
+    gradients and AdamW moments; this copy is 3.2 GiB of it. Since then the trainer turns the cache off
+    (``opd.trainer.make_accelerator``): on CPU that takes ~60% of the copies off a checkpointed peak (none
+    off an unchecked one, whose backward needs them); counted whole here until a GPU measures it."""
     return 2.0 * params if mixed_precision in ("bf16", "fp16") else 0.0
 
 
