@@ -142,3 +142,28 @@ def test_bf16_update_keeps_no_weight_copies_past_the_forward():
     cached, trainer = probe("cache"), probe("trainer")
     assert cached["peak"] - trainer["peak"] > 0.4 * cached["copies"], (cached, trainer)
     assert (trainer["grad_norm"], trainer["weights"]) == (cached["grad_norm"], cached["weights"])
+
+
+def test_scoring_forward_keeps_no_kv_cache():
+    """PackedBatch.logits (the hf scorer, the logit losses' teacher, the update) must not build a KV cache:
+    released configs say use_cache=True, and a no-grad scoring forward would then hold every layer's K/V
+    (here 8 layers x 2 x 8,008 tokens x 64 x 4 B = 33 MB) until it returns."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from opd.batching import pack
+    from opd.memory import cpu_peak_bytes
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                                         num_attention_heads=4, num_key_value_heads=4, head_dim=16)).eval()
+    assert model.config.use_cache
+    b = pack([[1, 2, 3]] * 8, [[5] * 1000] * 8, 0)
+    kv = 8 * 2 * b.input_ids.numel() * 64 * 4
+    keep = torch.arange(b.start, b.input_ids.shape[1] - 1)
+    with torch.no_grad():
+        b.logits(model)
+        cached, _ = cpu_peak_bytes(lambda: model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                                 logits_to_keep=keep).logits)
+        peak, logits = cpu_peak_bytes(lambda: b.logits(model))
+    assert cached - peak > 0.9 * kv, (cached, peak, kv)
+    assert logits.shape == (8, b.input_ids.shape[1] - 1 - b.start, 128)
