@@ -15,7 +15,8 @@ Estimates, per GPU (or the host, on CPU):
   an H200's measured peaks: benchmarks/gpu_update.py;
 - a vLLM engine: its gpu_memory_utilization share of each GPU it spans (reserved up front), of which
   its weights / tensor_parallel_size; the rest is KV cache, which must hold one longest sequence;
-- a transformers copy (hf sampler, hf scorer, a logit loss's teacher): weights in their dtype.
+- a transformers copy (hf sampler, hf scorer, a logit loss's teacher): weights in their dtype; a teacher's
+  forward also returns one micro-batch's [rows, tokens, vocab] logits in that dtype.
 
 A row is an estimate to plan with, not a promise: allocator fragmentation and framework workspaces add
 a few GiB, which is why a GPU is judged full at 95%.
@@ -180,6 +181,8 @@ def plan(cfg: RunConfig, student: Shape, teacher: Shape, gpu_gib: float = 80.0, 
     else:
         hs.append(Holding("driver (hf sampler)", gpu(0), f"student ({s_dt})", {"weights": student.weight_bytes(s_dt)}))
     logits = o.loss.signal == "logits"
+    # a transformers teacher's forward over one micro-batch returns its [rows, tokens, vocab] logits whole
+    teacher_logits = o.micro_batch * seq * teacher.vocab * BYTES[t_dt]
     if cfg.teacher.scorer == "remote":
         hs.append(Holding("teacher server (teacher.endpoint)", "remote", f"teacher ({t_dt})",
                           {"weights": teacher.weight_bytes(t_dt)}))
@@ -187,13 +190,15 @@ def plan(cfg: RunConfig, student: Shape, teacher: Shape, gpu_gib: float = 80.0, 
         engine("teacher engine (vLLM)", teacher, t_dt, cfg.teacher.gpu_memory_utilization,
                cfg.teacher.tensor_parallel_size, "teacher.gpu_memory_utilization")
     elif not logits:
-        hs.append(Holding("driver (hf scorer)", gpu(0), f"teacher ({t_dt})", {"weights": teacher.weight_bytes(t_dt)}))
+        hs.append(Holding("driver (hf scorer)", gpu(0), f"teacher ({t_dt})",
+                          {"weights": teacher.weight_bytes(t_dt), "logits (opd.micro_batch)": teacher_logits}))
     ranks = t.num_processes
     devices = t.devices or list(range(ranks))
     for r in range(ranks):
         parts = _trainer_parts(cfg, student, ranks)
         if logits:
             parts["teacher (logit loss)"] = teacher.weight_bytes(t_dt)
+            parts["teacher logits"] = teacher_logits
         name = "driver (trainer)" if ranks == 1 else f"learner rank {r}"
         hs.append(Holding(name, gpu(devices[r] if ranks > 1 else 0), "student (fp32 master)", parts))
     for dev, used in Plan(hs, cap, [], []).per_device().items():
