@@ -15,8 +15,8 @@ Estimates, per GPU (or the host, on CPU):
   an H200's measured peaks: benchmarks/gpu_update.py;
 - a vLLM engine: its gpu_memory_utilization share of each GPU it spans (reserved up front), of which
   its weights / tensor_parallel_size; the rest is KV cache, which must hold one longest sequence;
-- a transformers copy (hf sampler, hf scorer, a logit loss's teacher): weights in their dtype; a teacher's
-  forward also returns one micro-batch's [rows, tokens, vocab] logits in that dtype.
+- a transformers copy (hf sampler, hf scorer, a logit loss's teacher): weights in their dtype; the hf scorer
+  also one chunked LM-head block, a logit loss's teacher one micro-batch's [rows, tokens, vocab] logits.
 
 A row is an estimate to plan with, not a promise: allocator fragmentation and framework workspaces add
 a few GiB, which is why a GPU is judged full at 95%.
@@ -181,7 +181,8 @@ def plan(cfg: RunConfig, student: Shape, teacher: Shape, gpu_gib: float = 80.0, 
     else:
         hs.append(Holding("driver (hf sampler)", gpu(0), f"student ({s_dt})", {"weights": student.weight_bytes(s_dt)}))
     logits = o.loss.signal == "logits"
-    # a transformers teacher's forward over one micro-batch returns its [rows, tokens, vocab] logits whole
+    # a logit loss's teacher returns one micro-batch's [rows, tokens, vocab] logits whole; the hf scorer runs its
+    # head in row blocks (opd.logprobs.completion_logprobs; a model whose head it cannot replace: whole logits)
     teacher_logits = o.micro_batch * seq * teacher.vocab * BYTES[t_dt]
     if cfg.teacher.scorer == "remote":
         hs.append(Holding("teacher server (teacher.endpoint)", "remote", f"teacher ({t_dt})",
@@ -191,7 +192,8 @@ def plan(cfg: RunConfig, student: Shape, teacher: Shape, gpu_gib: float = 80.0, 
                cfg.teacher.tensor_parallel_size, "teacher.gpu_memory_utilization")
     elif not logits:
         hs.append(Holding("driver (hf scorer)", gpu(0), f"teacher ({t_dt})",
-                          {"weights": teacher.weight_bytes(t_dt), "logits (opd.micro_batch)": teacher_logits}))
+                          {"weights": teacher.weight_bytes(t_dt),
+                           "LM-head block": head_bytes("chunked", o.micro_batch * seq, teacher.vocab)}))
     ranks = t.num_processes
     devices = t.devices or list(range(ranks))
     for r in range(ranks):

@@ -49,9 +49,15 @@ def test_a_placement_that_cannot_fit_is_refused_with_the_fix(qwen):
     assert rc == 2 and "does not fit" in out, out
     assert "learner rank 0" in out and "training.gradient_checkpointing=full" in out and \
         "training.lm_head=chunked" in out, out
-    # a transformers teacher holds its weights and one micro-batch's logits: 4 x 6,144 x 151,936 x 2 B
+    # the hf scorer holds its weights and one chunked LM-head block; a logit loss's teacher, one micro-batch's
+    # logits whole (4 x 6,144 x 151,936 x 2 B)
     rc, out = _plan("configs/qwen3-8b-from-32b.yaml", *qwen, "--set", "teacher.scorer=hf")
-    assert rc == 2 and "driver (hf scorer)" in out and "weights 61.0, logits (opd.micro_batch) 7.0" in out, out
+    assert rc == 2 and "driver (hf scorer)" in out and "weights 61.0, LM-head block 1.2" in out, out
+    rc, out = _plan("configs/qwen3-8b-from-32b.yaml", *qwen, "--set", "teacher.scorer=hf", "--set",
+                    "opd.loss=reverse_kl_full", "--set", "training.lm_head=full")
+    rank = next(ln for ln in out.splitlines() if "learner rank 0" in ln)
+    # 30.5 fp32 state + 15.3 bf16 copies + 19.4 activations + 10.4 student logits + 61.0 teacher + 7.0 its logits
+    assert rc == 2 and "teacher (logit loss) 61.0" in rank and " 143.6 " in rank, out
     rc, out = _plan("configs/qwen3-8b-from-32b.yaml", *qwen, "--set", "teacher.scorer=vllm")
     assert rc == 2 and "teacher engine (vLLM) on cuda:0: teacher.gpu_memory_utilization=0.3 reserves 24.0 GiB" in out
 

@@ -167,3 +167,51 @@ def test_scoring_forward_keeps_no_kv_cache():
         peak, logits = cpu_peak_bytes(lambda: b.logits(model))
     assert cached - peak > 0.9 * kv, (cached, peak, kv)
     assert logits.shape == (8, b.input_ids.shape[1] - 1 - b.start, 128)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scoring_runs_the_chunked_head_and_matches_the_full_logits(dtype):
+    """score_completions (the hf scorer, evaluation's reverse KL) gives the full-logits log-probs, empty
+    completions included, while holding one block of logits instead of the micro-batch's [rows, tokens,
+    vocab]; a model whose forward rewrites the head's output falls back to the full logits."""
+    from opd.batching import completion_values, pack
+    from opd.logprobs import score_completions, token_logprobs
+    from opd.memory import cpu_peak_bytes
+
+    torch.manual_seed(0)
+    model = build_llama(ModelSpec(num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128),
+                        build_char_tokenizer(), 640, 0, vocab_size=VOCAB).to(dtype).eval()
+    rng = random.Random(1)
+    prompts = [[1] + [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 40))] for _ in range(6)]
+    comps = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (500, 0, 3, 580, 1, 250)]
+    with torch.no_grad():
+        b = pack(prompts, comps, 0)
+        full = completion_values(token_logprobs(model, b), b)
+        full_peak, _ = cpu_peak_bytes(lambda: token_logprobs(model, b))
+    got = score_completions(model, prompts, comps, 0, micro_batch=6)
+    chunked_peak, _ = cpu_peak_bytes(lambda: score_completions(model, prompts, comps, 0, micro_batch=6))
+    assert [len(x) for x in got] == [len(c) for c in comps]
+    tol = 1e-5 if dtype == torch.float32 else 0.07  # bf16: one rounding of a logit (|logit| < 8: 2^-5)
+    for g, f in zip(got, full):
+        assert torch.allclose(torch.tensor(g), torch.tensor(f), atol=tol, rtol=0), max(abs(a - c) for a, c in zip(g, f))
+    logits_bytes = b.input_ids.shape[0] * (b.input_ids.shape[1] - 1 - b.start) * VOCAB * dtype.itemsize
+    assert full_peak - chunked_peak > 0.5 * logits_bytes, (full_peak, chunked_peak, logits_bytes)
+
+    class Rescaled(torch.nn.Module):  # a wrapper whose forward rewrites its head's output (as soft-capping does)
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.config = module, module.config
+
+        def forward(self, **kw):
+            out = self.module(**kw)
+            out.logits = out.logits * 0.5
+            return out
+
+    wrapped = Rescaled(model)
+    halved = score_completions(wrapped, prompts, comps, 0, micro_batch=3)
+    assert wrapped._opd_full_head
+    with torch.no_grad():
+        ref = completion_values(torch.log_softmax(b.logits(model).float() * 0.5, -1).gather(
+            -1, b.targets.unsqueeze(-1)).squeeze(-1), b)
+    for g, f in zip(halved, ref):
+        assert torch.allclose(torch.tensor(g), torch.tensor(f), atol=tol, rtol=0)
