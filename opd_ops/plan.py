@@ -6,8 +6,8 @@ parameter count from its safetensors headers when they are local, else from the 
 Estimates, per GPU (or the host, on CPU):
 
 - trainer: fp32 master weights + grads + AdamW moments, 16 B/param (FSDP: over the ranks; LoRA: frozen
-  weights in their dtype, the adapters' 16 B/param small enough to ignore), under bf16/fp16 autocast its
-  cached 16-bit weight copies (2 B/param, whole on every rank), plus activations:
+  weights in their dtype, the adapters' 16 B/param small enough to ignore), under bf16/fp16 autocast the
+  16-bit weight copies (2 B/param, whole on every rank: opd.memory.autocast_copy_bytes), plus activations:
   micro_batch x (max prompt + max completion) tokens x layers x bytes held per token-layer under the
   checkpointing policy (opd.memory.LayerDims: full the fp32 input, selective + every matmul output in
   bf16, none 2.5x selective; one layer recomputed at a time on top), plus the LM head: the full logits
@@ -138,7 +138,8 @@ def _trainer_parts(cfg: RunConfig, s: Shape, ranks: int) -> dict[str, float]:
     shard = ranks if t.strategy == "fsdp" else 1
     if o.lora is not None:
         state = {"weights (frozen)": s.weight_bytes(_dtype(cfg.student.dtype, s, True)) / shard}
-    else:  # autocast's bf16 copies are whole on every rank: FSDP's unsharded weights are cast (and cached) too
+    else:  # autocast's bf16 weight copies, whole on every rank, as an H200 measured them with the cast cache on
+        # (under FSDP the gathered weights are cast too); the trainer now turns the cache off: a GPU run to measure
         state = {"weights + grads + Adam (fp32)": 16 * s.params / shard,
                  "bf16 weight copies (autocast)": autocast_copy_bytes(s.params, t.mixed_precision)}
     tokens = o.micro_batch * (cfg.data.max_prompt_tokens + o.max_tokens)
@@ -181,16 +182,13 @@ def plan(cfg: RunConfig, student: Shape, teacher: Shape, gpu_gib: float = 80.0, 
     else:
         hs.append(Holding("driver (hf sampler)", gpu(0), f"student ({s_dt})", {"weights": student.weight_bytes(s_dt)}))
     logits = o.loss.signal == "logits"
-    # a logit loss's teacher returns one micro-batch's [rows, tokens, vocab] logits whole; the hf scorer runs its
-    # head in row blocks (opd.logprobs.completion_logprobs; a model whose head it cannot replace: whole logits)
-    teacher_logits = o.micro_batch * seq * teacher.vocab * BYTES[t_dt]
     if cfg.teacher.scorer == "remote":
         hs.append(Holding("teacher server (teacher.endpoint)", "remote", f"teacher ({t_dt})",
                           {"weights": teacher.weight_bytes(t_dt)}))
     elif cfg.teacher.scorer == "vllm":
         engine("teacher engine (vLLM)", teacher, t_dt, cfg.teacher.gpu_memory_utilization,
                cfg.teacher.tensor_parallel_size, "teacher.gpu_memory_utilization")
-    elif not logits:
+    elif not logits:  # its head runs in row blocks (opd.logprobs.completion_logprobs)
         hs.append(Holding("driver (hf scorer)", gpu(0), f"teacher ({t_dt})",
                           {"weights": teacher.weight_bytes(t_dt),
                            "LM-head block": head_bytes("chunked", o.micro_batch * seq, teacher.vocab)}))
@@ -200,7 +198,7 @@ def plan(cfg: RunConfig, student: Shape, teacher: Shape, gpu_gib: float = 80.0, 
         parts = _trainer_parts(cfg, student, ranks)
         if logits:
             parts["teacher (logit loss)"] = teacher.weight_bytes(t_dt)
-            parts["teacher logits"] = teacher_logits
+            parts["teacher logits"] = o.micro_batch * seq * teacher.vocab * BYTES[t_dt]  # one micro-batch's, whole
         name = "driver (trainer)" if ranks == 1 else f"learner rank {r}"
         hs.append(Holding(name, gpu(devices[r] if ranks > 1 else 0), "student (fp32 master)", parts))
     for dev, used in Plan(hs, cap, [], []).per_device().items():
