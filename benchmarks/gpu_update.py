@@ -89,6 +89,9 @@ class ReverseKLIS:
     discount: float = 0.0
 
 
+SPEC = ReverseKLIS()
+
+
 @dataclass
 class Row:
     """One rollout: prompt and completion ids with the sampler's and the teacher's per-token log-probs."""
@@ -214,9 +217,6 @@ def replan(path: Path) -> dict:
         r.update(predicted(a, rows, r["micro_batch"], r["checkpointing"], r["head"]))
     write(result, path)
     return result
-
-
-SPEC = ReverseKLIS()
 
 
 def is_oom(e: BaseException) -> bool:
