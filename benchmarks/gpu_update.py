@@ -55,7 +55,8 @@ import opd.learner  # noqa: E402
 from opd.batching import length_buckets  # noqa: E402
 from opd.learner import learn_step  # noqa: E402
 from opd.lm_head import head_bytes, window_logprobs  # noqa: E402
-from opd.memory import LayerDims, activation_bytes, apply_checkpointing, autocast_copy_bytes, cpu_peak_bytes, parse_policy  # noqa: E402
+from opd.memory import (LayerDims, activation_bytes, apply_checkpointing, autocast_copy_bytes,  # noqa: E402
+                        cpu_peak_bytes, parse_policy)
 from opd.objectives import advantages  # noqa: E402
 from opd.rollouts import Rollout, TrainBatch  # noqa: E402
 from opd.trainer import StudentTrainer  # noqa: E402
@@ -258,7 +259,8 @@ def run_config(a, rows: list[Row], device, micro_batch: int, policy: str, head: 
         metrics.append(m)
     tokens = sum(len(r.completion_ids) for r in rows)
     step_s = statistics.median(times) if times else math.nan
-    return {"status": "ok", "peak_gib": peak / 2**30, "allocated_before_gib": before / 2**30, "tokens_per_s": tokens / step_s,
+    return {"status": "ok", "peak_gib": peak / 2**30, "allocated_before_gib": before / 2**30,
+            "tokens_per_s": tokens / step_s,
             "step_s": step_s, "step_s_all": times, "first_loss": metrics[0]["loss"],
             "first_grad_norm": metrics[0]["grad_norm"], "last_loss": metrics[-1]["loss"], "plan": plan}
 
@@ -342,7 +344,8 @@ def format_row(r: dict) -> str:
         return format(v, fmt) if isinstance(v, (int, float)) else format("-", ">" + fmt.split(".")[0])
 
     return (f"{r['micro_batch']:>5} {r['checkpointing']:>13} {r['head']:>8} {r['status']:>7} "
-            f"{num('peak_gib', '9.2f')} {num('predicted_gib', '8.2f')} {num('tokens_per_s', '10.0f')} {num('step_s', '8.3f')}")
+            f"{num('peak_gib', '9.2f')} {num('predicted_gib', '8.2f')} {num('tokens_per_s', '10.0f')} "
+            f"{num('step_s', '8.3f')}")
 
 
 def write(result: dict, out: Path) -> None:

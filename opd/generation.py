@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+BATCH_PROMPTS = 256  # prompts decoded at once, each with its n samples: their KV cache grows together
+
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(p) for p in prompts)
@@ -16,7 +18,7 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, n: int = 1, batch_size: int = 256,
+             temperature: float = 0.0, top_p: float = 1.0, n: int = 1, batch_size: int = BATCH_PROMPTS,
              seed: int | None = None) -> list[list[int]]:
     """Completion ids per (prompt, sample), prompt-major; each ends at and includes EOS if produced."""
     device = next(model.parameters()).device

@@ -15,8 +15,9 @@ Estimates, per GPU (or the host, on CPU):
   an H200's measured peaks: benchmarks/gpu_update.py;
 - a vLLM engine: its gpu_memory_utilization share of each GPU it spans (reserved up front), of which
   its weights / tensor_parallel_size; the rest is KV cache, which must hold one longest sequence;
-- a transformers copy (hf sampler, hf scorer, a logit loss's teacher): weights in their dtype; the hf scorer
-  also one chunked LM-head block, a logit loss's teacher one micro-batch's [rows, tokens, vocab] logits.
+- a transformers copy (hf sampler, hf scorer, a logit loss's teacher): weights in their dtype; the hf sampler
+  also the KV cache of every row it decodes at once, the hf scorer one chunked LM-head block, a logit loss's
+  teacher one micro-batch's [rows, tokens, vocab] logits.
 
 A row is an estimate to plan with, not a promise: allocator fragmentation and framework workspaces add
 a few GiB, which is why a GPU is judged full at 95%.
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from opd.config import RunConfig
+from opd.generation import BATCH_PROMPTS
 from opd.lm_head import head_bytes
 from opd.memory import LayerDims, activation_bytes, autocast_copy_bytes
 
@@ -96,8 +98,8 @@ def read_shape(path: str, s3=None) -> Shape:
     heads = c["num_attention_heads"]
     dtype = str(c.get("torch_dtype") or c.get("dtype") or "float32").removeprefix("torch.")
     return Shape(params, c["num_hidden_layers"], c["hidden_size"], c.get("num_key_value_heads") or heads,
-                 c.get("head_dim") or c["hidden_size"] // heads, c["vocab_size"], dtype if dtype in BYTES else "float32",
-                 heads, c["intermediate_size"])
+                 c.get("head_dim") or c["hidden_size"] // heads, c["vocab_size"],
+                 dtype if dtype in BYTES else "float32", heads, c["intermediate_size"])
 
 
 @dataclass
@@ -180,7 +182,10 @@ def plan(cfg: RunConfig, student: Shape, teacher: Shape, gpu_gib: float = 80.0, 
         engine("sampler engine (vLLM)", student, s_dt, o.gpu_memory_utilization, o.tensor_parallel_size,
                "opd.gpu_memory_utilization")
     else:
-        hs.append(Holding("driver (hf sampler)", gpu(0), f"student ({s_dt})", {"weights": student.weight_bytes(s_dt)}))
+        rows = min(BATCH_PROMPTS, o.prompts_per_step) * o.samples_per_prompt  # decoded at once
+        hs.append(Holding("driver (hf sampler)", gpu(0), f"student ({s_dt})",
+                          {"weights": student.weight_bytes(s_dt),
+                           "KV cache": rows * seq * student.kv_bytes_per_token(s_dt)}))
     logits = o.loss.signal == "logits"
     if cfg.teacher.scorer == "remote":
         hs.append(Holding("teacher server (teacher.endpoint)", "remote", f"teacher ({t_dt})",
