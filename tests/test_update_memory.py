@@ -90,7 +90,7 @@ def test_length_sorted_micro_batches_leave_the_update_unchanged(micro_batch):
 
 
 _COPIES_PROBE = """
-import copy, hashlib, json, sys, torch
+import hashlib, json, sys, torch
 sys.path[:0] = [sys.argv[2], sys.argv[3]]
 from accelerate.utils import AutocastKwargs
 from opd.config import ModelSpec, ReverseKLIS
