@@ -24,6 +24,21 @@ ROLLOUT = {"prompts_per_step": 64, "samples_per_prompt": 4, "temperature": 1.0, 
            "warmup_steps": 20, "micro_batch": 256}
 
 
+def begin(cfg, why_synthetic: str) -> None:
+    """What every benchmark's main does before it starts engines: a SIGTERM unwinds through the main's
+    ``finally`` (so a killed run's vLLM engine does not outlive it), the data are the task generator's
+    (``why_synthetic`` says why this benchmark needs that), and torch's threads are set."""
+    import signal
+    import sys
+
+    from opd.models import set_threads
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if cfg.data.source != "synthetic":
+        raise SystemExit(f"data.source must be 'synthetic': {why_synthetic}")
+    set_threads()
+
+
 # ---------------------------------------------------------------- the branch point and the eval set
 
 def warm_start(cfg, log=print) -> tuple[Path, DataRef, ModelRef, ModelRef]:

@@ -33,7 +33,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -813,14 +812,9 @@ def main(argv=None) -> int:
     out = Path(a.out)
     if a.replot:
         return common.replot(out, plot, print_table)
-    from opd.models import set_threads
-
     t_start = time.time()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through finally: no orphaned vLLM engine
     cfg = protocol_config(a.config, a.overrides, a.quick)
-    if cfg.data.source != "synthetic":
-        raise SystemExit("data.source must be 'synthetic': task A is the generator's addition")
-    set_threads()
+    common.begin(cfg, "task A is the generator's addition")
     b = setup(a, cfg)
     log = lambda m: print(m, flush=True)  # noqa: E731
     try:

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -509,15 +508,9 @@ def main(argv=None) -> int:
     out = Path(a.out)
     if a.replot:
         return common.replot(out, plot, print_table)
-    from opd.models import set_threads
-
     t0 = time.time()
-    # a killed run (SIGTERM) unwinds through the finally below, so its vLLM engine does not outlive it
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cfg = protocol_config(a.config, a.overrides, a.quick)
-    if cfg.data.source != "synthetic":
-        raise SystemExit("data.source must be 'synthetic': the eval set is the generator's held-out split")
-    set_threads()
+    common.begin(cfg, "the eval set is the generator's held-out split")
     b = setup(a, cfg)
     try:
         b.start, teacher_acc = start_point(b)

@@ -19,7 +19,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.common import (EVAL_SEED, OPD, ROLLOUT, ZERO, add_cost, arm_config, eval_set, first_reach,
+from benchmarks.common import (EVAL_SEED, OPD, ROLLOUT, ZERO, add_cost, arm_config, begin, eval_set, first_reach,
                                mean_or_none, replot, run_rounds, saved_run, spread, warm_start, write_json,
                                write_outputs)
 
@@ -733,15 +732,9 @@ def plateau_main(a: argparse.Namespace, argv=None) -> int:
     out = Path(a.out)
     if a.replot:
         return replot(out, plot_plateau, print_table_plateau)
-    from opd.models import set_threads
-
     t0 = time.time()
-    # a killed run (SIGTERM) unwinds through the finally below, so its vLLM engine does not outlive it
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cfg = plateau_config(a)
-    if cfg.data.source != "synthetic":
-        raise SystemExit("data.source must be 'synthetic': the SFT data are fresh problems from the generator")
-    set_threads()
+    begin(cfg, "the SFT data are fresh problems from the generator")
     b = plateau_setup(a, cfg)
     log = lambda m: print(m, flush=True)  # noqa: E731
     try:
