@@ -13,7 +13,8 @@ a few percent of a step.
 ``window_logprobs`` runs a Hugging Face causal LM through its own ``forward`` with the head swapped for
 this computation for the call (so DDP's and FSDP2's hooks on the top-level module still run), over the
 positions ``opd.batching.PackedBatch.logits`` selects, and returns ``(logp, entropy)`` [B, T] like
-``opd.losses.sampled_logprobs(batch.logits(model), batch.targets)``.
+``opd.losses.sampled_logprobs(batch.logits(model), batch.targets)``. ``window_topk`` does the same for a
+teacher's top-k grade (no gradient): the sampled token's log-prob and the k most likely ids with theirs.
 """
 from __future__ import annotations
 
@@ -162,6 +163,36 @@ def chunked_sampled_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets
     return logp.view(targets.shape), ent.view(targets.shape)
 
 
+@torch.no_grad()
+def chunked_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, k: int,
+                          bias: torch.Tensor | None = None, *, block_rows: int | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-prob of ``targets``, the k most likely ids, their log-probs) under softmax(hidden W^T + b), shapes
+    ``targets.shape``, ``targets.shape + (k,)`` twice; in row blocks, no gradient: the teacher's grade for a
+    top-k distillation loss. The logits are the compute dtype's (as the full-logits path's, so the same ids
+    win), the log-sum-exp fp32 (fp64 for fp64 inputs)."""
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(targets.shape)}: one target per row")
+    if not 1 <= k <= weight.shape[0]:
+        raise ValueError(f"k={k}: must be in 1..{weight.shape[0]} (the vocabulary)")
+    h, t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    rows = block_rows or rows_per_block(weight.shape[0])
+    cd = compute_dtype(hidden)
+    acc = torch.promote_types(cd, torch.float32)
+    logp = torch.empty(h.shape[0], dtype=acc, device=h.device)
+    ids = torch.empty(h.shape[0], k, dtype=torch.long, device=h.device)
+    vals = torch.empty(h.shape[0], k, dtype=acc, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        w, b = weight.to(cd), None if bias is None else bias.to(cd)
+        for i in range(0, h.shape[0], rows):
+            z, _ = _block_logits(h[i:i + rows], w, b, cd, 1.0, None)
+            lse = torch.logsumexp(z, -1)
+            logp[i:i + rows] = z.gather(-1, t[i:i + rows, None])[:, 0] - lse
+            v, ix = z.topk(k, dim=-1)
+            vals[i:i + rows], ids[i:i + rows] = v - lse[:, None], ix
+    return logp.view(targets.shape), ids.view(*targets.shape, k), vals.view(*targets.shape, k)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Hugging Face causal LMs
 # ------------------------------------------------------------------------------------------------------
@@ -181,7 +212,10 @@ class _Window:
     targets: torch.Tensor  # [B, T]
     mask: torch.Tensor | None  # [B, T]; rows where it is 0 are skipped (log-prob and entropy 0)
     block_rows: int | None
+    topk: int = 0  # > 0: the top-k grade (no gradient) instead of (log-prob, entropy); its ids and values here
     out: torch.Tensor | None = None
+    topk_ids: torch.Tensor | None = None  # [B, T, k]
+    topk_logprobs: torch.Tensor | None = None  # [B, T, k]
 
 
 def unwrap(model):
@@ -215,6 +249,8 @@ def _head_replaced(head: torch.nn.Linear, window: _Window):
 
     def forward(h):  # h: [B, T, H], the window's final hidden states
         mask = window.mask
+        if window.topk:
+            return _topk_forward(h, head, window)
         if mask is None:
             logp, ent = chunked_sampled_logprobs(h, head.weight, window.targets, head.bias,
                                                  block_rows=window.block_rows)
@@ -245,14 +281,47 @@ def window_logprobs(model, batch, *, only_completion: bool = True,
     ``model(...)`` so their hooks run. ``only_completion`` runs the head only where ``loss_mask`` is
     non-zero (padding and the other rows' prompt positions inside the window cost nothing there); the
     values elsewhere are 0."""
+    got = _run_window(model, batch, _Window(batch.targets, batch.loss_mask if only_completion else None, block_rows))
+    return got[..., 0], got[..., 1].detach()
+
+
+@torch.no_grad()
+def window_topk(model, batch, k: int, *, block_rows: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log-prob of ``batch.targets`` [B, T], top-k ids [B, T, k], their log-probs [B, T, k]) under ``model`` at
+    the completion positions (0 elsewhere), T = S-1-start as in ``window_logprobs``: the values of the
+    full-logits top-k (``logits.topk(k)`` minus the fp32 log-sum-exp) without [B, T, V] logits."""
+    if k < 1:
+        raise ValueError(f"k={k}: the top-k grade needs k >= 1")
+    window = _Window(batch.targets, batch.loss_mask, block_rows, topk=k)
+    got = _run_window(model, batch, window)
+    return got[..., 0], window.topk_ids, window.topk_logprobs
+
+
+def _topk_forward(h: torch.Tensor, head: torch.nn.Linear, window: _Window) -> torch.Tensor:
+    """The head's stand-in for ``window_topk``: the top-k grade of the masked rows, kept in ``window``."""
+    keep = window.mask.reshape(-1) != 0
+    lp, ids, vals = chunked_topk_logprobs(h.reshape(-1, h.shape[-1])[keep], head.weight,
+                                          window.targets.reshape(-1)[keep], window.topk, head.bias,
+                                          block_rows=window.block_rows)
+    shape = (*window.targets.shape, window.topk)
+    window.topk_ids = ids.new_zeros(keep.shape[0], window.topk).index_put_((keep,), ids).view(shape)
+    window.topk_logprobs = vals.new_zeros(keep.shape[0], window.topk).index_put_((keep,), vals).view(shape)
+    logp = lp.new_zeros(keep.shape).masked_scatter(keep, lp).view(window.targets.shape)
+    window.out = torch.stack([logp, torch.zeros_like(logp)], dim=-1)
+    return window.out
+
+
+def _run_window(model, batch, window: _Window) -> torch.Tensor:
+    """``model``'s forward over ``batch`` with its head replaced for ``window``: the [B, T, 2] the stand-in
+    returned, refused (``UnsupportedHead``) if the model's forward changed it before returning it."""
     head = lm_head_of(model)
     ids = batch.input_ids
     keep = torch.arange(batch.start, ids.shape[1] - 1, device=ids.device)  # as PackedBatch.logits
-    window = _Window(batch.targets, batch.loss_mask if only_completion else None, block_rows)
     with _head_replaced(head, window):
         out = model(input_ids=ids, attention_mask=batch.attention_mask, logits_to_keep=keep, use_cache=False)
     got = out.logits
     if window.out is None or (got is not window.out and not torch.equal(got, window.out)):
         raise UnsupportedHead(f"{type(unwrap(model)).__name__}.forward changed the LM head's output before returning "
                               "it: the chunked LM head cannot stand in for this model's head; use the full-logits path")
-    return got[..., 0], got[..., 1].detach()
+    return got

@@ -154,24 +154,17 @@ class HFTeacher:
         return generate(self.model, prompts, eos_id, self.pad_id, max_tokens, temperature=temperature, seed=seed)
 
     def score_topk(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> TopKScores:
-        import torch
-
         from opd.batching import completion_values, pack
-        from opd.losses import logsumexp_fp32
+        from opd.logprobs import completion_topk
 
         _check_inputs(prompts, completions, self.vocab_size, None, "hf teacher")
         out = TopKScores([], [], [])
-        with torch.no_grad():
-            for s in range(0, len(prompts), self.micro_batch):
-                b = pack(prompts[s : s + self.micro_batch], completions[s : s + self.micro_batch], self.pad_id)
-                b = b.to(self.device)
-                logits = b.logits(self.model)
-                norm = logsumexp_fp32(logits)  # one normaliser for the sampled token and the top-k
-                vals, ids = logits.topk(k, dim=-1)
-                tok = logits.gather(-1, b.targets.unsqueeze(-1)).squeeze(-1).float() - norm
-                out.token_logprobs.extend(completion_values(tok, b))
-                out.ids.extend(completion_values(ids, b))
-                out.logprobs.extend(completion_values(vals.float() - norm.unsqueeze(-1), b))
+        for s in range(0, len(prompts), self.micro_batch):
+            b = pack(prompts[s : s + self.micro_batch], completions[s : s + self.micro_batch], self.pad_id)
+            tok, ids, vals = completion_topk(self.model, b.to(self.device), k)
+            out.token_logprobs.extend(completion_values(tok, b))
+            out.ids.extend(completion_values(ids, b))
+            out.logprobs.extend(completion_values(vals, b))
         return out
 
     def close(self) -> None:

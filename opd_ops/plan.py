@@ -193,7 +193,7 @@ def plan(cfg: RunConfig, student: Shape, teacher: Shape, gpu_gib: float = 80.0, 
     elif cfg.teacher.scorer == "vllm":
         engine("teacher engine (vLLM)", teacher, t_dt, cfg.teacher.gpu_memory_utilization,
                cfg.teacher.tensor_parallel_size, "teacher.gpu_memory_utilization")
-    elif not logits:  # its head runs in row blocks (opd.logprobs.completion_logprobs)
+    elif not logits:  # its head runs in row blocks (opd.logprobs.completion_logprobs, completion_topk)
         hs.append(Holding("driver (hf scorer)", gpu(0), f"teacher ({t_dt})",
                           {"weights": teacher.weight_bytes(t_dt),
                            "LM-head block": head_bytes("chunked", o.micro_batch * seq, teacher.vocab)}))

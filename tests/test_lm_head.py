@@ -7,7 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 
 from opd.batching import pack
 from opd.errors import PermanentError
-from opd.lm_head import UnsupportedHead, chunked_sampled_logprobs, rows_per_block, window_logprobs
+from opd.lm_head import UnsupportedHead, chunked_sampled_logprobs, rows_per_block, window_logprobs, window_topk
 from opd.losses import sampled_logprobs
 from opd.memory import cpu_peak_bytes
 
@@ -192,6 +192,29 @@ def test_window_logprobs_equal_the_full_logits_path(arch, tied):
     head_rows = torch.unique(b.targets[m])  # with a tied head, the LM head's gradient reaches the embedding
     if tied:
         assert emb[head_rows].abs().sum() > 0 and emb[torch.tensor([50, 60])].abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("tied", [True, False])
+def test_window_topk_equals_the_full_logits_topk(arch, tied):
+    """The teacher's top-k grade (reverse_kl_topk's input) by row blocks: the full logits' top-k ids in
+    order, their log-probs and the sampled token's, at completion positions only."""
+    torch.manual_seed(0)
+    model = MODELS[arch](tied).double()
+    b, k = _batch(), 5
+    tok, ids, vals = window_topk(model, b, k, block_rows=4)
+    with torch.no_grad():
+        logits = b.logits(model)
+    lse = torch.logsumexp(logits, -1, keepdim=True)
+    ref_vals, ref_ids = logits.topk(k, dim=-1)
+    m = b.loss_mask.bool()
+    assert ids.shape == vals.shape == (*b.targets.shape, k) and tok.shape == b.targets.shape
+    assert torch.equal(ids[m], ref_ids[m])
+    assert torch.allclose(vals[m], (ref_vals - lse)[m], atol=1e-9)
+    assert torch.allclose(tok[m], (logits.gather(-1, b.targets[..., None]) - lse)[..., 0][m], atol=1e-9)
+    assert (ids[~m] == 0).all() and (vals[~m] == 0).all() and (tok[~m] == 0).all()
+    with pytest.raises(ValueError, match="k=0"):
+        window_topk(model, b, 0)
 
 
 def test_every_window_position_when_asked():

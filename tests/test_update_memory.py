@@ -169,6 +169,31 @@ def test_scoring_forward_keeps_no_kv_cache():
     assert logits.shape == (8, b.input_ids.shape[1] - 1 - b.start, 128)
 
 
+def test_topk_scoring_holds_one_block_of_logits():
+    """The hf teacher's top-k grade (reverse_kl_topk) runs the chunked head: the full-logits path's numbers
+    while holding one block instead of the micro-batch's [rows, tokens, vocab] logits."""
+    from opd.batching import pack
+    from opd.logprobs import completion_topk
+    from opd.memory import cpu_peak_bytes
+
+    torch.manual_seed(0)
+    model = build_llama(ModelSpec(num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128),
+                        build_char_tokenizer(), 640, 0, vocab_size=VOCAB).eval()
+    rng = random.Random(2)
+    prompts = [[1] + [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 40))] for _ in range(6)]
+    comps = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (500, 0, 3, 580, 1, 250)]
+    b = pack(prompts, comps, 0)
+    model._opd_full_head = True  # the fallback: the full logits' top-k
+    full_peak, (tok_f, ids_f, vals_f) = cpu_peak_bytes(lambda: completion_topk(model, b, 8))
+    del model._opd_full_head
+    chunked_peak, (tok, ids, vals) = cpu_peak_bytes(lambda: completion_topk(model, b, 8))
+    m = b.loss_mask.bool()
+    assert torch.equal(ids[m], ids_f[m])
+    assert torch.allclose(vals[m], vals_f[m], atol=1e-5) and torch.allclose(tok[m], tok_f[m], atol=1e-5)
+    logits_bytes = b.input_ids.shape[0] * (b.input_ids.shape[1] - 1 - b.start) * VOCAB * 4
+    assert full_peak - chunked_peak > 0.5 * logits_bytes, (full_peak, chunked_peak, logits_bytes)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scoring_runs_the_chunked_head_and_matches_the_full_logits(dtype):
     """score_completions (the hf scorer, evaluation's reverse KL) gives the full-logits log-probs, empty
