@@ -224,6 +224,8 @@ def _fixes(cfg: RunConfig) -> str:
         fixes.append(f"a smaller opd.micro_batch (now {o.micro_batch})")
     if t.strategy != "fsdp" or t.num_processes == 1:
         fixes.append("training.strategy=fsdp over more training.num_processes")
+    if o.sampler == "hf":
+        fixes.append("opd.sampler=vllm (a paged KV cache of a fixed size; the hf sampler's grows with every row)")
     if o.sampler == "vllm" and t.num_processes == 1:
         fixes.append("the update on its own GPUs (training.num_processes, training.devices)")
     if cfg.teacher.scorer != "remote":

@@ -61,7 +61,7 @@ def test_a_placement_that_cannot_fit_is_refused_with_the_fix(qwen):
     # the hf sampler decodes every row of a step at once: 64 prompts x 4 samples x 6,144 tokens x 144 KiB of KV
     rc, out = _plan("configs/qwen3-8b-from-32b.yaml", *qwen, "--set", "opd.sampler=hf",
                     "--set", "opd.tensor_parallel_size=1")
-    assert rc == 2 and "driver (hf sampler)" in out and "KV cache 216.0" in out, out
+    assert rc == 2 and "driver (hf sampler)" in out and "KV cache 216.0" in out and "opd.sampler=vllm" in out, out
     rc, out = _plan("configs/qwen3-8b-from-32b.yaml", *qwen, "--set", "teacher.scorer=vllm")
     assert rc == 2 and "teacher engine (vLLM) on cuda:0: teacher.gpu_memory_utilization=0.3 reserves 24.0 GiB" in out
 
