@@ -10,9 +10,10 @@ import math
 import os
 import shutil
 import statistics
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
     from opd.data.dataset import DataRef
@@ -37,6 +38,37 @@ def begin(cfg, why_synthetic: str) -> None:
     if cfg.data.source != "synthetic":
         raise SystemExit(f"data.source must be 'synthetic': {why_synthetic}")
     set_threads()
+
+
+@contextmanager
+def library_output(cfg, name: str) -> Iterator[Path]:
+    """The benchmark's own lines (``print``, its tables) stay on the terminal; everything else goes to
+    ``<home>/bench/<name>/logs/third_party.log`` until the block ends: vLLM's engine and worker processes,
+    checkpoint-loading progress bars, library loggers and warnings (``opd_ops.logs.run_logs``, as the flows
+    do). A plateau OPD run printed ~12,000 such lines around its ~60 results."""
+    import sys
+
+    from opd_ops.logs import run_logs, third_party_log
+
+    run_dir = Path(cfg.home) / "bench" / name
+    # vLLM's own logging config would give its logger a handler on sys.stdout, i.e. the terminal's copy below:
+    # unconfigured, its records reach the root logger, which run_logs points at the file
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    sys.stdout.flush()
+    try:  # print() keeps a private copy of the terminal's descriptor; fd 1 itself goes to the file
+        terminal = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1, encoding="utf-8", errors="replace")
+    except (AttributeError, OSError, ValueError):  # stdout not backed by a descriptor: print() never reaches fd 1
+        terminal = None
+    saved = sys.stdout
+    sys.stdout = terminal or saved
+    print(f"library output (vLLM, progress bars, warnings): {third_party_log(run_dir)}", flush=True)
+    try:
+        with run_logs(run_dir) as path:
+            yield path
+    finally:
+        sys.stdout = saved
+        if terminal is not None:
+            terminal.close()
 
 
 # ---------------------------------------------------------------- the branch point and the eval set

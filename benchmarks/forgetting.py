@@ -815,20 +815,21 @@ def main(argv=None) -> int:
     t_start = time.time()
     cfg = protocol_config(a.config, a.overrides, a.quick)
     common.begin(cfg, "task A is the generator's addition")
-    b = setup(a, cfg)
     log = lambda m: print(m, flush=True)  # noqa: E731
-    try:
-        b.t0 = t0_point(b)
-        log(f"T0: A greedy {b.t0['a_accuracy']:.3f} T1 {b.t0['a_sampled_accuracy']:.3f}, B greedy "
-            f"{b.t0['b_accuracy']:.3f} T1 {b.t0['b_sampled_accuracy']:.3f} ({len(b.ev_a['prompt'])} problems per task); "
-            f"runs kept in {b.root}")
-        mids = {s: mid_training(b, s, log) for s in a.seeds}
-        curves, search = run_all(b, mids, log)
-        res = report(a, argv, cfg, b, mids, curves, search, t_start)
-    finally:
-        b.engines.close()
-        if a.quick:
-            shutil.rmtree(b.root, ignore_errors=True)
+    with common.library_output(cfg, "forgetting"):
+        b = setup(a, cfg)
+        try:
+            b.t0 = t0_point(b)
+            log(f"T0: A greedy {b.t0['a_accuracy']:.3f} T1 {b.t0['a_sampled_accuracy']:.3f}, B greedy "
+                f"{b.t0['b_accuracy']:.3f} T1 {b.t0['b_sampled_accuracy']:.3f} ({len(b.ev_a['prompt'])} problems per "
+                f"task); runs kept in {b.root}")
+            mids = {s: mid_training(b, s, log) for s in a.seeds}
+            curves, search = run_all(b, mids, log)
+            res = report(a, argv, cfg, b, mids, curves, search, t_start)
+        finally:
+            b.engines.close()
+            if a.quick:
+                shutil.rmtree(b.root, ignore_errors=True)
     write_outputs(res, out)
     return 0
 

@@ -511,18 +511,19 @@ def main(argv=None) -> int:
     t0 = time.time()
     cfg = protocol_config(a.config, a.overrides, a.quick)
     common.begin(cfg, "the eval set is the generator's held-out split")
-    b = setup(a, cfg)
-    try:
-        b.start, teacher_acc = start_point(b)
-        print(f"teacher acc {teacher_acc:.3f}; SFT checkpoint acc {b.start['accuracy']:.3f}, T=1 "
-              f"{b.start['sampled_accuracy']:.3f}, KL {b.start['reverse_kl']:.4f} ({len(b.ev['prompt'])} problems); "
-              f"runs kept in {b.runs}", flush=True)
-        curves, search = run_all(b, a.arms, a.lrs, a.seeds, log=lambda m: print(m, flush=True))
-        res = report(a, argv, cfg, b, teacher_acc, curves, search, t0)
-    finally:
-        b.engines.close()
-        if a.quick:
-            shutil.rmtree(b.runs, ignore_errors=True)
+    with common.library_output(cfg, "opd_vs_rl"):
+        b = setup(a, cfg)
+        try:
+            b.start, teacher_acc = start_point(b)
+            print(f"teacher acc {teacher_acc:.3f}; SFT checkpoint acc {b.start['accuracy']:.3f}, T=1 "
+                  f"{b.start['sampled_accuracy']:.3f}, KL {b.start['reverse_kl']:.4f} ({len(b.ev['prompt'])} "
+                  f"problems); runs kept in {b.runs}", flush=True)
+            curves, search = run_all(b, a.arms, a.lrs, a.seeds, log=lambda m: print(m, flush=True))
+            res = report(a, argv, cfg, b, teacher_acc, curves, search, t0)
+        finally:
+            b.engines.close()
+            if a.quick:
+                shutil.rmtree(b.runs, ignore_errors=True)
     write_outputs(res, out)
     return 0
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks.common import (EVAL_SEED, OPD, ROLLOUT, ZERO, add_cost, arm_config, begin, eval_set, first_reach,
-                               mean_or_none, replot, run_rounds, saved_run, spread, warm_start, write_json,
-                               write_outputs)
+                               library_output, mean_or_none, replot, run_rounds, saved_run, spread, warm_start,
+                               write_json, write_outputs)
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL_COMMIT = "6bed30a"  # benchmarks/README.md, "sample_efficiency.py --regime plateau"; before any code or run
@@ -735,6 +735,12 @@ def plateau_main(a: argparse.Namespace, argv=None) -> int:
     t0 = time.time()
     cfg = plateau_config(a)
     begin(cfg, "the SFT data are fresh problems from the generator")
+    with library_output(cfg, "sample_efficiency_plateau"):
+        return _plateau(a, argv, cfg, out, t0)
+
+
+def _plateau(a: argparse.Namespace, argv, cfg, out: Path, t0: float) -> int:
+    """The trajectory, the rule, the arms from C and the report (``plateau_main``'s body)."""
     b = plateau_setup(a, cfg)
     log = lambda m: print(m, flush=True)  # noqa: E731
     try:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import EVAL_SEED, first_reach, replot, spread, warm_start, write_outputs  # noqa: E402
+from benchmarks.common import (EVAL_SEED, begin, first_reach, library_output, replot, spread, warm_start,  # noqa: E402
+                               write_outputs)
 from benchmarks.plateau import plateau_args, plateau_main  # noqa: E402
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "sample_efficiency.json"
@@ -296,15 +297,20 @@ def main(argv=None) -> int:
     if a.replot:
         return replot(Path(a.out), plot, print_table)
     from opd.config import load_config
-    from opd.models import load_model, load_tokenizer, set_threads
-    from opd.engines import Engines
-    from opd.evaluation import accuracy
 
     cfg = load_config(a.config, a.overrides)
-    if cfg.data.source != "synthetic":
-        raise SystemExit("data.source must be 'synthetic': the SFT branch draws fresh problems from the generator")
-    set_threads()
+    begin(cfg, "the SFT branch draws fresh problems from the generator")
+    with library_output(cfg, "sample_efficiency"):
+        return _steep(a, argv, cfg)
+
+
+def _steep(a: argparse.Namespace, argv, cfg) -> int:
+    """The steep regime: both branches from the SFT-warmup checkpoint, the LR search, the report."""
     import torch
+
+    from opd.engines import Engines
+    from opd.evaluation import accuracy
+    from opd.models import load_model, load_tokenizer
 
     t_start = time.time()
     bench, data, teacher, warm = warm_start(cfg)

@@ -16,6 +16,36 @@ pytest.importorskip("vllm", reason="the benchmark drives the vLLM sampler")
 pytest.importorskip("trl", reason="trl (dev extra) is the other side of the comparison")
 
 
+def test_library_output_keeps_the_terminal_for_the_benchmarks_own_lines(tmp_path):
+    """Inside ``library_output`` the benchmark's prints reach the terminal; a library logger, a Python
+    warning, a C-level write to fd 1/2 and a child process's output go to the file instead."""
+    script = tmp_path / "bench.py"
+    script.write_text(f"""
+import logging, os, subprocess, sys, types, warnings
+sys.path.insert(0, {str(REPO)!r})
+from benchmarks.common import library_output
+with library_output(types.SimpleNamespace(home={str(tmp_path)!r}), "probe") as path:
+    print("result line")
+    logging.getLogger("vllm").warning("engine noise")
+    warnings.warn("library warning")
+    os.write(1, b"fd-level noise\\n")
+    os.write(2, b"stderr noise\\n")
+    subprocess.run([sys.executable, "-c", "print('worker noise')"], check=True)
+    print("after the noise")
+print("after the block")
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    log = tmp_path / "bench" / "probe" / "logs" / "third_party.log"
+    assert proc.stdout.splitlines() == [f"library output (vLLM, progress bars, warnings): {log}", "result line",
+                                        "after the noise", "after the block"], proc.stdout
+    assert proc.stderr == ""
+    text = log.read_text()
+    for noise in ("engine noise", "library warning", "fd-level noise", "stderr noise", "worker noise"):
+        assert noise in text, (noise, text)
+    assert "result line" not in text
+
+
 @pytest.mark.slow  # ~40 s; the benchmarks' smoke runs are in `make test-all`
 def test_opd_step_quick(tmp_path):
     out = tmp_path / "opd_step.json"
@@ -67,6 +97,9 @@ def test_sample_efficiency_quick(tmp_path, opd_home):
     row = res["per_seed"]["0"]
     assert isinstance(row["sft_reached"], bool) and isinstance(row["opd_reached"], bool)
     assert "ratio SFT/OPD, student FLOPs" in proc.stdout
+    # vLLM's engine and workers, progress bars and warnings went to the file, not the terminal
+    assert "WARNING" not in proc.stdout and "Loading safetensors" not in proc.stdout + proc.stderr, proc.stdout[-3000:]
+    assert "RotaryEmbedding" in (opd_home / "bench" / "sample_efficiency" / "logs" / "third_party.log").read_text()
 
 
 @pytest.mark.slow  # ~100 s: four arms of 20 steps on the CI config (plus the CI teacher and warmup if not cached)
