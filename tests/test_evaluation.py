@@ -146,3 +146,28 @@ def test_evaluation_is_persisted_and_reused_for_the_same_models(tmp_path):
     other, _, _ = run(load_config("configs/ci.yaml", [f"home={tmp_path}", "eval.max_examples=4",
                                                       "eval.kl_samples_per_prompt=2", "device=cpu"]))
     assert other["opd_student"]["n"] == 4 and len(logs) == 1
+
+
+def test_decoding_batches_are_sized_to_the_free_gpu_memory():
+    """A real student's evaluation samples do not fit one batch on a card (Qwen3-8B: 4 samples of 30 AIME prompts
+    x 6,144 positions = 101 GiB of KV cache); ``generate`` cuts its batch to what fits on a GPU, and greedy
+    completions do not depend on the cut."""
+    from transformers import Qwen3Config
+
+    from opd.generation import BATCH_PROMPTS, bytes_per_row, prompts_that_fit
+
+    q8 = Qwen3Config(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936)
+    gib = 2**30
+    per_row = bytes_per_row(q8, 2, 2048, 6144)
+    assert 2 * 36 * 8 * 128 * 2 * 6144 == 864 * 2**20 and gib < per_row < 1.1 * gib  # KV + prefill + logits
+    assert 120 * per_row > 80 * gib  # the evaluation's 30 x 4 rows in one batch: over an 80 GiB card
+    fit = prompts_that_fit(q8, 2, 2048, 6144, 4, 64 * gib)  # 80 GiB card less the bf16 weights
+    assert fit == int(64 * gib * 0.7) // per_row // 4 == 10 and fit * 4 * per_row <= 0.7 * 64 * gib
+    assert prompts_that_fit(q8, 2, 2048, 6144, 4, gib) == 1  # at least one prompt, whatever is free
+    assert prompts_that_fit(q8, 2, 16, 32, 1, 1024 * gib) == BATCH_PROMPTS  # never more than the cap
+
+    tok, student, _ = _tiny_pair()
+    ids = [tok(p).input_ids for p in ["12+34=", "7+8=", "100+1=", "5+5+5=", "9+9="]]
+    whole = generate(student, ids, tok.eos_token_id, tok.pad_token_id, 12)
+    assert generate(student, ids, tok.eos_token_id, tok.pad_token_id, 12, batch_size=2) == whole
