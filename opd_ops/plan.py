@@ -16,7 +16,8 @@ Estimates, per GPU (or the host, on CPU):
 - a vLLM engine: its gpu_memory_utilization share of each GPU it spans (reserved up front), of which
   its weights / tensor_parallel_size; the rest is KV cache, which must hold one longest sequence;
 - a transformers copy (hf sampler, hf scorer, a logit loss's teacher): weights in their dtype; the hf sampler
-  also the KV cache of every row it decodes at once, the hf scorer one chunked LM-head block, a logit loss's
+  also the KV cache of the rows it decodes at once (as many as 0.7 of its card besides its weights holds:
+  ``opd.generation.prompts_that_fit``), the hf scorer one chunked LM-head block, a logit loss's
   teacher one micro-batch's [rows, tokens, vocab] logits.
 
 A row is an estimate to plan with, not a promise: allocator fragmentation and framework workspaces add
@@ -27,9 +28,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from opd.config import RunConfig
-from opd.generation import BATCH_PROMPTS
+from opd.generation import BATCH_PROMPTS, prompts_that_fit
 from opd.lm_head import head_bytes
 from opd.memory import LayerDims, activation_bytes, autocast_copy_bytes
 
@@ -64,6 +66,12 @@ class Shape:
 
     def kv_bytes_per_token(self, dtype: str) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * BYTES[dtype]
+
+    def config(self) -> SimpleNamespace:
+        """The config attributes ``opd.generation`` sizes a decoding batch by."""
+        return SimpleNamespace(num_hidden_layers=self.layers, hidden_size=self.hidden, num_attention_heads=self.heads,
+                               num_key_value_heads=self.kv_heads, head_dim=self.head_dim,
+                               intermediate_size=self.intermediate, vocab_size=self.vocab)
 
 
 def formula_params(c: dict) -> int:
@@ -182,7 +190,13 @@ def plan(cfg: RunConfig, student: Shape, teacher: Shape, gpu_gib: float = 80.0, 
         engine("sampler engine (vLLM)", student, s_dt, o.gpu_memory_utilization, o.tensor_parallel_size,
                "opd.gpu_memory_utilization")
     else:
-        rows = min(BATCH_PROMPTS, o.prompts_per_step) * o.samples_per_prompt  # decoded at once
+        per_batch = min(BATCH_PROMPTS, o.prompts_per_step)
+        if on_gpu:  # generate cuts its batch to the free memory: at most what its card holds besides its weights
+            per_batch = prompts_that_fit(student.config(), BYTES[s_dt], cfg.data.max_prompt_tokens, seq,
+                                         o.samples_per_prompt, cap - student.weight_bytes(s_dt), per_batch)
+            notes.append(f"driver (hf sampler): {per_batch} of the step's {o.prompts_per_step} prompts (x "
+                         f"{o.samples_per_prompt} samples) decoded at once, less if its card holds more")
+        rows = per_batch * o.samples_per_prompt
         hs.append(Holding("driver (hf sampler)", gpu(0), f"student ({s_dt})",
                           {"weights": student.weight_bytes(s_dt),
                            "KV cache": rows * seq * student.kv_bytes_per_token(s_dt)}))

@@ -58,10 +58,15 @@ def test_a_placement_that_cannot_fit_is_refused_with_the_fix(qwen):
     rank = next(ln for ln in out.splitlines() if "learner rank 0" in ln)
     # 30.5 fp32 state + 15.3 bf16 copies + 19.4 activations + 10.4 student logits + 61.0 teacher + 7.0 its logits
     assert rc == 2 and "teacher (logit loss) 61.0" in rank and " 143.6 " in rank, out
-    # the hf sampler decodes every row of a step at once: 64 prompts x 4 samples x 6,144 tokens x 144 KiB of KV
+    # the hf sampler decodes as many of the step's 64 prompts x 4 samples as its card holds (all at once: 216 GiB
+    # of KV cache): 10 prompts in 0.7 of 80 - 15.3 GiB at ~1.05 GiB per 6,144-token row, 33.8 GiB of KV cache
     rc, out = _plan("configs/qwen3-8b-from-32b.yaml", *qwen, "--set", "opd.sampler=hf",
                     "--set", "opd.tensor_parallel_size=1")
-    assert rc == 2 and "driver (hf sampler)" in out and "KV cache 216.0" in out and "opd.sampler=vllm" in out, out
+    assert rc == 0 and "weights 15.3, KV cache 33.8" in out and "10 of the step's 64 prompts" in out, out
+    rc, out = _plan("configs/qwen3-8b-from-32b.yaml", *qwen, "--set", "opd.sampler=hf",
+                    "--set", "opd.tensor_parallel_size=1", "--gpu-gib", "16")  # weights alone nearly fill the card
+    sampler = next(ln for ln in out.splitlines() if "cuda:0:" in ln and "planned" in ln)  # 1 prompt: 15.3 + 3.4
+    assert rc == 2 and "driver (hf sampler) 18.6" in sampler and "opd.sampler=vllm" in sampler, out
     rc, out = _plan("configs/qwen3-8b-from-32b.yaml", *qwen, "--set", "teacher.scorer=vllm")
     assert rc == 2 and "teacher engine (vLLM) on cuda:0: teacher.gpu_memory_utilization=0.3 reserves 24.0 GiB" in out
 
