@@ -7,17 +7,25 @@ BATCH_PROMPTS = 256  # prompts decoded at once, each with its n samples: their K
 GPU_SHARE = 0.7  # of the free GPU memory one decoding batch may fill (the allocator's slack and transients stay out)
 
 
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    """Every layer's K and V for one position (grouped-query heads counted once per KV head)."""
+    c = _text_config(config)
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
 def bytes_per_row(config, dtype_bytes: int, prompt_len: int, width: int) -> int:
-    """Device bytes one sequence costs ``model.generate``: its KV cache over ``width`` positions (every layer's
-    K and V), one layer's prefill activations over ``prompt_len`` tokens (no_grad: the layers run one at a time)
-    and a step's fp32 logits with their softmax."""
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = c.num_attention_heads
-    kv_heads = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    kv = 2 * c.num_hidden_layers * kv_heads * head_dim * dtype_bytes * width
+    """Device bytes one sequence costs ``model.generate``: its KV cache over ``width`` positions, one layer's
+    prefill activations over ``prompt_len`` tokens (no_grad: the layers run one at a time) and a step's fp32
+    logits with their softmax."""
+    c = _text_config(config)
     prefill = prompt_len * (3 * c.intermediate_size + 4 * c.hidden_size) * dtype_bytes
-    return kv + prefill + 2 * 4 * c.vocab_size
+    return kv_bytes_per_token(c, dtype_bytes) * width + prefill + 2 * 4 * c.vocab_size
 
 
 def prompts_that_fit(config, dtype_bytes: int, prompt_len: int, width: int, n: int, free_bytes: int,

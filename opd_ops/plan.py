@@ -31,7 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from opd.config import RunConfig
-from opd.generation import BATCH_PROMPTS, prompts_that_fit
+from opd.generation import BATCH_PROMPTS, kv_bytes_per_token, prompts_that_fit
 from opd.lm_head import head_bytes
 from opd.memory import LayerDims, activation_bytes, autocast_copy_bytes
 
@@ -65,7 +65,7 @@ class Shape:
         return self.params * BYTES[dtype]
 
     def kv_bytes_per_token(self, dtype: str) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * BYTES[dtype]
+        return kv_bytes_per_token(self.config(), BYTES[dtype])
 
     def config(self) -> SimpleNamespace:
         """The config attributes ``opd.generation`` sizes a decoding batch by."""
