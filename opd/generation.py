@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 BATCH_PROMPTS = 256  # prompts decoded at once, each with its n samples: their KV cache grows together
 GPU_SHARE = 0.7  # of the free GPU memory one decoding batch may fill (the allocator's slack and transients stay out)
@@ -25,7 +26,7 @@ def bytes_per_row(config, dtype_bytes: int, prompt_len: int, width: int) -> int:
     logits with their softmax."""
     c = _text_config(config)
     prefill = prompt_len * (3 * c.intermediate_size + 4 * c.hidden_size) * dtype_bytes
-    return kv_bytes_per_token(c, dtype_bytes) * width + prefill + 2 * 4 * c.vocab_size
+    return kv_bytes_per_token(c, dtype_bytes) * width + prefill + (2 * 4 + NOISE_BYTES) * c.vocab_size
 
 
 def prompts_that_fit(config, dtype_bytes: int, prompt_len: int, width: int, n: int, free_bytes: int,
@@ -35,6 +36,59 @@ def prompts_that_fit(config, dtype_bytes: int, prompt_len: int, width: int, n: i
     per token for Qwen3-8B: 101 GiB of KV cache) would not fit on an 80 GiB card in one batch."""
     rows = int(free_bytes * GPU_SHARE) // bytes_per_row(config, dtype_bytes, prompt_len, width)
     return max(1, min(cap, rows // n))
+
+
+# ---------------------------------------------------------------- seeded sampling, row by row
+
+M32 = 0xFFFFFFFF
+NOISE_BYTES = 32  # per row and vocabulary entry: the hash's int64 temporaries, the float32 uniforms
+
+
+def _mul32(x, c: int):
+    """``x * c mod 2**32`` for ``0 <= x < 2**32`` in int64 without overflow (the 16-bit halves of ``c``)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
+
+
+def mix32(x):
+    """A bijective 32-bit integer hash (Wellons' lowbias32) on Python ints or int64 tensors in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: int, rows_B: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, vocab] that is a pure function of (seed, row, step, token): a row's draw does not
+    depend on the other rows of its batch."""
+    key = mix32(mix32(seed & M32) ^ (seed >> 32 & M32))
+    h_B = mix32(mix32(mix32(key ^ rows_B) ^ (step & M32)))
+    tok_V = torch.arange(vocab, device=rows_B.device)
+    h_BV = mix32(h_B[:, None] ^ tok_V[None, :])
+    u_BV = ((h_BV >> 8).float() + 0.5) / 2.0**24  # 24 bits, exact in float32; in (0, 1): never log(0)
+    return -torch.log(-torch.log(u_BV))
+
+
+class SeededSampling(LogitsProcessor):
+    """Temperature (and top-p) sampling as greedy decoding of Gumbel-perturbed logits (the Gumbel-max trick:
+    argmax(logits / T + G) is a draw from softmax(logits / T)), with noise keyed by (seed, row, step).
+
+    ``model.generate``'s own sampling draws from one RNG stream across the batch, so a row's completion changes
+    with the rows decoded beside it, i.e. with the batch the free GPU memory allows. Keyed noise gives each row
+    its own stream, as vLLM's per-request seed does."""
+
+    def __init__(self, seed: int, rows_B: torch.Tensor, prompt_width: int, temperature: float, top_p: float):
+        self.seed, self.rows_B, self.width = seed, rows_B, prompt_width
+        self.temperature = temperature
+        self.top_p = TopPLogitsWarper(top_p) if top_p < 1.0 else None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores / self.temperature
+        if self.top_p is not None:
+            scores = self.top_p(input_ids, scores)
+        noise = gumbel_noise(self.seed, self.rows_B.to(scores.device), input_ids.shape[1] - self.width,
+                             scores.shape[-1])
+        return scores + noise.to(scores.dtype)
 
 
 def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +107,9 @@ def generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_toke
              seed: int | None = None) -> list[list[int]]:
     """Completion ids per (prompt, sample), prompt-major; each ends at and includes EOS if produced.
 
-    On a GPU, ``batch_size`` is lowered to what fits in the free memory (``prompts_that_fit``): greedy
-    completions do not depend on it, sampled ones (one RNG stream over the batches) do."""
+    On a GPU, ``batch_size`` is lowered to what fits in the free memory (``prompts_that_fit``). Completions do
+    not depend on it: sampled row ``r`` (prompt ``r // n``, sample ``r % n``) draws from its own stream keyed
+    by (``seed``, ``r``) (``SeededSampling``); ``seed=None`` draws the seed from torch's global RNG."""
     param = next(model.parameters())
     device = param.device
     if device.type == "cuda" and prompts:
@@ -63,15 +118,19 @@ def generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_toke
                                                       longest + max_tokens, n, torch.cuda.mem_get_info(device)[0]))
     was_training = model.training
     model.eval()
-    if seed is not None:
-        torch.manual_seed(seed)
+    if temperature > 0 and seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
     out: list[list[int]] = []
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s : s + batch_size]
         ids, attn = _left_pad(chunk, pad_id, device)
-        kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else dict(do_sample=False)
-        gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_tokens,
-                             num_return_sequences=n, eos_token_id=eos_id, pad_token_id=pad_id, **kw)
+        ids, attn = ids.repeat_interleave(n, dim=0), attn.repeat_interleave(n, dim=0)  # prompt-major rows
+        kw = {}
+        if temperature > 0:  # greedy on keyed Gumbel noise; generate's own sampler would share one stream
+            rows_B = torch.arange(s * n, s * n + ids.shape[0], device=device)
+            kw["logits_processor"] = LogitsProcessorList([SeededSampling(seed, rows_B, ids.shape[1], temperature, top_p)])
+        gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=eos_id, pad_token_id=pad_id, **kw)
         for row in gen[:, ids.shape[1]:].tolist():
             if eos_id in row:
                 row = row[: row.index(eos_id) + 1]
