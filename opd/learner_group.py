@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from opd.errors import PermanentError
-from opd.models import load_model, pick_device
+from opd.models import load_model, pick_device, resolve_dtype
 from opd.rollouts import TrainBatch
 from opd.sampling.base import Weights
 
@@ -52,6 +52,8 @@ class GroupSpec:
     mixed_precision: str = "no"
     gradient_checkpointing: str = "none"  # opd.memory policy
     lm_head: str = "full"  # "full" | "chunked"
+    student_dtype: str = "auto"  # student.dtype: the round's end model for the eval slice (training stays fp32)
+    teacher_dtype: str = "float32"  # the logit loss's teacher, resolved by the driver as its engines do
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -120,7 +122,8 @@ class GroupLearner:
         self.proc.wait(timeout=600)
         self.close()
         shutil.copytree(self.spec.final_dir, out, dirs_exist_ok=True)
-        return load_model(out, pick_device(self.spec.device))
+        device = pick_device(self.spec.device)
+        return load_model(out, device, dtype=resolve_dtype(self.spec.student_dtype, out, device))
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -185,7 +188,7 @@ def _serve(workdir: Path) -> None:
     tok = load_tokenizer(spec.student_dir)
     if spec.optimizer_path:
         load_optimizer(trainer.model, trainer.torch_optimizer, spec.optimizer_path)
-    teacher = load_model(spec.teacher_dir, trainer.device) if spec.teacher_dir else None
+    teacher = load_model(spec.teacher_dir, trainer.device, dtype=spec.teacher_dtype) if spec.teacher_dir else None
     i = 0
     while _wait_for(workdir, f"step_{i}.pt", spec.driver_pid):
         msg = torch.load(workdir / f"step_{i}.pt", weights_only=True)

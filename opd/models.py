@@ -89,13 +89,30 @@ def pick_device(pref: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+# the dtype the checkpoint a model was loaded from declares: the trainer's float32 master copy of a bf16
+# model saves its float32 weights (nothing rounded between rounds) under the bf16 the model is served in
+DECLARED_DTYPE = "_opd_declared_dtype"
+
+
 def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None) -> Path:
-    """HF safetensors + tokenizer; ``state_dict`` (a gathered full one) when ``model`` is sharded."""
+    """HF safetensors + tokenizer; ``state_dict`` (a gathered full one) when ``model`` is sharded.
+
+    config.json declares the dtype of the checkpoint the model was loaded from (``load_model``), not the
+    float32 of the trainer's copy: otherwise a bf16 student turns float32 after its first round, and
+    ``dtype: auto`` (a restarted sampler engine, the evaluation copies, a consumer of the registry) would load
+    it at twice the memory. The weights stay float32, so the next round resumes from them exactly."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    declared = getattr(model, DECLARED_DTYPE, None)
+    if declared is not None and declared != checkpoint_dtype(out):
+        import json
+
+        conf = json.loads((out / "config.json").read_text())
+        conf.update({k: declared for k in ("dtype", "torch_dtype") if k in conf} or {"dtype": declared})
+        (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(out)
     return out
 
@@ -103,17 +120,13 @@ def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def resolve_dtype(requested: str, path: str | Path | None, device: torch.device) -> str:
-    """``auto``: the checkpoint's own dtype (config.json ``torch_dtype``/``dtype``) on a GPU, float32 on
-    CPU (CPU bf16 matmuls are slow or missing, and our CPU runs are small); anything else as asked."""
-    if requested != "auto":
-        return requested
-    if device.type != "cuda" or path is None:
-        return "float32"
+def checkpoint_dtype(path: str | Path) -> str:
+    """The dtype a checkpoint's config.json declares (``dtype``, or ``torch_dtype`` before transformers 5);
+    float32 when it names none we load."""
     import json
 
     conf = json.loads((Path(path) / "config.json").read_text())
-    found = str(conf.get("torch_dtype") or conf.get("dtype") or "float32").removeprefix("torch.")
+    found = str(conf.get("dtype") or conf.get("torch_dtype") or "float32").removeprefix("torch.")
     return found if found in DTYPES else "float32"
 
 
@@ -134,6 +147,16 @@ def count_params(path: str | Path) -> int:
     return n
 
 
+def resolve_dtype(requested: str, path: str | Path | None, device: torch.device) -> str:
+    """``auto``: the checkpoint's own dtype (``checkpoint_dtype``) on a GPU, float32 on CPU (CPU bf16
+    matmuls are slow or missing, and our CPU runs are small); anything else as asked."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda" or path is None:
+        return "float32"
+    return checkpoint_dtype(path)
+
+
 def load_model(path: str | Path, device: torch.device | None = None, trust_remote_code: bool = False,
                dtype: str = "float32"):
     """``dtype``: a name from ``DTYPES`` (``resolve_dtype`` turns ``auto`` into one). The trainer's copy
@@ -145,6 +168,7 @@ def load_model(path: str | Path, device: torch.device | None = None, trust_remot
         raise FileNotFoundError(f"{path} holds no .safetensors weights; only safetensors are loaded")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
+    setattr(model, DECLARED_DTYPE, checkpoint_dtype(path))
     return model.to(device or torch.device("cpu"))
 
 

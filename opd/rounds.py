@@ -14,7 +14,7 @@ from pathlib import Path
 
 from opd.config import RunConfig
 from opd.data.dataset import DataRef
-from opd.engines import Engines
+from opd.engines import Engines, teacher_dtype
 from opd.evaluation import slice_accuracy, task_check
 from opd.learner import Learner, LocalLearner
 from opd.learner_group import GroupLearner, GroupSpec
@@ -55,7 +55,9 @@ def make_learner(cfg: RunConfig, k: int, student: ModelRef, teacher: ModelRef, t
             final_dir=str(layout.round_group(k) / "final"), lr=o.lr, pad_id=tok.pad_token_id,
             micro_batch=o.micro_batch, loss=spec.model_dump_json(), driver_pid=os.getpid(), devices=t.devices,
             lora=o.lora.model_dump() if o.lora else None, mixed_precision=t.mixed_precision,
-            gradient_checkpointing=t.gradient_checkpointing, lm_head=t.lm_head), layout.round_group(k))
+            gradient_checkpointing=t.gradient_checkpointing, lm_head=t.lm_head, student_dtype=cfg.student.dtype,
+            teacher_dtype=teacher_dtype(cfg, teacher.path) if signal == "logits" else "float32"),
+            layout.round_group(k))
     model = load_model(student.path, pick_device(cfg.device))
     if o.lora is not None:
         from opd.lora import apply_lora

@@ -71,3 +71,35 @@ def test_evaluation_has_its_own_completion_budget():
 
     assert eval_max_tokens(load_config("configs/ci.yaml")) == load_config("configs/ci.yaml").opd.max_tokens
     assert eval_max_tokens(load_config("configs/ci.yaml", ["eval.max_tokens=512"])) == 512
+
+
+def test_a_trained_copy_keeps_the_dtype_its_checkpoint_declares(tmp_path):
+    """The trainer loads a bf16 student as float32 master weights; its round checkpoint keeps those float32
+    weights (an update bf16 cannot hold survives into the next round) but declares the bf16 the student is
+    served in, so ``dtype: auto`` (a restarted sampler, the evaluation copies, the registry's consumers) does not
+    double its memory after the first round."""
+    from safetensors import safe_open
+
+    from opd.models import checkpoint_dtype
+
+    tok = build_char_tokenizer()
+    model = build_llama(ModelSpec(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=128), tok, 48, 0)
+    src = save_model(model.to(torch.bfloat16), tok, tmp_path / "bf16")
+    assert checkpoint_dtype(src) == "bfloat16"
+
+    trained = load_model(src)  # float32 master weights, as the trainer holds them
+    with torch.no_grad():
+        trained.model.norm.weight.add_(1e-4)  # 1.0001: under bf16's resolution at 1.0
+    out = save_model(trained, tok, tmp_path / "round-1")
+    assert checkpoint_dtype(out) == "bfloat16"
+    assert resolve_dtype("auto", out, torch.device("cuda")) == "bfloat16"
+    assert resolve_dtype("auto", out, torch.device("cpu")) == "float32"
+    with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
+        assert f.get_tensor("model.norm.weight").dtype == torch.float32
+    assert torch.equal(load_model(out).model.norm.weight, trained.model.norm.weight)  # nothing rounded
+    assert next(load_model(out, dtype=resolve_dtype("auto", out, torch.device("cuda"))).parameters()).dtype == \
+        torch.bfloat16
+    # a model built here (no checkpoint behind it) declares what it holds, as before
+    assert checkpoint_dtype(save_model(build_llama(ModelSpec(num_layers=1, hidden_size=64, num_heads=2,
+                                                             intermediate_size=128), tok, 48, 0), tok,
+                                       tmp_path / "built")) == "float32"
