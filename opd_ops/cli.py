@@ -111,8 +111,10 @@ def plan(config: Path, set_: list[str] = typer.Option([], "--set", help="overrid
         table.add_row(h.process, h.device, h.holds, f"{h.total / planning.GiB:.1f}",
                       ", ".join(f"{k} {v / planning.GiB:.1f}" for k, v in h.parts.items()))
     console.print(table)
+    rounds, evaluation = p.per_device("rounds"), p.per_device("evaluation")
     for dev, used in p.per_device().items():
-        say(f"{dev}: {used / planning.GiB:.1f} of {p.capacity / planning.GiB:.0f} GiB")
+        peak = " (in the evaluation)" if evaluation.get(dev, 0) > rounds.get(dev, 0) else ""
+        say(f"{dev}: {used / planning.GiB:.1f} of {p.capacity / planning.GiB:.0f} GiB{peak}")
     for n in p.notes:
         say(n)
     if p.problems:

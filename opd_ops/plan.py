@@ -15,6 +15,9 @@ Estimates, per GPU (or the host, on CPU):
   an H200's measured peaks: benchmarks/gpu_update.py;
 - a vLLM engine: its gpu_memory_utilization share of each GPU it spans (reserved up front), of which
   its weights / tensor_parallel_size; the rest is KV cache, which must hold one longest sequence;
+- the evaluation (after the rounds; the engines stay up, the trainer is gone): each student copy in its dtype on
+  the driver's GPU and the KL samples of one prompt (``generate`` decodes at least one; more if they fit); a
+  learner group's round-end copy for the eval slice is the same size, loaded after the group exits;
 - a transformers copy (hf sampler, hf scorer, a logit loss's teacher): weights in their dtype; the hf sampler
   also the KV cache of the rows it decodes at once (as many as 0.7 of its card besides its weights holds:
   ``opd.generation.prompts_that_fit``), the hf scorer one chunked LM-head block, a logit loss's
@@ -31,7 +34,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from opd.config import RunConfig
-from opd.generation import BATCH_PROMPTS, kv_bytes_per_token, prompts_that_fit
+from opd.evaluation import eval_max_tokens
+from opd.generation import BATCH_PROMPTS, bytes_per_row, kv_bytes_per_token, prompts_that_fit
 from opd.lm_head import head_bytes
 from opd.memory import LayerDims, activation_bytes, autocast_copy_bytes
 
@@ -39,6 +43,8 @@ GiB = 2**30
 HEADROOM = 0.95  # of a device's memory a plan may fill
 CPU_KV_CACHE = 1 * 2**30  # opd.vllm_engine's default VLLM_CPU_KVCACHE_SPACE
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+STAGES = ("rounds", "evaluation")  # what holds memory at once: the engines and the trainer, then the engines
+# and the evaluation's student copies
 
 
 class PlanError(ValueError):
@@ -118,6 +124,7 @@ class Holding:
     device: str  # "cuda:0", "host", "remote"
     holds: str
     parts: dict[str, float] = field(default_factory=dict)  # bytes by kind
+    stage: str = "all"  # "all" (the engines: up from SFT to the evaluation), or one of STAGES
 
     @property
     def total(self) -> float:
@@ -131,10 +138,14 @@ class Plan:
     problems: list[str]
     notes: list[str]
 
-    def per_device(self) -> dict[str, float]:
+    def per_device(self, stage: str | None = None) -> dict[str, float]:
+        """Bytes per device during ``stage``; None: in the stage that fills it most."""
+        if stage is None:
+            by_stage = [self.per_device(st) for st in STAGES]
+            return {d: max(b.get(d, 0.0) for b in by_stage) for b in by_stage for d in b}
         out: dict[str, float] = {}
         for h in self.holdings:
-            if h.device != "remote":
+            if h.device != "remote" and h.stage in ("all", stage):
                 out[h.device] = out.get(h.device, 0.0) + h.total
         return out
 
@@ -219,12 +230,35 @@ def plan(cfg: RunConfig, student: Shape, teacher: Shape, gpu_gib: float = 80.0, 
             parts["teacher (logit loss)"] = teacher.weight_bytes(t_dt)
             parts["teacher logits"] = o.micro_batch * seq * teacher.vocab * BYTES[t_dt]  # one micro-batch's, whole
         name = "driver (trainer)" if ranks == 1 else f"learner rank {r}"
-        hs.append(Holding(name, gpu(devices[r] if ranks > 1 else 0), "student (fp32 master)", parts))
-    for dev, used in Plan(hs, cap, [], []).per_device().items():
-        if cap and used > HEADROOM * cap:
-            who = ", ".join(f"{h.process} {h.total / GiB:.1f}" for h in hs if h.device == dev)
-            problems.append(f"{dev}: {used / GiB:.1f} GiB planned of {cap / GiB:.0f} ({who}): " + _fixes(cfg))
+        hs.append(Holding(name, gpu(devices[r] if ranks > 1 else 0), "student (fp32 master)", parts, "rounds"))
+    width = cfg.data.max_prompt_tokens + eval_max_tokens(cfg)
+    hs.append(Holding("driver (evaluation)", gpu(0), f"student ({s_dt})",
+                      {"weights": student.weight_bytes(s_dt), "one prompt's KL samples": cfg.eval.kl_samples_per_prompt
+                       * bytes_per_row(student.config(), BYTES[s_dt], cfg.data.max_prompt_tokens, width)},
+                      "evaluation"))
+    for stage in STAGES:
+        for dev, used in Plan(hs, cap, [], []).per_device(stage).items():
+            if cap and used > HEADROOM * cap:
+                who = ", ".join(f"{h.process} {h.total / GiB:.1f}" for h in hs
+                                if h.device == dev and h.stage in ("all", stage))
+                problems.append(f"{dev} in the {stage}: {used / GiB:.1f} GiB planned of {cap / GiB:.0f} ({who}): "
+                                + (_fixes(cfg) if stage == "rounds" else _eval_fixes(cfg)))
     return Plan(hs, cap, problems, notes)
+
+
+def _eval_fixes(cfg: RunConfig) -> str:
+    """The evaluation loads each student beside the engines the rounds kept up."""
+    fixes = []
+    if cfg.opd.sampler == "vllm":
+        fixes.append(f"a smaller opd.gpu_memory_utilization (now {cfg.opd.gpu_memory_utilization})")
+    if cfg.teacher.scorer == "vllm":
+        fixes.append(f"a smaller teacher.gpu_memory_utilization (now {cfg.teacher.gpu_memory_utilization})")
+    if cfg.teacher.scorer in ("hf", "vllm"):
+        fixes.append("teacher.scorer=remote")
+    if cfg.student.dtype == "float32" or (cfg.student.dtype == "auto" and cfg.device == "cpu"):
+        fixes.append("student.dtype=bfloat16")
+    return "the evaluation's student copy loads beside the engines the rounds kept up: try " + "; ".join(
+        fixes or ["a GPU with more memory"])
 
 
 def _fixes(cfg: RunConfig) -> str:

@@ -41,6 +41,7 @@ def test_the_qwen_config_fits_with_only_the_server_holding_the_teacher(qwen):
     assert "61.0" in teacher_rows[0]  # 32.8B params in bf16, never on our GPUs
     assert "weights 7.6" in out  # 8.19B params in bf16: the sampler's copy, half on each of its two GPUs
     assert "cuda:2: 66.4 of 80 GiB" in out, out
+    assert "cuda:0: 59.5 of 80 GiB" in out, out  # in the evaluation: the sampler's 40 + the student's 15.3 + 4.2
 
 
 def test_a_placement_that_cannot_fit_is_refused_with_the_fix(qwen):
@@ -65,8 +66,15 @@ def test_a_placement_that_cannot_fit_is_refused_with_the_fix(qwen):
     assert rc == 0 and "weights 15.3, KV cache 33.8" in out and "10 of the step's 64 prompts" in out, out
     rc, out = _plan("configs/qwen3-8b-from-32b.yaml", *qwen, "--set", "opd.sampler=hf",
                     "--set", "opd.tensor_parallel_size=1", "--gpu-gib", "16")  # weights alone nearly fill the card
-    sampler = next(ln for ln in out.splitlines() if "cuda:0:" in ln and "planned" in ln)  # 1 prompt: 15.3 + 3.4
+    sampler = next(ln for ln in out.splitlines() if "cuda:0 in the rounds:" in ln)  # 1 prompt: 15.3 + 3.4
     assert rc == 2 and "driver (hf sampler) 18.6" in sampler and "opd.sampler=vllm" in sampler, out
+    # the evaluation loads the student (bf16) beside the engines the rounds kept up: with the sampler's share at
+    # 0.8 the rounds fit (learners on GPUs 2-5), its 64 GiB + 15.3 GiB of weights + 4 KL samples do not
+    rc, out = _plan("configs/qwen3-8b-from-32b.yaml", *qwen, "--set", "opd.gpu_memory_utilization=0.8")
+    ev = next(ln for ln in out.splitlines() if "driver (evaluation)" in ln and "cuda:0" in ln)
+    assert rc == 2 and "weights 15.3, one prompt's KL samples 4.2" in ev, out
+    assert "cuda:0 in the evaluation: 83.5 GiB" in out and "opd.gpu_memory_utilization (now 0.8)" in out, out
+    assert "in the rounds" not in out, out
     rc, out = _plan("configs/qwen3-8b-from-32b.yaml", *qwen, "--set", "teacher.scorer=vllm")
     assert rc == 2 and "teacher engine (vLLM) on cuda:0: teacher.gpu_memory_utilization=0.3 reserves 24.0 GiB" in out
 
