@@ -107,9 +107,11 @@ def generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_toke
              seed: int | None = None) -> list[list[int]]:
     """Completion ids per (prompt, sample), prompt-major; each ends at and includes EOS if produced.
 
-    On a GPU, ``batch_size`` is lowered to what fits in the free memory (``prompts_that_fit``). Completions do
+    On a GPU, ``batch_size`` is lowered to what fits in the free memory (``prompts_that_fit``). The draws do
     not depend on it: sampled row ``r`` (prompt ``r // n``, sample ``r % n``) draws from its own stream keyed
-    by (``seed``, ``r``) (``SeededSampling``); ``seed=None`` draws the seed from torch's global RNG."""
+    by (``seed``, ``r``) (``SeededSampling``); ``seed=None`` draws the seed from torch's global RNG. What can
+    still differ between two cuts is the kernels' rounding, which varies with the batch's shape (bf16 on a GPU;
+    identical on CPU here): it flips a token only where two candidates tie within it, greedy or sampled."""
     param = next(model.parameters())
     device = param.device
     if device.type == "cuda" and prompts:
@@ -128,7 +130,8 @@ def generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_toke
         kw = {}
         if temperature > 0:  # greedy on keyed Gumbel noise; generate's own sampler would share one stream
             rows_B = torch.arange(s * n, s * n + ids.shape[0], device=device)
-            kw["logits_processor"] = LogitsProcessorList([SeededSampling(seed, rows_B, ids.shape[1], temperature, top_p)])
+            sampling = SeededSampling(seed, rows_B, ids.shape[1], temperature, top_p)
+            kw["logits_processor"] = LogitsProcessorList([sampling])
         gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_tokens, do_sample=False,
                              eos_token_id=eos_id, pad_token_id=pad_id, **kw)
         for row in gen[:, ids.shape[1]:].tolist():
