@@ -16,7 +16,7 @@ def test_sampled_accuracy_scores_each_kl_sample_against_its_prompt():
     torch.set_num_threads(1)
     tok = build_char_tokenizer()
     spec = ModelSpec(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=128)
-    student, teacher = build_llama(spec, tok, 64, seed=0), build_llama(spec, tok, 64, seed=1)
+    student, teacher = build_llama(spec, tok, 64, seed=0), _peaked(build_llama(spec, tok, 64, seed=1))
     prompts = ["12+34=", "7+8=", "100+1=", "5+5+5=", "9+9=", "3+4=", "1+1=", "20+2="]
     ids = [tok(p).input_ids for p in prompts]
     k, seed = 4, 3
@@ -35,10 +35,18 @@ def test_sampled_accuracy_scores_each_kl_sample_against_its_prompt():
     assert evaluate(teacher, teacher, tok, prompts, answers, 12, seed).sampled_accuracy is None
 
 
+def _peaked(teacher):
+    """Two untrained models are both near uniform: their reverse KL is so small that a few samples' estimate
+    falls either side of 0. A teacher with a 30x LM head is sure of its tokens, the student is not: KL >> 0."""
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30)
+    return teacher
+
+
 def _tiny_pair():
     tok = build_char_tokenizer()
     spec = ModelSpec(num_layers=1, hidden_size=64, num_heads=2, intermediate_size=128)
-    return tok, build_llama(spec, tok, 64, seed=0), build_llama(spec, tok, 64, seed=1)
+    return tok, build_llama(spec, tok, 64, seed=0), _peaked(build_llama(spec, tok, 64, seed=1))
 
 
 def test_eval_without_answers_measures_kl_and_reports_no_accuracy():
@@ -48,8 +56,7 @@ def test_eval_without_answers_measures_kl_and_reports_no_accuracy():
     tok, student, teacher = _tiny_pair()
     prompts = ["12+34=", "7+8=", "100+1=", "5+5+5="]
     r = evaluate(student, teacher, tok, prompts, None, 12, 3, kl_samples=2)
-    # two untrained models: a KL near 0 whose 8-sample estimate may fall either side of it, but measured
-    assert r.accuracy is None and r.sampled_accuracy is None and r.reverse_kl != 0 and r.n == 4
+    assert r.accuracy is None and r.sampled_accuracy is None and r.reverse_kl > 0 and r.n == 4
     assert r.as_dict()["n_answered"] == 0 and r.model_tokens > 0
     assert evaluate(teacher, teacher, tok, prompts, [None] * 4, 12, 3).accuracy is None
 
