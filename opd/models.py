@@ -120,14 +120,18 @@ def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def checkpoint_dtype(path: str | Path) -> str:
-    """The dtype a checkpoint's config.json declares (``dtype``, or ``torch_dtype`` before transformers 5);
-    float32 when it names none we load."""
-    import json
-
-    conf = json.loads((Path(path) / "config.json").read_text())
+def config_dtype(conf: dict) -> str:
+    """The dtype a config.json dict declares (``dtype``, or ``torch_dtype`` before transformers 5); float32
+    when it names none we load."""
     found = str(conf.get("dtype") or conf.get("torch_dtype") or "float32").removeprefix("torch.")
     return found if found in DTYPES else "float32"
+
+
+def checkpoint_dtype(path: str | Path) -> str:
+    """``config_dtype`` of the checkpoint at ``path``."""
+    import json
+
+    return config_dtype(json.loads((Path(path) / "config.json").read_text()))
 
 
 def count_params(path: str | Path) -> int:

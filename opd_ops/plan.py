@@ -38,6 +38,7 @@ from opd.evaluation import eval_max_tokens
 from opd.generation import BATCH_PROMPTS, bytes_per_row, kv_bytes_per_token, prompts_that_fit
 from opd.lm_head import head_bytes
 from opd.memory import LayerDims, activation_bytes, autocast_copy_bytes
+from opd.models import config_dtype, count_params
 
 GiB = 2**30
 HEADROOM = 0.95  # of a device's memory a plan may fill
@@ -106,14 +107,11 @@ def read_shape(path: str, s3=None) -> Shape:
     c = {**c, **(c.get("text_config") or {})}
     params = formula_params(c)
     if local is not None and list(local.glob("*.safetensors")):
-        from opd.models import count_params
-
         params = count_params(local)
     heads = c["num_attention_heads"]
-    dtype = str(c.get("torch_dtype") or c.get("dtype") or "float32").removeprefix("torch.")
     return Shape(params, c["num_hidden_layers"], c["hidden_size"], c.get("num_key_value_heads") or heads,
-                 c.get("head_dim") or c["hidden_size"] // heads, c["vocab_size"],
-                 dtype if dtype in BYTES else "float32", heads, c["intermediate_size"])
+                 c.get("head_dim") or c["hidden_size"] // heads, c["vocab_size"], config_dtype(c), heads,
+                 c["intermediate_size"])
 
 
 @dataclass
