@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 BATCH_PROMPTS = 256  # prompts decoded at once, each with its n samples: their KV cache grows together
 GPU_SHARE = 0.7  # of the free GPU memory one decoding batch may fill (the allocator's slack and transients stay out)
@@ -118,8 +118,20 @@ def generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_toke
         longest = max(len(p) for p in prompts)
         batch_size = min(batch_size, prompts_that_fit(model.config, param.element_size(), longest,
                                                       longest + max_tokens, n, torch.cuda.mem_get_info(device)[0]))
-    was_training = model.training
+    # the checkpoint's generation_config.json fills every setting generate is not given (transformers merges
+    # it in): a user model's repetition_penalty or no_repeat_ngram_size would bend our greedy accuracy, the KL
+    # samples and the hf sampler's rollouts (whose logprobs are the plain model's). Decode with none of it.
+    was_training, checkpoint_defaults = model.training, model.generation_config
     model.eval()
+    model.generation_config = GenerationConfig()
+    try:
+        return _generate(model, prompts, eos_id, pad_id, max_tokens, temperature, top_p, n, batch_size, seed, device)
+    finally:
+        model.generation_config = checkpoint_defaults
+        model.train(was_training)
+
+
+def _generate(model, prompts, eos_id, pad_id, max_tokens, temperature, top_p, n, batch_size, seed, device):
     if temperature > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     out: list[list[int]] = []
@@ -138,5 +150,4 @@ def generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_toke
             if eos_id in row:
                 row = row[: row.index(eos_id) + 1]
             out.append(row)
-    model.train(was_training)
     return out

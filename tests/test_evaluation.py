@@ -217,3 +217,28 @@ def test_seeded_sampling_draws_from_the_tempered_nucleus():
             p = p / p.sum()
             assert freq[~keep].sum() == 0
         assert (freq - p).abs().max() < 0.01, (temperature, top_p, freq, p)
+
+
+def test_a_checkpoints_generation_defaults_do_not_bend_decoding():
+    """transformers fills every setting ``generate`` is not given from the model's generation_config.json; a
+    user checkpoint's repetition_penalty (Qwen2.5-Instruct ships 1.05) would change the greedy accuracy and the
+    KL samples, whose logprobs are the plain model's. ``generate`` decodes the plain model whatever it ships."""
+    from transformers import GenerationConfig
+
+    torch.set_num_threads(1)
+    tok, student, _ = _tiny_pair()
+    ids = [tok(p).input_ids for p in ["12+34=", "7+8=", "100+1=", "5+5+5=", "9+9="]]
+    plain = generate(student, ids, tok.eos_token_id, tok.pad_token_id, 12)
+    sampled = generate(student, ids, tok.eos_token_id, tok.pad_token_id, 12, temperature=1.0, n=2, seed=5)
+    shipped = GenerationConfig(repetition_penalty=5.0, no_repeat_ngram_size=1, do_sample=True, temperature=0.3)
+    student.generation_config = shipped
+    assert generate(student, ids, tok.eos_token_id, tok.pad_token_id, 12) == plain
+    assert generate(student, ids, tok.eos_token_id, tok.pad_token_id, 12, temperature=1.0, n=2, seed=5) == sampled
+    assert student.generation_config is shipped  # given back
+    # the same call straight to transformers takes the shipped defaults: the completions change
+    from opd.generation import _left_pad
+
+    x, attn = _left_pad(ids, tok.pad_token_id, "cpu")
+    raw = student.generate(input_ids=x, attention_mask=attn, max_new_tokens=12, do_sample=False,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[:, x.shape[1]:].tolist()
+    assert [r[: r.index(tok.eos_token_id) + 1] if tok.eos_token_id in r else r for r in raw] != plain
