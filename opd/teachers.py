@@ -234,6 +234,14 @@ class VLLMTeacher:
 
 # ---------------------------------------------------------------- remote vLLM server
 
+# every sampling setting a request leaves out, a vLLM server fills from the served model's generation_config.json
+# (`--generation-config auto`, its default): a chat model's top_k/top_p or repetition_penalty would bend the
+# teacher's SFT completions and accuracy. Sent explicitly, as the in-process engines' SamplingParams have them
+# (top_k -1: "all tokens" on every vLLM version; newer ones also read 0 so)
+PLAIN_SAMPLING = {"top_p": 1.0, "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                  "frequency_penalty": 0.0}
+
+
 class RemoteTeacher:
     """A vLLM OpenAI-compatible server (``python -m vllm.entrypoints.openai.api_server --model DIR``;
     ``--skip-tokenizer-init`` is fine since only token ids are sent).
@@ -311,7 +319,7 @@ class RemoteTeacher:
             seqs = [list(prompts[i]) + list(completions[i]) for i in chunk]
             # max_tokens=0 is refused without echo, and echo needs the server's tokenizer: generate 1 token.
             body = {"model": self.model_name, "prompt": seqs, "max_tokens": 1, "prompt_logprobs": k,
-                    "temperature": 1.0, "n": 1, "add_special_tokens": False}
+                    "temperature": 1.0, "n": 1, "add_special_tokens": False, **PLAIN_SAMPLING}
             choices = sorted(self._request("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])
             if len(choices) != len(seqs):
                 raise TeacherServerError(f"teacher server returned {len(choices)} choices for {len(seqs)} prompts")
@@ -332,7 +340,7 @@ class RemoteTeacher:
         def post(chunk: list[list[int]], chunk_seed: int | None) -> list[list[int]]:
             body = {"model": self.model_name, "prompt": chunk, "max_tokens": max_tokens, "temperature": temperature,
                     "n": 1, "stop_token_ids": [eos_id], "return_token_ids": True, "add_special_tokens": False,
-                    **({} if chunk_seed is None else {"seed": chunk_seed})}
+                    **PLAIN_SAMPLING, **({} if chunk_seed is None else {"seed": chunk_seed})}
             choices = sorted(self._request("POST", "/v1/completions", body)["choices"], key=lambda c: c["index"])
             if len(choices) != len(chunk) or any(c.get("token_ids") is None for c in choices):
                 raise TeacherServerError(f"teacher server {self.endpoint} did not return token ids for {len(chunk)} "

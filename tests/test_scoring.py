@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import socket
@@ -35,7 +36,13 @@ def teacher_dir(tmp_path_factory):
                         max_positions=MAX_LEN, seed=0)
     with torch.no_grad():  # sharpen: near-uniform logprobs would hide position/offset bugs
         model.lm_head.weight.mul_(20.0)
-    return str(save_model(model, tok, tmp_path_factory.mktemp("teacher")))
+    path = save_model(model, tok, tmp_path_factory.mktemp("teacher"))
+    # what a chat model ships (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20), made strong: transformers
+    # and a vLLM server fill whatever a call leaves out from it; no scorer may let it bend completions or scores
+    gc = json.loads((path / "generation_config.json").read_text())
+    gc.update(repetition_penalty=5.0, no_repeat_ngram_size=1, top_k=1, top_p=0.5, do_sample=True, temperature=0.1)
+    (path / "generation_config.json").write_text(json.dumps(gc))
+    return str(path)
 
 
 @pytest.fixture(scope="module")
