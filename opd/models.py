@@ -107,12 +107,13 @@ def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     declared = getattr(model, DECLARED_DTYPE, None)
-    if declared is not None and declared != checkpoint_dtype(out):
+    if declared is not None:
         import json
 
         conf = json.loads((out / "config.json").read_text())
-        conf.update({k: declared for k in ("dtype", "torch_dtype") if k in conf} or {"dtype": declared})
-        (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
+        if config_dtype(conf) != declared:
+            conf.update({k: declared for k in ("dtype", "torch_dtype") if k in conf} or {"dtype": declared})
+            (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(out)
     return out
 
