@@ -92,6 +92,10 @@ def pick_device(pref: str = "auto") -> torch.device:
 # the dtype the checkpoint a model was loaded from declares: the trainer's float32 master copy of a bf16
 # model saves its float32 weights (nothing rounded between rounds) under the bf16 the model is served in
 DECLARED_DTYPE = "_opd_declared_dtype"
+# the generation_config.json of the checkpoint a model was loaded from, as text: a user's model keeps its own (its
+# end-of-turn EOS ids, which vLLM stops at, and the sampling defaults `vllm serve` applies) in every round's
+# checkpoint and in the registry, instead of one rebuilt from the tokenizer
+GENERATION_CONFIG = "_opd_generation_config"
 
 
 def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None) -> Path:
@@ -100,12 +104,22 @@ def save_model(model, tokenizer, out: str | Path, state_dict: dict | None = None
     config.json declares the dtype of the checkpoint the model was loaded from (``load_model``), not the
     float32 of the trainer's copy: otherwise a bf16 student turns float32 after its first round, and
     ``dtype: auto`` (a restarted sampler engine, the evaluation copies, a consumer of the registry) would load
-    it at twice the memory. The weights stay float32, so the next round resumes from them exactly."""
+    it at twice the memory. The weights stay float32, so the next round resumes from them exactly.
+
+    generation_config.json is the loaded checkpoint's own, byte for byte (``GENERATION_CONFIG``); a model we
+    built gets one from the tokenizer's special tokens."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    in_memory = model.generation_config
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    try:
+        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    finally:
+        model.generation_config = in_memory
+    shipped = getattr(model, GENERATION_CONFIG, None)
+    if shipped is not None:  # written as read: transformers' strict save-time check would refuse some real ones
+        (out / "generation_config.json").write_text(shipped)
     declared = getattr(model, DECLARED_DTYPE, None)
     if declared is not None:
         import json
@@ -174,6 +188,8 @@ def load_model(path: str | Path, device: torch.device | None = None, trust_remot
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     setattr(model, DECLARED_DTYPE, checkpoint_dtype(path))
+    gen = path / "generation_config.json"
+    setattr(model, GENERATION_CONFIG, gen.read_text() if gen.is_file() else None)
     return model.to(device or torch.device("cpu"))
 
 

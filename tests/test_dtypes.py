@@ -103,3 +103,28 @@ def test_a_trained_copy_keeps_the_dtype_its_checkpoint_declares(tmp_path):
     assert checkpoint_dtype(save_model(build_llama(ModelSpec(num_layers=1, hidden_size=64, num_heads=2,
                                                              intermediate_size=128), tok, 48, 0), tok,
                                        tmp_path / "built")) == "float32"
+
+
+def test_a_trained_copy_keeps_its_checkpoints_generation_config(model_dir, tmp_path):
+    """A user's generation_config.json (Qwen3 chat: EOS ids <|im_end|> and <|endoftext|>, sampling defaults that
+    `vllm serve` applies) survives every round's save and the registry: it is written as it was read, even one
+    transformers' strict save-time check would refuse (a temperature beside do_sample false). A model we built
+    gets the tokenizer's special tokens, as before; the model in memory keeps its own config through a save."""
+    path, _ = model_dir
+    user = tmp_path / "user"
+    user.mkdir()
+    for f in path.iterdir():
+        (user / f.name).write_bytes(f.read_bytes())
+    shipped = json.dumps({"eos_token_id": [2, 7], "pad_token_id": 0, "temperature": 0.6, "top_p": 0.95,
+                          "do_sample": False, "transformers_version": "4.51.0"}, indent=1) + "\n"
+    (user / "generation_config.json").write_text(shipped)
+    model = load_model(user)
+    assert model.generation_config.eos_token_id == [2, 7]
+    first = save_model(model, build_char_tokenizer(), tmp_path / "round-1")
+    assert (first / "generation_config.json").read_text() == shipped
+    assert model.generation_config.eos_token_id == [2, 7]  # not swapped for the tokenizer's by the save
+    again = save_model(load_model(first), build_char_tokenizer(), tmp_path / "round-2")
+    assert (again / "generation_config.json").read_text() == shipped
+    built = json.loads((path / "generation_config.json").read_text())
+    tok = build_char_tokenizer()
+    assert (built["eos_token_id"], built.get("pad_token_id")) == (tok.eos_token_id, tok.pad_token_id)
