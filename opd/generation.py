@@ -8,6 +8,27 @@ BATCH_PROMPTS = 256  # prompts decoded at once, each with its n samples: their K
 GPU_SHARE = 0.7  # of the free GPU memory one decoding batch may fill (the allocator's slack and transients stay out)
 
 
+def stop_ids(eos_id: int, generation_eos: int | list[int] | None) -> tuple[int, ...]:
+    """The tokens a completion ends at: the tokenizer's EOS, then every EOS id the checkpoint's generation config
+    declares (Qwen3 chat: <|im_end|> and <|endoftext|>). vLLM stops at all of them (the sampler, the teacher's
+    engine or server); decoding here must too, or a rollout that ends at the other one under vLLM runs on to
+    ``max_tokens`` in evaluation and under the hf sampler."""
+    extra = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    return tuple(dict.fromkeys([eos_id, *extra]))
+
+
+def checkpoint_stop_ids(model_dir: str, eos_id: int) -> tuple[int, ...]:
+    """``stop_ids`` for a checkpoint directory, read as vLLM and transformers read it: generation_config.json,
+    else the model config."""
+    from transformers import AutoConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json
+        gen = GenerationConfig.from_model_config(AutoConfig.from_pretrained(model_dir))
+    return stop_ids(eos_id, gen.eos_token_id)
+
+
 def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
@@ -105,7 +126,8 @@ def _left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tens
 def generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, n: int = 1, batch_size: int = BATCH_PROMPTS,
              seed: int | None = None) -> list[list[int]]:
-    """Completion ids per (prompt, sample), prompt-major; each ends at and includes EOS if produced.
+    """Completion ids per (prompt, sample), prompt-major; each ends at and includes the first stop token it
+    produced: ``eos_id`` or an EOS id of the model's generation config (``stop_ids``), as vLLM stops.
 
     On a GPU, ``batch_size`` is lowered to what fits in the free memory (``prompts_that_fit``). The draws do
     not depend on it: sampled row ``r`` (prompt ``r // n``, sample ``r % n``) draws from its own stream keyed
@@ -122,16 +144,17 @@ def generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, max_toke
     # it in): a user model's repetition_penalty or no_repeat_ngram_size would bend our greedy accuracy, the KL
     # samples and the hf sampler's rollouts (whose logprobs are the plain model's). Decode with none of it.
     was_training, checkpoint_defaults = model.training, model.generation_config
+    stops = stop_ids(eos_id, checkpoint_defaults.eos_token_id)  # but its EOS ids: the model's own end of turn
     model.eval()
     model.generation_config = GenerationConfig()
     try:
-        return _generate(model, prompts, eos_id, pad_id, max_tokens, temperature, top_p, n, batch_size, seed, device)
+        return _generate(model, prompts, stops, pad_id, max_tokens, temperature, top_p, n, batch_size, seed, device)
     finally:
         model.generation_config = checkpoint_defaults
         model.train(was_training)
 
 
-def _generate(model, prompts, eos_id, pad_id, max_tokens, temperature, top_p, n, batch_size, seed, device):
+def _generate(model, prompts, stops, pad_id, max_tokens, temperature, top_p, n, batch_size, seed, device):
     if temperature > 0 and seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     out: list[list[int]] = []
@@ -145,9 +168,8 @@ def _generate(model, prompts, eos_id, pad_id, max_tokens, temperature, top_p, n,
             sampling = SeededSampling(seed, rows_B, ids.shape[1], temperature, top_p)
             kw["logits_processor"] = LogitsProcessorList([sampling])
         gen = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_tokens, do_sample=False,
-                             eos_token_id=eos_id, pad_token_id=pad_id, **kw)
+                             eos_token_id=list(stops), pad_token_id=pad_id, **kw)
         for row in gen[:, ids.shape[1]:].tolist():
-            if eos_id in row:
-                row = row[: row.index(eos_id) + 1]
-            out.append(row)
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            out.append(row if end is None else row[: end + 1])
     return out

@@ -12,7 +12,7 @@ class Rollout:
     prompt_ids: list[int]
     completion_ids: list[int]
     sampler_logprobs: list[float]
-    finished: bool  # ended with the stop token (not cut at max_tokens)
+    finished: bool  # ended with a stop token (EOS or the model's own; not cut at max_tokens)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 EOS/max_tokens handling, seeding; and HFSampler's Rollouts."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -201,3 +202,65 @@ def test_lora_adapters_reach_the_engine_without_a_weight_reload(student_dirs, tm
         assert _max_abs_diff([r.sampler_logprobs for r in base], _hf_logprobs(old, base)) < TOL
     finally:
         s.close()
+
+
+def _with_extra_eos(model_dir, out_dir, n_extra=3):
+    """A copy of the student whose generation_config.json declares more EOS ids (as Qwen3 chat checkpoints list
+    <|im_end|> and <|endoftext|>): tokens its plain greedy completions emit mid-way, so every decoder must cut there."""
+    from opd.generation import generate
+
+    model = load_model(model_dir)
+    plain = generate(model, PROMPTS, EOS, PAD, MAX_TOKENS)
+    inner = [t for c in plain for t in c[:-1] if t != EOS]
+    extra = list(dict.fromkeys(inner))[:n_extra]
+    assert len(extra) == n_extra, plain
+    save_model(model, build_char_tokenizer(), out_dir)
+    gen = json.loads((out_dir / "generation_config.json").read_text())
+    (out_dir / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [EOS, *extra]}))
+    return str(out_dir), plain, (EOS, *extra)
+
+
+def _cut(completion, stops):
+    end = next((i for i, t in enumerate(completion) if t in stops), None)
+    return completion if end is None else completion[: end + 1]
+
+
+def test_decoders_stop_at_the_checkpoints_eos_ids(student_dirs, tmp_path):
+    """vLLM stops at every EOS id of a checkpoint's generation config besides the tokenizer's; ``generate`` (the
+    evaluation, the hf sampler, an hf teacher) and the rollouts' ``finished`` flag must agree, or a rollout that
+    ends at <|endoftext|> under vLLM runs on to max_tokens in the evaluation. The vLLM side: the slow test below."""
+    from opd.generation import checkpoint_stop_ids, generate
+    from opd.sampling.hf_sampler import HFSampler
+
+    path, plain, stops = _with_extra_eos(student_dirs[0], tmp_path / "extra-eos")
+    assert checkpoint_stop_ids(path, EOS) == stops and checkpoint_stop_ids(student_dirs[0], EOS) == (EOS,)
+    got = generate(load_model(path), PROMPTS, EOS, PAD, MAX_TOKENS)
+    assert got == [_cut(c, stops) for c in plain] and got != plain  # cut at the first stop of the set
+    s = HFSampler(path, eos_id=EOS, device="cpu")
+    try:
+        rollouts = s.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=3)
+    finally:
+        s.close()
+    for r in rollouts:
+        c = r.completion_ids
+        assert not set(c[:-1]) & set(stops) and r.finished == (c[-1] in stops), r
+        assert r.finished or len(c) == MAX_TOKENS
+    assert any(r.completion_ids[-1] in stops[1:] for r in rollouts)  # the extra ids do end rollouts
+
+
+@pytest.mark.slow  # one more engine start (~1 min here)
+def test_vllm_rollouts_end_at_the_checkpoints_eos_ids(student_dirs, tmp_path):
+    from opd.sampling.vllm_sampler import VLLMSampler
+
+    path, plain, stops = _with_extra_eos(student_dirs[0], tmp_path / "extra-eos")
+    s = VLLMSampler(path, eos_id=EOS, max_model_len=MAX_LEN)
+    try:
+        greedy = s.sample(PROMPTS, n=1, max_tokens=MAX_TOKENS, temperature=0.0, seed=0)
+        sampled = s.sample(PROMPTS, n=N, max_tokens=MAX_TOKENS, seed=3)
+    finally:
+        s.close()
+    assert [r.completion_ids for r in greedy] == [_cut(c, stops) for c in plain]  # as generate decodes
+    for r in greedy + sampled:
+        c = r.completion_ids
+        assert not set(c[:-1]) & set(stops) and r.finished == (c[-1] in stops), r
+    assert any(r.finished and r.completion_ids[-1] != EOS for r in greedy + sampled)

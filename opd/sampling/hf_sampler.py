@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from opd.generation import generate
+from opd.generation import generate, stop_ids
 from opd.logprobs import score_completions
 from opd.models import load_model, pick_device
 from opd.rollouts import Rollout
@@ -17,6 +17,7 @@ class HFSampler:
         self.weights, self.version = Weights(str(model_dir)), 0
         self.model = load_model(model_dir, self.device, dtype=dtype)
         self.eos_id = eos_id
+        self.stops = stop_ids(eos_id, self.model.generation_config.eos_token_id)
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else eos_id
 
     def sample(self, prompts, n, max_tokens, seed=None, temperature=1.0, top_p=1.0) -> list[Rollout]:
@@ -24,13 +25,14 @@ class HFSampler:
         expanded = [p for p in prompts for _ in range(n)]
         # logprobs of the untempered distribution, as vLLM reports them
         lps = score_completions(self.model, expanded, comps, self.pad_id, device=self.device)
-        return [Rollout(i // n, list(p), c, lp, bool(c) and c[-1] == self.eos_id)
+        return [Rollout(i // n, list(p), c, lp, bool(c) and c[-1] in self.stops)
                 for i, (p, c, lp) in enumerate(zip(expanded, comps, lps))]
 
     def publish(self, weights: Weights) -> int:
         if weights.adapter:
             raise RuntimeError("the hf sampler serves full weights only (opd.lora needs opd.sampler=vllm)")
         self.model = load_model(weights.path, self.device, dtype=self.dtype)
+        self.stops = stop_ids(self.eos_id, self.model.generation_config.eos_token_id)
         self.weights, self.version = weights, self.version + 1
         return self.version
 

@@ -7,6 +7,7 @@ supported. Published LoRA adapters are served on top of the engine's weights (a 
 """
 from __future__ import annotations
 
+from opd.generation import checkpoint_stop_ids
 from opd.rollouts import Rollout
 from opd.sampling.base import Weights
 from opd.vllm_engine import shutdown_llm, start_llm
@@ -19,6 +20,7 @@ class VLLMSampler:
                  lora_rank: int | None = None, dtype: str = "float32", enforce_eager: bool = True):
         self.weights, self.version = Weights(str(model_dir)), 0
         self.eos_id = eos_id
+        self.stops = checkpoint_stop_ids(model_dir, eos_id)  # vLLM adds the same EOS ids; `finished` must know them
         self.max_model_len = max_model_len
         self.seed = seed
         self.weight_sync = weight_sync
@@ -44,7 +46,7 @@ class VLLMSampler:
         # One seed per prompt: a single seeded SamplingParams gives every request the same random
         # stream, so samples across prompts would be correlated (8 prompts x 2 gave 3 distinct).
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0,
-                                 seed=None if seed is None else seed + i, stop_token_ids=[self.eos_id],
+                                 seed=None if seed is None else seed + i, stop_token_ids=list(self.stops),
                                  detokenize=False) for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
                                  lora_request=self.lora_request)
@@ -54,7 +56,7 @@ class VLLMSampler:
                 ids = list(comp.token_ids)
                 lps = [lp[t].logprob for t, lp in zip(ids, comp.logprobs)]
                 rollouts.append(Rollout(i, list(prompts[i]), ids, lps,
-                                        finished=bool(ids) and ids[-1] == self.eos_id))
+                                        finished=bool(ids) and ids[-1] in self.stops))
         return rollouts
 
     def publish(self, weights: Weights) -> int:
