@@ -312,6 +312,28 @@ def test_plateau_ratios_and_verdict():
     assert r["ratio_with_generation"] is None and r["verdict"] == "refuted" and r["opd_missed_target"] == ["1"]
 
 
+def test_plateau_result_is_its_record():
+    """The committed plateau result is what benchmarks/plateau_record.py computes from the recorded numbers: the
+    rule's fit (residuals 4.1, 5.4 and 5.6 points, as the run's README reported), C = N_5, the 0.990 target, the
+    verdict, and the deviations that say it comes from the record; a hand edit of either file fails here."""
+    from benchmarks.plateau import PLATEAU_OUT
+    from benchmarks.plateau_record import build
+
+    res, committed = build(), json.loads(PLATEAU_OUT.read_text())
+    assert committed["source"] == res["source"] == "record" and committed["record"] == json.loads(
+        json.dumps(res["record"]))
+    for key in ("verdict", "ratio_sft_over_opd", "ratio_with_generation", "loglinear", "target_accuracy",
+                "per_seed", "deviations", "end"):
+        assert committed[key] == json.loads(json.dumps(res[key])), key
+    fit = res["loglinear_fit"]
+    assert [round(100 * ch["max_abs_residual"], 1) for ch in fit["checks"]] == [4.1, 5.4, 5.6]
+    assert (fit["loglinear"], fit["k"], res["verdict"]) == (False, 5, "inconclusive")
+    assert res["target_accuracy"] == pytest.approx(0.990) and res["ratio_sft_over_opd"] is None
+    assert res["record"]["opd"]["best_point"] < res["target_accuracy"]
+    assert {s: row["sft_continue"]["steps_run"] for s, row in res["per_seed"].items()} == {
+        "0": 115_200, "1": 110_400, "2": 91_200}
+
+
 @pytest.mark.slow  # 1-4 min: three processes, one CI teacher + warmup; in `make test-all` with the benchmarks
 def test_warm_start_shared_by_parallel_invocations(opd_home):
     """Benchmark processes started together (one per arm, as the plateau's --arms invites) build the shared start
