@@ -111,3 +111,20 @@ def test_the_planner_matches_the_h200s_measured_peaks(path, tmp_path):
         assert -0.05 <= r["predicted_gib"] / r["peak_gib"] - 1 <= 0.08, r
     for r in result["rows"]:
         assert (r["status"] == "oom") == (r["predicted_gib"] > 139.8), r
+
+
+def test_gpu_generate_cpu_smoke_without_engine_packages(tmp_path):
+    """benchmarks/gpu_generate.py (the next GPU lend's check of generate's cut) runs on the bare image's packages;
+    on CPU in fp32 the completions are identical at any batching, greedy and keyed-sampled."""
+    out = tmp_path / "generate.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", LAUNCH, str(ROOT / "benchmarks" / "gpu_generate.py"), "--device",
+                           "cpu", "--shape", "tiny", "--dtype", "fp32", "--prompts", "5", "--prompt-tokens", "12",
+                           "--max-tokens", "16", "--small-batch", "2", "--out", str(out)],
+                          cwd="/", env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert set(res["decodes"]) == {"greedy_cut", "sampled_cut", "greedy_small", "sampled_small"}
+    assert res["agreement"]["greedy"]["identical"] == res["agreement"]["sampled"]["identical"] == 20
+    assert all(d["new_tokens"] > 0 for d in res["decodes"].values())
