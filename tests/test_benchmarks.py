@@ -488,3 +488,46 @@ def test_sample_efficiency_plateau_quick(tmp_path, opd_home):
     want_verdict = ("inconclusive" if not res["loglinear"] else
                     "confirmed" if ratio is not None and ratio >= 9 else "refuted")
     assert res["verdict"] == want_verdict
+
+
+def test_walk_task_checker_and_splits():
+    """recoverable.py's task: the checker accepts a walk that errs and comes back, refuses a jump, an early pass
+    through the goal, a walk off the line or one that never ends; the oracle is the shortest walk; eval and train
+    pairs are disjoint, 1,024 eval pairs, every distance 1..12; a detour never reaches the goal."""
+    import random
+
+    from benchmarks.recoverable import check_walk, detour, oracle_walk, split_pairs
+
+    assert oracle_walk(7, 10) == "08;09;10#" and oracle_walk(10, 7) == "09;08;07#"
+    assert check_walk("07+10=", "08;09;10#") == (True, 0)
+    assert check_walk("07+10=", "06;07;08;09;10#") == (True, 1)  # a wrong move, undone
+    assert check_walk("07+10=", "08;09;10#junk") == (True, 0)  # after the first # is ignored
+    assert check_walk("07+10=", "08;10#")[0] is False  # a jump
+    assert check_walk("07+10=", "08;09;10;11;10#")[0] is False  # the goal before the end
+    assert check_walk("07+10=", "08;09;10")[0] is False  # no end
+    assert check_walk("00+02=", "99;00;01;02#")[0] is False and check_walk("00+02=", "#")[0] is False
+    assert check_walk("07+10=", "8;9;10#")[0] is False  # one-digit positions
+    train, ev = split_pairs()
+    assert len(ev) == 1024 and not set(train) & set(ev) and len(train) + len(ev) == len(set(train) | set(ev))
+    assert {abs(g - s) for s, g in train + ev} == set(range(1, 13))
+    rng = random.Random(0)
+    for s, g in ev[:200]:
+        text, pos = detour(rng, s, g, 3)
+        assert f"{g:02d}" not in text.split(";") and check_walk(f"{s:02d}+{g:02d}=", text + oracle_walk(pos, g))[0]
+
+
+@pytest.mark.slow  # ~2-4 min: a 200-step teacher, a 100-step warmup, 10 OPD steps (a vLLM engine), the sft arm
+def test_recoverable_quick(tmp_path, opd_home):
+    out = tmp_path / "recoverable.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recoverable.py"), "--quick", "--set",
+                           f"home={opd_home}", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["protocol_commit"] == "2c52277" and res["quick"] and list(res["sizes"]) == ["S"]
+    s = res["sizes"]["S"]
+    opd, sft = s["curves"]["opd"]["0"], s["curves"]["sft"]["0"]
+    assert [p["step"] for p in opd] == [p["step"] for p in sft] == [0, 5, 10]
+    for o, f in zip(opd[1:], sft[1:]):  # FLOP-matched: SFT stops at the first step at or past OPD's student FLOPs
+        assert f["student_flops"] >= o["student_flops"] > 0
+    assert res["verdict"] in ("confirmed", "refuted") and (tmp_path / "recoverable.png").stat().st_size > 10_000
