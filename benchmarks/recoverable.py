@@ -564,7 +564,7 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sizes = list(res["sizes"])
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(max(9, 6 * len(sizes)), 5), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         r = res["sizes"][size]
         for arm, color in (("opd", "tab:red"), ("sft", "tab:blue")):
