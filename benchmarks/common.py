@@ -222,6 +222,103 @@ def run_rounds(run_dir: Path, name: str, cfg, data, teacher, student, engines, s
     return out
 
 
+# ---------------------------------------------------------------- resumable SFT runs
+
+class SFTRun:
+    """A model trained by ``opd.sft.sft_step`` (fresh AdamW, linear warmup then constant LR) with resumable eval
+    points: ``curve.json`` (points, optimizer step, cumulative cost) and ``ckpt-<step>`` (weights and Adam state) of
+    the latest point. ``batch(step)`` returns (pairs, tokens the teacher generated for them: counted at
+    ``n_teacher``); ``evaluate(model, label, step, cost)`` makes an eval point's fields; ``n_student``: the
+    trained model's parameters (counted from it when None)."""
+
+    def __init__(self, tok, run_dir: Path, start, lr: float, warmup: int, batch: Callable[[int], tuple[list, int]],
+                 start_point: dict, evaluate: Callable[[Any, int, int, dict], dict], n_student: int | None = None,
+                 n_teacher: int = 0):
+        from opd.checkpoints import load_optimizer
+        from opd.models import load_model, num_params
+        from opd.records import read_done
+        from opd.trainer import StudentTrainer
+
+        self.tok, self.dir, self.lr, self.warmup, self.batch = tok, run_dir, lr, warmup, batch
+        self.evaluate, self.n_teacher = evaluate, n_teacher
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved_path = run_dir / "curve.json"
+        self.saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+        self.complete = bool(self.saved.get("complete"))
+        if self.complete:
+            return
+        ck = run_dir / f"ckpt-{self.saved['optimizer_steps']}" if self.saved else None
+        if ck is not None and read_done(ck) is not None:
+            self.model, self.step = load_model(ck), self.saved["optimizer_steps"]
+            self.curve, self.cost = self.saved["curve"], self.saved["cost"]
+        else:
+            self.model, self.step, self.curve, self.cost = load_model(start), 0, [start_point], dict(ZERO)
+            ck = None
+        self.trainer = StudentTrainer(self.model, lr)
+        if ck is not None:
+            load_optimizer(self.model, self.trainer.torch_optimizer, ck / "optimizer.pt")
+        self.n_student = n_student or num_params(self.model)
+        self.tokens_trained = self.saved.get("tokens_trained", 0) if ck is not None else 0
+
+    def take_step(self) -> None:
+        import time
+
+        from opd.ledger import PhaseCost
+        from opd.schedule import lr_at
+        from opd.sft import sft_step
+
+        t = time.time()
+        pairs, generated = self.batch(self.step)
+        tokens = sum(len(p) + len(c) for p, c in pairs)
+        sft_step(self.trainer, pairs, self.tok.pad_token_id, lr=lr_at(self.step, self.lr, self.warmup))
+        phase = PhaseCost(f"sft_step_{self.step}")
+        phase.train(self.n_student, tokens)
+        if generated:
+            phase.teacher(self.n_teacher, generated)
+        phase.wall_s = time.time() - t
+        self.cost = add_cost(self.cost, phase.as_dict())
+        self.tokens_trained += tokens
+        self.step += 1
+
+    def point(self, label: int, **extra) -> dict:
+        """Evaluate now, checkpoint, and write the curve (the previous checkpoint is then dropped)."""
+        from opd.checkpoints import save_optimizer
+        from opd.models import save_model
+        from opd.records import fresh, publish_dir
+
+        p = {**self.evaluate(self.model, label, self.step, self.cost), **extra}
+        self.curve.append(p)
+        ck = self.dir / f"ckpt-{self.step}"
+        tmp = fresh(ck)
+        save_model(self.model, self.tok, tmp)
+        save_optimizer(self.model, self.trainer.torch_optimizer, tmp / "optimizer.pt")
+        publish_dir(tmp, ck, {"step": self.step})
+        self.write(False)
+        for old in self.dir.glob("ckpt-*"):
+            if old.name != ck.name and not old.name.endswith(".tmp"):
+                shutil.rmtree(old, ignore_errors=True)
+        return p
+
+    def write(self, complete: bool, **extra) -> None:
+        self.saved = {"complete": complete, "curve": self.curve, "optimizer_steps": self.step, "cost": self.cost,
+                      "tokens_trained": self.tokens_trained, **extra}
+        write_json(self.dir / "curve.json", self.saved)
+
+    def finish(self, keep_as: str | None = None, **extra) -> dict:
+        """Mark complete; ``keep_as``: keep the last checkpoint's weights under that name (e.g. forgetting's M)."""
+        last = self.dir / f"ckpt-{self.step}"
+        if keep_as:
+            kept = self.dir / keep_as
+            if kept.exists():
+                shutil.rmtree(kept)
+            os.replace(last, kept)
+            extra["model"] = str(kept)
+        self.write(True, **extra)
+        for old in self.dir.glob("ckpt-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        return self.saved
+
+
 # ---------------------------------------------------------------- results over seeds, written out
 
 def first_reach(curve: list[dict], target: float, key: str = "accuracy") -> tuple[dict, bool]:

@@ -43,7 +43,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import benchmarks.common as common  # noqa: E402
-from benchmarks.common import (EVAL_SEED, ROLLOUT, ZERO, add_cost, eval_set, mean_or_none, run_rounds,  # noqa: E402
+from benchmarks.common import (EVAL_SEED, ROLLOUT, ZERO, SFTRun, eval_set, mean_or_none, run_rounds,  # noqa: E402
                                spread, write_json)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "forgetting.json"
@@ -293,97 +293,10 @@ def t0_sample_batch(b: Bench, seed: int):
     return make
 
 
-class SFTRun:
-    """A student trained by SFT steps (fresh AdamW, linear warmup then constant LR) with resumable eval
-    points: ``curve.json`` (points, step, cumulative cost) and ``ckpt-<step>`` (weights and Adam state) of
-    the latest point. ``batch(step)`` returns (pairs, tokens T0 generated for them)."""
-
-    def __init__(self, b: Bench, run_dir: Path, start_dir: str, lr: float, warmup: int,
-                 batch: Callable[[int], tuple[list, int]], start_point: dict, offset_flops: float = 0.0):
-        from opd.checkpoints import load_optimizer
-        from opd.models import load_model
-        from opd.trainer import StudentTrainer
-
-        self.b, self.dir, self.lr, self.warmup, self.batch = b, run_dir, lr, warmup, batch
-        self.offset = offset_flops
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved_path = run_dir / "curve.json"
-        saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
-        self.complete = bool(saved.get("complete"))
-        self.saved = saved
-        if self.complete:
-            return
-        ck = run_dir / f"ckpt-{saved['optimizer_steps']}" if saved else None
-        from opd.records import read_done
-
-        if ck is not None and read_done(ck) is not None:
-            self.model, self.step = load_model(ck), saved["optimizer_steps"]
-            self.curve, self.cost = saved["curve"], saved["cost"]
-        else:
-            self.model, self.step, self.curve, self.cost = load_model(start_dir), 0, [start_point], dict(ZERO)
-            ck = None
-        self.trainer = StudentTrainer(self.model, lr)
-        if ck is not None:
-            load_optimizer(self.model, self.trainer.torch_optimizer, ck / "optimizer.pt")
-        self.n_student = b.teacher.params  # T0's architecture throughout
-        self.tokens_trained = saved.get("tokens_trained", 0) if ck is not None else 0
-
-    def take_step(self) -> None:
-        from opd.ledger import PhaseCost
-        from opd.schedule import lr_at
-        from opd.sft import sft_step
-
-        t = time.time()
-        pairs, generated = self.batch(self.step)
-        tokens = sum(len(p) + len(c) for p, c in pairs)
-        sft_step(self.trainer, pairs, self.b.tok.pad_token_id, lr=lr_at(self.step, self.lr, self.warmup))
-        phase = PhaseCost(f"sft_step_{self.step}")
-        phase.train(self.n_student, tokens)
-        if generated:
-            phase.teacher(self.b.teacher.params, generated)
-        phase.wall_s = time.time() - t
-        self.cost = add_cost(self.cost, phase.as_dict())
-        self.tokens_trained += tokens
-        self.step += 1
-
-    def point(self, label: int, **extra) -> dict:
-        """Evaluate now, checkpoint, and write the curve (the previous checkpoint is then dropped)."""
-        from opd.checkpoints import save_optimizer
-        from opd.models import save_model
-        from opd.records import fresh, publish_dir
-
-        p = eval_point(self.b, self.model, label, {**self.cost, "flops_since_t0": self.offset + self.cost["total_flops"]},
-                       optimizer_steps=self.step, **extra)
-        self.curve.append(p)
-        ck = self.dir / f"ckpt-{self.step}"
-        tmp = fresh(ck)
-        save_model(self.model, self.b.tok, tmp)
-        save_optimizer(self.model, self.trainer.torch_optimizer, tmp / "optimizer.pt")
-        publish_dir(tmp, ck, {"step": self.step})
-        self.write(False)
-        for old in self.dir.glob("ckpt-*"):
-            if old.name != ck.name and not old.name.endswith(".tmp"):
-                shutil.rmtree(old, ignore_errors=True)
-        return p
-
-    def write(self, complete: bool, **extra) -> None:
-        self.saved = {"complete": complete, "curve": self.curve, "optimizer_steps": self.step, "cost": self.cost,
-                      "tokens_trained": self.tokens_trained, **extra}
-        write_json(self.dir / "curve.json", self.saved)
-
-    def finish(self, keep_as: str | None = None, **extra) -> dict:
-        """Mark complete; ``keep_as``: keep the last checkpoint's weights under that name (mid-training's M)."""
-        last = self.dir / f"ckpt-{self.step}"
-        if keep_as:
-            kept = self.dir / keep_as
-            if kept.exists():
-                shutil.rmtree(kept)
-            os.replace(last, kept)
-            extra["model"] = str(kept)
-        self.write(True, **extra)
-        for old in self.dir.glob("ckpt-*"):
-            shutil.rmtree(old, ignore_errors=True)
-        return self.saved
+def sft_point(b: Bench, offset_flops: float = 0.0):
+    """An SFT-type run's eval point (``common.SFTRun``): A and B as every point, FLOPs since T0 beside the cost."""
+    return lambda model, label, step, cost: eval_point(
+        b, model, label, {**cost, "flops_since_t0": offset_flops + cost["total_flops"]}, optimizer_steps=step)
 
 
 def non_finite() -> tuple[type, ...]:
@@ -398,7 +311,8 @@ def mid_training(b: Bench, seed: int, log=print) -> dict:
     """T0 + SFT on B ground truth; an eval point every --mid-every steps, stop at the first whose A greedy
     accuracy is T0's - 0.20 or lower (cap --mid-cap). Returns the saved record: curve, model (M), steps, dropped."""
     a, t0 = b.a, b.t0
-    r = SFTRun(b, b.root / f"mid-s{seed}", b.teacher.path, MID["lr"], MID["warmup_steps"], mid_batch(b, seed), t0)
+    r = SFTRun(b.tok, b.root / f"mid-s{seed}", b.teacher.path, MID["lr"], MID["warmup_steps"], mid_batch(b, seed),
+               t0, sft_point(b), b.teacher.params, b.teacher.params)
     if r.complete:
         log(f"  mid-training seed {seed}: finished by an earlier invocation (M at step {r.saved['steps']})")
         return r.saved
@@ -427,8 +341,8 @@ def run_sft(b: Bench, lr: float, seed: int, mid: dict, opd_curve: dict, opd_lr: 
     below the opd run's (same seed, opd's chosen LR) at the same eval point."""
     name = f"sft-lr{lr:g}-s{seed}-budget-opd-lr{opd_lr:g}"
     start = branch_point(mid)
-    r = SFTRun(b, b.root / "runs" / name, mid["model"], lr, SFT_WARMUP, t0_sample_batch(b, seed), start,
-               offset_flops=start["flops_since_t0"])
+    r = SFTRun(b.tok, b.root / "runs" / name, mid["model"], lr, SFT_WARMUP, t0_sample_batch(b, seed), start,
+               sft_point(b, start["flops_since_t0"]), b.teacher.params, b.teacher.params)
     if r.complete:
         log(f"  {name}: finished by an earlier invocation, reused")
         return r.saved
@@ -452,7 +366,8 @@ def run_replay(b: Bench, lr: float, seed: int, steps: int, log=print) -> dict:
     """The replay arm: from T0, ``steps`` (mid-training's count for this seed) of the mid-training recipe on
     45 B + 19 A-ground-truth batches, at LR ``lr``; eval points at round(steps * j / --replay-points)."""
     name = f"replay-lr{lr:g}-s{seed}-steps{steps}"
-    r = SFTRun(b, b.root / "runs" / name, b.teacher.path, lr, MID["warmup_steps"], replay_batch(b, seed), b.t0)
+    r = SFTRun(b.tok, b.root / "runs" / name, b.teacher.path, lr, MID["warmup_steps"], replay_batch(b, seed),
+               b.t0, sft_point(b), b.teacher.params, b.teacher.params)
     if r.complete:
         log(f"  {name}: finished by an earlier invocation, reused")
         return r.saved

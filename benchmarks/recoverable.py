@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (EVAL_SEED, ROLLOUT, ZERO, add_cost, begin, library_output, replot,  # noqa: E402
+from benchmarks.common import (EVAL_SEED, ROLLOUT, ZERO, SFTRun, begin, library_output, replot,  # noqa: E402
                                run_rounds, spread, write_json, write_outputs)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "recoverable.json"
@@ -217,6 +217,11 @@ def eval_model(b: Bench, model, prompts: list[str] | None = None, prefixes: list
             "recovered": (sum(erred) / len(erred)) if erred else None, "eval_s": time.time() - t}
 
 
+def student_point(b: Bench):
+    """A student's eval point for ``common.SFTRun``: the label, the optimizer step, the evaluation, the cost."""
+    return lambda model, label, step, cost: {"step": label, "optimizer_steps": step, **eval_model(b, model), **cost}
+
+
 def _load(model):
     from opd.models import load_model
 
@@ -224,86 +229,6 @@ def _load(model):
 
 
 # ---------------------------------------------------------------- SFT runs (teacher, warmups, the sft arm)
-
-class SFTRun:
-    """A model trained by ``opd.sft.sft_step`` (fresh AdamW, linear warmup then constant LR) with resumable eval
-    points: ``curve.json`` and ``ckpt-<step>`` (weights and Adam state) of the latest point."""
-
-    def __init__(self, b: Bench, run_dir: Path, start, lr: float, warmup: int,
-                 batch: Callable[[int], tuple[list, int]], start_point: dict, n_teacher: int = 0):
-        from opd.checkpoints import load_optimizer
-        from opd.records import read_done
-        from opd.trainer import StudentTrainer
-
-        self.b, self.dir, self.lr, self.warmup, self.batch, self.n_teacher = b, run_dir, lr, warmup, batch, n_teacher
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved_path = run_dir / "curve.json"
-        self.saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
-        self.complete = bool(self.saved.get("complete"))
-        if self.complete:
-            return
-        ck = run_dir / f"ckpt-{self.saved['optimizer_steps']}" if self.saved else None
-        if ck is not None and read_done(ck) is not None:
-            self.model, self.step = _load(ck), self.saved["optimizer_steps"]
-            self.curve, self.cost = self.saved["curve"], self.saved["cost"]
-        else:
-            self.model, self.step, self.curve, self.cost, ck = _load(start), 0, [start_point], dict(ZERO), None
-        self.trainer = StudentTrainer(self.model, lr)
-        if ck is not None:
-            load_optimizer(self.model, self.trainer.torch_optimizer, ck / "optimizer.pt")
-        self.n = sum(p.numel() for p in self.model.parameters())
-
-    def take_step(self) -> None:
-        from opd.ledger import PhaseCost
-        from opd.schedule import lr_at
-        from opd.sft import sft_step
-
-        t = time.time()
-        pairs, generated = self.batch(self.step)
-        sft_step(self.trainer, pairs, self.b.tok.pad_token_id, lr=lr_at(self.step, self.lr, self.warmup))
-        phase = PhaseCost(f"sft_step_{self.step}")
-        phase.train(self.n, sum(len(p) + len(c) for p, c in pairs))
-        if generated:
-            phase.teacher(self.n_teacher, generated)
-        phase.wall_s = time.time() - t
-        self.cost = add_cost(self.cost, phase.as_dict())
-        self.step += 1
-
-    def point(self, label: int, evaluate: Callable[[Any], dict], **extra) -> dict:
-        from opd.checkpoints import save_optimizer
-        from opd.models import save_model
-        from opd.records import fresh, publish_dir
-
-        p = {"step": label, "optimizer_steps": self.step, **evaluate(self.model), **self.cost, **extra}
-        self.curve.append(p)
-        ck = self.dir / f"ckpt-{self.step}"
-        tmp = fresh(ck)
-        save_model(self.model, self.b.tok, tmp)
-        save_optimizer(self.model, self.trainer.torch_optimizer, tmp / "optimizer.pt")
-        publish_dir(tmp, ck, {"step": self.step})
-        self._write(False)
-        for old in self.dir.glob("ckpt-*"):
-            if old.name != ck.name and not old.name.endswith(".tmp"):
-                shutil.rmtree(old, ignore_errors=True)
-        return p
-
-    def _write(self, complete: bool, **extra) -> None:
-        self.saved = {"complete": complete, "curve": self.curve, "optimizer_steps": self.step, "cost": self.cost,
-                      **extra}
-        write_json(self.dir / "curve.json", self.saved)
-
-    def finish(self, keep_as: str | None = None, **extra) -> dict:
-        last = self.dir / f"ckpt-{self.step}"
-        if keep_as:
-            kept = self.dir / keep_as
-            shutil.rmtree(kept, ignore_errors=True)
-            os.replace(last, kept)
-            extra["model"] = str(kept)
-        self._write(True, **extra)
-        for old in self.dir.glob("ckpt-*"):
-            shutil.rmtree(old, ignore_errors=True)
-        return self.saved
-
 
 def _ids_pair(b: Bench, prompt: str, completion: str) -> tuple[list[int], list[int]]:
     return b.tok(prompt).input_ids, b.tok(completion, add_special_tokens=False).input_ids + [b.tok.eos_token_id]
@@ -345,12 +270,13 @@ def train_teacher(b: Bench, log=print) -> dict:
                                          intermediate_size=inter), b.tok, MAX_POSITIONS, seed=0), b.tok, init)
     detoured = detour_set(b)
 
-    def evaluate(model) -> dict:
+    def evaluate(model, label: int, step: int, cost: dict) -> dict:
         clean = eval_model(b, model)
         det = eval_model(b, model, *detoured)
-        return {**clean, "detoured_accuracy": det["accuracy"], "detoured_sampled_accuracy": det["sampled_accuracy"]}
+        return {"step": label, "optimizer_steps": step, **clean, "detoured_accuracy": det["accuracy"],
+                "detoured_sampled_accuracy": det["sampled_accuracy"], **cost}
 
-    r = SFTRun(b, d, str(init), TEACHER["lr"], TEACHER["warmup"], teacher_batch(b), {"step": 0})
+    r = SFTRun(b.tok, d, str(init), TEACHER["lr"], TEACHER["warmup"], teacher_batch(b), {"step": 0}, evaluate)
     if not r.complete:
         while True:
             last = r.curve[-1]
@@ -360,7 +286,7 @@ def train_teacher(b: Bench, log=print) -> dict:
                 break
             while r.step < last["step"] + b.a.teacher_every:
                 r.take_step()
-            p = r.point(r.step, evaluate)
+            p = r.point(r.step)
             log(f"  teacher step {r.step}: greedy {p['accuracy']:.3f} (detoured {p['detoured_accuracy']:.3f}), T=1 "
                 f"{p['sampled_accuracy']:.3f} ({p['wall_s']:.0f}s train)")
         r.finish("T", steps=r.step, passed=passed)
@@ -409,8 +335,8 @@ def warmup_student(b: Bench, size: str, log=print) -> dict:
         layers, hidden, heads, inter = SIZES[size]
         save_model(build_llama(ModelSpec(num_layers=layers, hidden_size=hidden, num_heads=heads,
                                          intermediate_size=inter), b.tok, MAX_POSITIONS, seed=0), b.tok, init)
-    r = SFTRun(b, d, str(init), WARMUP["lr"], WARMUP["warmup"], sft_batch(b, 0, 1), {"step": 0, **ZERO},
-               n_teacher=b.teacher.params)
+    r = SFTRun(b.tok, d, str(init), WARMUP["lr"], WARMUP["warmup"], sft_batch(b, 0, 1), {"step": 0, **ZERO},
+               student_point(b), n_teacher=b.teacher.params)
     if not r.complete:
         while True:
             last = r.curve[-1]
@@ -419,9 +345,9 @@ def warmup_student(b: Bench, size: str, log=print) -> dict:
                 break
             while r.step < last["step"] + b.a.warm_every:
                 r.take_step()
-            p = r.point(r.step, lambda m: eval_model(b, m))
+            p = r.point(r.step)
             log(f"  warmup {size} step {r.step}: T=1 {p['sampled_accuracy']:.3f} greedy {p['accuracy']:.3f}")
-        r.finish("W", steps=r.step, reached=reached, params=r.n)
+        r.finish("W", steps=r.step, reached=reached, params=r.n_student)
     return r.saved
 
 
@@ -473,8 +399,8 @@ def run_sft(b: Bench, size: str, warm: dict, lr: float, seed: int, opd_curve: li
     """SFT from W on the teacher's walks, stopping at each of OPD's eval points once its student FLOPs reach the
     OPD run's (same size and seed, OPD's chosen LR) there."""
     name = f"sft-{size}-lr{lr:g}-s{seed}"
-    r = SFTRun(b, b.root / "runs" / name, warm["model"], lr, SFT_WARMUP, sft_batch(b, seed, 2), start_point(warm),
-               n_teacher=b.teacher.params)
+    r = SFTRun(b.tok, b.root / "runs" / name, warm["model"], lr, SFT_WARMUP, sft_batch(b, seed, 2), start_point(warm),
+               student_point(b), n_teacher=b.teacher.params)
     if r.complete:
         log(f"  {name}: finished by an earlier invocation, reused")
         return r.saved
@@ -484,7 +410,7 @@ def run_sft(b: Bench, size: str, warm: dict, lr: float, seed: int, opd_curve: li
                 continue
             while r.cost["student_flops"] < target["student_flops"]:
                 r.take_step()
-            p = r.point(target["step"], lambda m: eval_model(b, m), flops_budget=target["student_flops"])
+            p = r.point(target["step"], flops_budget=target["student_flops"])
             log(f"  {name} ~opd step {p['step']} ({r.step} SFT steps): T=1 {p['sampled_accuracy']:.3f} greedy "
                 f"{p['accuracy']:.3f} recovered {_num(p['recovered'])}")
     except non_finite() as e:
