@@ -319,6 +319,35 @@ class SFTRun:
         return self.saved
 
 
+def non_finite() -> tuple[type, ...]:
+    """What a diverging run raises (a step refused, or a checkpoint with NaN/inf weights not published)."""
+    from opd.checkpoints import NonFiniteWeights
+    from opd.trainer import NonFiniteUpdate
+
+    return NonFiniteUpdate, NonFiniteWeights
+
+
+def run_matched(r: SFTRun, name: str, opd_curve: list[dict], key: str, line: Callable[[dict], str],
+                log=print) -> dict:
+    """An SFT arm matched to an OPD run: at each of OPD's eval points it trains until its ``key`` FLOPs reach
+    the OPD run's there, then evaluates (``flops_budget`` beside the point); a diverging step ends the run."""
+    if r.complete:
+        log(f"  {name}: finished by an earlier invocation, reused")
+        return r.saved
+    try:
+        for target in opd_curve[1:]:
+            if target["step"] <= r.curve[-1]["step"]:
+                continue
+            while r.cost[key] < target[key]:
+                r.take_step()
+            p = r.point(target["step"], flops_budget=target[key])
+            log(f"  {name} ~opd step {p['step']} ({r.step} SFT steps): {line(p)}")
+    except non_finite() as e:
+        log(f"  {name}: stopped at SFT step {r.step}: {e}")
+        return r.finish(diverged_at=r.step, diverged=str(e))
+    return r.finish()
+
+
 # ---------------------------------------------------------------- results over seeds, written out
 
 def first_reach(curve: list[dict], target: float, key: str = "accuracy") -> tuple[dict, bool]:

@@ -43,8 +43,8 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import benchmarks.common as common  # noqa: E402
-from benchmarks.common import (EVAL_SEED, ROLLOUT, ZERO, SFTRun, eval_set, mean_or_none, run_rounds,  # noqa: E402
-                               spread, write_json)
+from benchmarks.common import (EVAL_SEED, ROLLOUT, ZERO, SFTRun, eval_set, mean_or_none, non_finite,  # noqa: E402
+                               run_matched, run_rounds, spread, write_json)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "forgetting.json"
 PROTOCOL_COMMIT = "0a48a4e"  # benchmarks/README.md, "forgetting.py": committed before this script existed
@@ -299,14 +299,6 @@ def sft_point(b: Bench, offset_flops: float = 0.0):
         b, model, label, {**cost, "flops_since_t0": offset_flops + cost["total_flops"]}, optimizer_steps=step)
 
 
-def non_finite() -> tuple[type, ...]:
-    """What a diverging run raises (a step refused, or a checkpoint with NaN/inf weights not published)."""
-    from opd.checkpoints import NonFiniteWeights
-    from opd.trainer import NonFiniteUpdate
-
-    return NonFiniteUpdate, NonFiniteWeights
-
-
 def mid_training(b: Bench, seed: int, log=print) -> dict:
     """T0 + SFT on B ground truth; an eval point every --mid-every steps, stop at the first whose A greedy
     accuracy is T0's - 0.20 or lower (cap --mid-cap). Returns the saved record: curve, model (M), steps, dropped."""
@@ -343,23 +335,9 @@ def run_sft(b: Bench, lr: float, seed: int, mid: dict, opd_curve: dict, opd_lr: 
     start = branch_point(mid)
     r = SFTRun(b.tok, b.root / "runs" / name, mid["model"], lr, SFT_WARMUP, t0_sample_batch(b, seed), start,
                sft_point(b, start["flops_since_t0"]), b.teacher.params, b.teacher.params)
-    if r.complete:
-        log(f"  {name}: finished by an earlier invocation, reused")
-        return r.saved
-    try:
-        for target in opd_curve[1:]:
-            if target["step"] <= r.curve[-1]["step"]:
-                continue
-            budget = target["total_flops"]
-            while r.cost["total_flops"] < budget:
-                r.take_step()
-            p = r.point(target["step"], flops_budget=budget)
-            log(f"  {name} ~opd step {p['step']} ({r.step} SFT steps): A greedy {p['a_accuracy']:.3f} T1 "
-                f"{p['a_sampled_accuracy']:.3f}, B greedy {p['b_accuracy']:.3f} T1 {p['b_sampled_accuracy']:.3f}")
-    except non_finite() as e:
-        log(f"  {name}: stopped at SFT step {r.step}: {e}")
-        return r.finish(diverged_at=r.step, diverged=str(e))
-    return r.finish()
+    return run_matched(r, name, opd_curve, "total_flops", lambda p: (
+        f"A greedy {p['a_accuracy']:.3f} T1 {p['a_sampled_accuracy']:.3f}, B greedy {p['b_accuracy']:.3f} T1 "
+        f"{p['b_sampled_accuracy']:.3f}"), log)
 
 
 def run_replay(b: Bench, lr: float, seed: int, steps: int, log=print) -> dict:

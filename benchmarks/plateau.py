@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from benchmarks.common import (EVAL_SEED, OPD, ROLLOUT, ZERO, add_cost, arm_config, begin, eval_set, first_reach,
-                               library_output, mean_or_none, replot, run_rounds, saved_run, spread, warm_start,
-                               write_json, write_outputs)
+                               library_output, mean_or_none, non_finite, replot, run_rounds, saved_run, spread,
+                               warm_start, write_json, write_outputs)
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL_COMMIT = "6bed30a"  # benchmarks/README.md, "sample_efficiency.py --regime plateau"; before any code or run
@@ -345,13 +345,6 @@ def plateau_eval(b: Plateau, model) -> dict:
             "eval_s": r.wall_s}
 
 
-def _non_finite() -> tuple[type, ...]:
-    from opd.checkpoints import NonFiniteWeights
-    from opd.trainer import NonFiniteUpdate
-
-    return NonFiniteUpdate, NonFiniteWeights
-
-
 # ---------------------------------------------------------------- the trajectory (seed 0, once)
 
 def run_trajectory(b: Plateau, log=print) -> list[dict]:
@@ -436,7 +429,7 @@ def run_sft_continue(b: Plateau, c: dict, lr: float, seed: int, stop_at: float |
             p = curve[-1]
             log(f"  {name} step {p['step']} ({p['examples']:,} examples): T=1 {p['sampled_accuracy']:.3f} greedy "
                 f"{p['accuracy']:.3f} kl {p['reverse_kl']:.4f} ({p['wall_s']:.0f}s train in all)")
-    except _non_finite() as e:
+    except non_finite() as e:
         log(f"  {name}: stopped at step {chain.step}: {e}")
         out.update(diverged_at=chain.step, diverged=str(e))
     out.update(curve=curve, stopped_at_target=_reached(curve[-1], stop_at), budget_steps=budget, eval_every=every)
@@ -463,7 +456,7 @@ def run_opd_from(b: Plateau, c: dict, lr: float, seed: int, log=print) -> dict:
     cfg = arm_config(b.cfg, OPD, lr, seed, b.a.opd_steps, b.a.opd_every)
     return run_rounds(b.runs / name, name, cfg, b.data, b.teacher, ModelRef(c["checkpoint"], b.warm.params),
                           b.engines, b.a.opd_steps, b.a.opd_every, branch_start(c), point=point, line=line, log=log,
-                          stop_on=_non_finite())
+                          stop_on=non_finite())
 
 
 def plateau_lr_score(curve: list[dict]) -> float | None:

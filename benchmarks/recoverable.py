@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (EVAL_SEED, ROLLOUT, ZERO, SFTRun, begin, library_output, replot,  # noqa: E402
-                               run_rounds, spread, write_json, write_outputs)
+from benchmarks.common import (EVAL_SEED, ROLLOUT, ZERO, SFTRun, begin, library_output, non_finite,  # noqa: E402
+                               replot, run_matched, run_rounds, spread, write_json, write_outputs)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "recoverable.json"
 PROTOCOL_COMMIT = "2c52277"  # benchmarks/README.md, "recoverable.py": committed before this script existed
@@ -353,13 +353,6 @@ def warmup_student(b: Bench, size: str, log=print) -> dict:
 
 # ---------------------------------------------------------------- the arms
 
-def non_finite() -> tuple[type, ...]:
-    from opd.checkpoints import NonFiniteWeights
-    from opd.trainer import NonFiniteUpdate
-
-    return NonFiniteUpdate, NonFiniteWeights
-
-
 def start_point(warm: dict) -> dict:
     last = warm["curve"][-1]
     return {**{k: last[k] for k in ("accuracy", "sampled_accuracy", "sampled_with_wrong_move", "recovered",
@@ -401,22 +394,8 @@ def run_sft(b: Bench, size: str, warm: dict, lr: float, seed: int, opd_curve: li
     name = f"sft-{size}-lr{lr:g}-s{seed}"
     r = SFTRun(b.tok, b.root / "runs" / name, warm["model"], lr, SFT_WARMUP, sft_batch(b, seed, 2), start_point(warm),
                student_point(b), n_teacher=b.teacher.params)
-    if r.complete:
-        log(f"  {name}: finished by an earlier invocation, reused")
-        return r.saved
-    try:
-        for target in opd_curve[1:]:
-            if target["step"] <= r.curve[-1]["step"]:
-                continue
-            while r.cost["student_flops"] < target["student_flops"]:
-                r.take_step()
-            p = r.point(target["step"], flops_budget=target["student_flops"])
-            log(f"  {name} ~opd step {p['step']} ({r.step} SFT steps): T=1 {p['sampled_accuracy']:.3f} greedy "
-                f"{p['accuracy']:.3f} recovered {_num(p['recovered'])}")
-    except non_finite() as e:
-        log(f"  {name}: stopped at SFT step {r.step}: {e}")
-        return r.finish(diverged_at=r.step, diverged=str(e))
-    return r.finish()
+    return run_matched(r, name, opd_curve, "student_flops", lambda p: (
+        f"T=1 {p['sampled_accuracy']:.3f} greedy {p['accuracy']:.3f} recovered {_num(p['recovered'])}"), log)
 
 
 def lr_score(r: dict) -> float:
