@@ -17,22 +17,26 @@ class HFSampler:
         self.weights, self.version = Weights(str(model_dir)), 0
         self.model = load_model(model_dir, self.device, dtype=dtype)
         self.eos_id = eos_id
-        self.stops = stop_ids(eos_id, self.model.generation_config.eos_token_id)
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else eos_id
+
+    @property
+    def stops(self) -> tuple[int, ...]:
+        """The tokens ``generate`` ends a completion at, for ``finished``: those of the model now served."""
+        return stop_ids(self.eos_id, self.model.generation_config.eos_token_id)
 
     def sample(self, prompts, n, max_tokens, seed=None, temperature=1.0, top_p=1.0) -> list[Rollout]:
         comps = generate(self.model, prompts, self.eos_id, self.pad_id, max_tokens, temperature, top_p, n, seed=seed)
         expanded = [p for p in prompts for _ in range(n)]
         # logprobs of the untempered distribution, as vLLM reports them
         lps = score_completions(self.model, expanded, comps, self.pad_id, device=self.device)
-        return [Rollout(i // n, list(p), c, lp, bool(c) and c[-1] in self.stops)
+        stops = self.stops
+        return [Rollout(i // n, list(p), c, lp, bool(c) and c[-1] in stops)
                 for i, (p, c, lp) in enumerate(zip(expanded, comps, lps))]
 
     def publish(self, weights: Weights) -> int:
         if weights.adapter:
             raise RuntimeError("the hf sampler serves full weights only (opd.lora needs opd.sampler=vllm)")
         self.model = load_model(weights.path, self.device, dtype=self.dtype)
-        self.stops = stop_ids(self.eos_id, self.model.generation_config.eos_token_id)
         self.weights, self.version = weights, self.version + 1
         return self.version
 
