@@ -222,6 +222,13 @@ def run_rounds(run_dir: Path, name: str, cfg, data, teacher, student, engines, s
     return out
 
 
+def as_model(model):
+    """A model, or the checkpoint directory of one (loaded): what the benchmarks' eval points accept."""
+    from opd.models import load_model
+
+    return load_model(model) if isinstance(model, (str, Path)) else model
+
+
 # ---------------------------------------------------------------- resumable SFT runs
 
 class SFTRun:
@@ -235,7 +242,7 @@ class SFTRun:
                  start_point: dict, evaluate: Callable[[Any, int, int, dict], dict], n_student: int | None = None,
                  n_teacher: int = 0):
         from opd.checkpoints import load_optimizer
-        from opd.models import load_model, num_params
+        from opd.models import num_params
         from opd.records import read_done
         from opd.trainer import StudentTrainer
 
@@ -249,10 +256,10 @@ class SFTRun:
             return
         ck = run_dir / f"ckpt-{self.saved['optimizer_steps']}" if self.saved else None
         if ck is not None and read_done(ck) is not None:
-            self.model, self.step = load_model(ck), self.saved["optimizer_steps"]
+            self.model, self.step = as_model(ck), self.saved["optimizer_steps"]
             self.curve, self.cost = self.saved["curve"], self.saved["cost"]
         else:
-            self.model, self.step, self.curve, self.cost = load_model(start), 0, [start_point], dict(ZERO)
+            self.model, self.step, self.curve, self.cost = as_model(start), 0, [start_point], dict(ZERO)
             ck = None
         self.trainer = StudentTrainer(self.model, lr)
         if ck is not None:

@@ -220,10 +220,9 @@ def eval_point(b: Bench, model, step: int, cost: dict, **extra) -> dict:
     """A: greedy and T=1 accuracy and the reverse KL to T0 on those samples; B: greedy and T=1 accuracy.
     The same problems and sampling seed at every point, so curves differ only by the model."""
     from opd.evaluation import evaluate, task_check
-    from opd.models import load_model
     from opd.prompting import prompt_format
 
-    model = load_model(model) if isinstance(model, (str, Path)) else model
+    model = common.as_model(model)
     t = time.time()
     r = evaluate(model, b.t_model, b.tok, b.ev_a["prompt"], b.ev_a["answer"], b.cfg.opd.max_tokens, EVAL_SEED,
                  kl_samples=EVAL_SAMPLES, fmt=prompt_format(b.cfg), check=task_check(b.cfg))

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.common import (EVAL_SEED, OPD, ROLLOUT, ZERO, add_cost, arm_config, begin, eval_set, first_reach,
-                               library_output, mean_or_none, non_finite, replot, run_rounds, saved_run, spread,
-                               warm_start, write_json, write_outputs)
+from benchmarks.common import (EVAL_SEED, OPD, ROLLOUT, ZERO, add_cost, arm_config, as_model, begin, eval_set,
+                               first_reach, library_output, mean_or_none, non_finite, replot, run_rounds, saved_run,
+                               spread, warm_start, write_json, write_outputs)
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL_COMMIT = "6bed30a"  # benchmarks/README.md, "sample_efficiency.py --regime plateau"; before any code or run
@@ -335,10 +335,9 @@ def plateau_eval(b: Plateau, model) -> dict:
     """Greedy and temperature-1 accuracy (EVAL_SAMPLES per problem, sampling seed EVAL_SEED at every point) and the
     reverse KL to the teacher on those samples, on the 1,024 held-out problems."""
     from opd.evaluation import evaluate, task_check
-    from opd.models import load_model
     from opd.prompting import prompt_format
 
-    model = load_model(str(model)) if isinstance(model, (str, Path)) else model
+    model = as_model(model)
     r = evaluate(model, b.t_model, b.tok, b.ev["prompt"], b.ev["answer"], b.cfg.opd.max_tokens, EVAL_SEED,
                  kl_samples=EVAL_SAMPLES, fmt=prompt_format(b.cfg), check=task_check(b.cfg))
     return {"accuracy": r.accuracy, "sampled_accuracy": r.sampled_accuracy, "reverse_kl": r.reverse_kl,
@@ -527,16 +526,9 @@ def plateau_verdict(loglinear: bool, ratio: float | None) -> str:
 
 # ---------------------------------------------------------------- plot and table
 
-def plot_plateau(res: dict, path: Path) -> None:
-    """Left: the trajectory's T=1 (and greedy) accuracy vs log10 examples, the fit and C. Middle, right: T=1
-    accuracy vs student FLOPs from C, and vs FLOPs with the teacher's generation/grading, both arms, every seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(19, 5.8))
-    ax, fit, c = axes[0], res["loglinear_fit"], res["branch_point"]
+def trajectory_panel(ax, res: dict) -> None:
+    """The trajectory's T=1 (and greedy) accuracy vs log10 examples, the rule's fit and C (the plots' left panel)."""
+    fit, c = res["loglinear_fit"], res["branch_point"]
     pts = res["trajectory"]["points"]
     xs = [math.log10(p["n_examples"]) for p in pts]
     ax.plot(xs, [p["sampled_accuracy"] for p in pts], "o-", color="tab:blue", label="T=1 accuracy (the metric)")
@@ -554,6 +546,19 @@ def plot_plateau(res: dict, path: Path) -> None:
     ax.set_title("SFT trajectory (seed 0)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def plot_plateau(res: dict, path: Path) -> None:
+    """Left: the trajectory's T=1 (and greedy) accuracy vs log10 examples, the fit and C. Middle, right: T=1
+    accuracy vs student FLOPs from C, and vs FLOPs with the teacher's generation/grading, both arms, every seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.8))
+    trajectory_panel(axes[0], res)
+    c = res["branch_point"]
     colors = {"sft_continue": "tab:blue", "opd": "tab:red"}
     for ax, (xkey, xlabel) in zip(axes[1:], (("student_flops", "student FLOPs from C"),
                                              ("total_flops", "FLOPs from C incl. the teacher's generation/grading"))):

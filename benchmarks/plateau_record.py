@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.common import spread  # noqa: E402
 from benchmarks.plateau import (LOGLINEAR_RULE, PLATEAU_CHOICES, PLATEAU_DEVIATIONS, PLATEAU_OUT,  # noqa: E402
-                                PROTOCOL_COMMIT, TARGET_GAIN, THRESHOLD, loglinear_fit, plateau_verdict)
+                                PROTOCOL_COMMIT, TARGET_GAIN, THRESHOLD, loglinear_fit, plateau_verdict,
+                                trajectory_panel)
 
 STOP_23 = "issue 16, closing note of stop 23 (2026-12-01)"
 SFT_EVERY = 4_800  # SFT-continue's eval interval: N_5 / 8 examples / 64 per step
@@ -166,29 +167,17 @@ def build() -> dict:
 
 
 def plot(res: dict, path: Path) -> None:
-    """Left: the trajectory with the rule's last fit and C. Right: T=1 accuracy vs student FLOPs from C: SFT-continue
-    seeds 1-2 per recorded point, seed 0's and OPD's end points (their curves are not in the record)."""
-    import math
-
+    """Left: the trajectory with the rule's last fit and C (plateau.py's panel). Right: T=1 accuracy vs student
+    FLOPs from C: SFT-continue seeds 1-2 per recorded point, seed 0's and OPD's end points (their curves are not in
+    the record)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5.5))
-    pts, fit, c = res["trajectory"]["points"], res["loglinear_fit"], res["branch_point"]
-    xs = [math.log10(p["n_examples"]) for p in pts]
-    ax.plot(xs, [p["sampled_accuracy"] for p in pts], "o-", color="tab:blue", label="T=1 accuracy (the metric)")
-    ax.plot(xs, [p["accuracy"] for p in pts], "x--", color="tab:blue", alpha=0.45, label="greedy accuracy")
-    wx = [xs[k] for k in fit["window_k"]]
-    ax.plot(wx, [fit["a"] + fit["b"] * x for x in wx], "-", color="black",
-            label=f"rule's fit on k = {fit['window_k'][0]}..{fit['window_k'][-1]} "
-                  f"(max |residual| {100 * max(abs(r) for r in fit['residuals']):.1f} pts > 1.5)")
-    ax.axvline(math.log10(c["n_examples"]), color="tab:green", ls="--", label=f"C = N_{c['k']}; log-linear: false")
-    ax.axhline(res["target_accuracy"], color="tab:red", ls="--", lw=1, label="target (C + 5 points)")
-    ax.set(xlabel="log10 SFT examples", ylabel="held-out accuracy", title="SFT trajectory (seed 0)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    trajectory_panel(ax, res)
+    c = res["branch_point"]
     for s, curve in res["curves"]["sft_continue"].items():
         bx.plot([p["student_flops"] for p in curve], [p["sampled_accuracy"] for p in curve], "o-", ms=3, lw=1,
                 alpha=0.7, label=f"SFT-continue 3e-4, seed {s} (stopped at {curve[-1]['step']:,} steps)")

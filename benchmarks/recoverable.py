@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import (EVAL_SEED, ROLLOUT, ZERO, SFTRun, begin, library_output, non_finite,  # noqa: E402
-                               replot, run_matched, run_rounds, spread, write_json, write_outputs)
+from benchmarks.common import (EVAL_SEED, ROLLOUT, ZERO, SFTRun, as_model, begin, library_output,  # noqa: E402
+                               non_finite, replot, run_matched, run_rounds, spread, write_json, write_outputs)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "recoverable.json"
 PROTOCOL_COMMIT = "2c52277"  # benchmarks/README.md, "recoverable.py": committed before this script existed
@@ -200,7 +200,7 @@ def eval_model(b: Bench, model, prompts: list[str] | None = None, prefixes: list
     walks with a wrong move that still end right. ``prefixes``: moves already made (the teacher's detour check)."""
     from opd.generation import generate
 
-    model = _load(model)
+    model = as_model(model)
     prompts = prompts or [prompt_of(*p) for p in b.ev]
     prefixes = prefixes or [""] * len(prompts)
     ids = encode(b, [p + x for p, x in zip(prompts, prefixes)])
@@ -220,12 +220,6 @@ def eval_model(b: Bench, model, prompts: list[str] | None = None, prefixes: list
 def student_point(b: Bench):
     """A student's eval point for ``common.SFTRun``: the label, the optimizer step, the evaluation, the cost."""
     return lambda model, label, step, cost: {"step": label, "optimizer_steps": step, **eval_model(b, model), **cost}
-
-
-def _load(model):
-    from opd.models import load_model
-
-    return load_model(model) if isinstance(model, (str, Path)) else model
 
 
 # ---------------------------------------------------------------- SFT runs (teacher, warmups, the sft arm)
@@ -259,7 +253,7 @@ def detour_set(b: Bench) -> tuple[list[str], list[str]]:
 def train_teacher(b: Bench, log=print) -> dict:
     """The teacher: SFT from scratch until its greedy checks pass (or the cap); kept as ``teacher/T``."""
     from opd.config import ModelSpec
-    from opd.models import build_llama, save_model
+    from opd.models import build_llama, num_params, save_model
     from opd.records import ModelRef
 
     d = b.root / "teacher"
@@ -291,8 +285,8 @@ def train_teacher(b: Bench, log=print) -> dict:
                 f"{p['sampled_accuracy']:.3f} ({p['wall_s']:.0f}s train)")
         r.finish("T", steps=r.step, passed=passed)
     saved = r.saved
-    b.teacher = ModelRef(saved["model"], sum(p.numel() for p in _load(saved["model"]).parameters()))
-    b.t_model = _load(saved["model"])
+    b.t_model = as_model(saved["model"])
+    b.teacher = ModelRef(saved["model"], num_params(b.t_model))
     return saved
 
 
